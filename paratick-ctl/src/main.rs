@@ -1,0 +1,247 @@
+//! `paratick-ctl`: the Paratick command line.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{IsTerminal, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use paratick_ctl::observer::report::{render_table, CommandReport, ObserveReport, Row, VmReport};
+use paratick_ctl::observer::{per_process, Observer, PidFilter, ProcessCounts};
+use paratick_ctl::procfs::{self, ProcessInfo};
+
+/// Paratick: paravirtualized scheduler ticks for KVM guests.
+#[derive(Debug, Parser)]
+#[command(name = "paratick-ctl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Watch what KVM does for every VM on this host (eBPF on KVM tracepoints).
+    Observe(ObserveArgs),
+}
+
+#[derive(Debug, Args)]
+struct ObserveArgs {
+    /// Refresh interval of the live table (e.g. 1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Only watch this KVM process (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Stop after this long (e.g. 10s, 2m).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Print one JSON document when stopping instead of the live table.
+    #[arg(long)]
+    json: bool,
+    /// Run COMMAND (after attaching), watch its process tree, stop when it exits.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 1s, 500ms, 2m)"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Observe(args) => observe(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("paratick-ctl: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How often `observe` reads the maps and /proc, so that short-lived VMs are still named.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+fn observe(args: ObserveArgs) -> Result<ExitCode> {
+    for &pid in &args.pids {
+        match procfs::process_info(pid) {
+            None => bail!("no process with pid {pid}"),
+            Some(info) if !info.is_kvm() => bail!(
+                "pid {pid} ({}) is not a KVM process (it has no KVM VM file descriptor); run `paratick-ctl observe` to list KVM processes",
+                info.name
+            ),
+            Some(_) => {}
+        }
+    }
+    let own_pid = std::process::id();
+    let filter = if args.command.is_empty() && args.pids.is_empty() {
+        PidFilter::All
+    } else {
+        // For `-- COMMAND` we track ourselves and follow forks: the child is then tracked
+        // by the fork tracepoint before it runs a single instruction.
+        let mut pids = args.pids.clone();
+        if !args.command.is_empty() {
+            pids.push(own_pid);
+        }
+        PidFilter::Pids { pids, follow_forks: !args.command.is_empty() }
+    };
+    let mut observer = Observer::start(&filter).context("cannot start the eBPF observer")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot install signal handlers")?;
+    }
+    let started = Instant::now();
+    let mut child = match args.command.split_first() {
+        Some((program, rest)) => Some(
+            std::process::Command::new(program).args(rest).spawn().with_context(|| format!("cannot run {program}"))?,
+        ),
+        None => None,
+    };
+
+    let mut known: HashMap<u32, ProcessInfo> = HashMap::new();
+    let mut previous: Option<(Instant, BTreeMap<u32, ProcessCounts>)> = None;
+    let mut next_table = started + args.interval;
+    let live_table = !args.json;
+    let clear_screen = std::io::stdout().is_terminal();
+    loop {
+        std::thread::sleep(POLL_INTERVAL.min(args.interval));
+        observer.flush_logs();
+        let child_done = match &child {
+            Some(child) => exited_without_reaping(child)?,
+            None => false,
+        };
+        let snapshot = observer.snapshot()?;
+        remember(&mut known, snapshot.pids().into_iter().filter(|&p| p != own_pid));
+        let now = Instant::now();
+        if live_table && now >= next_table {
+            let per_pid = per_process(&snapshot);
+            let mut pids: BTreeSet<u32> = per_pid.keys().copied().filter(|&p| p != own_pid).collect();
+            if matches!(filter, PidFilter::All) {
+                pids.extend(procfs::kvm_processes().into_iter().map(|p| p.pid));
+            }
+            pids.extend(&args.pids);
+            remember(&mut known, pids.iter().copied());
+            let (since, before) = match &previous {
+                Some((at, counts)) => (now.duration_since(*at), Some(counts)),
+                None => (now.duration_since(started), None),
+            };
+            let empty = ProcessCounts::default();
+            let rows: Vec<Row> = pids
+                .iter()
+                .map(|pid| {
+                    Row::new(
+                        *pid,
+                        known.get(pid),
+                        per_pid.get(pid).unwrap_or(&empty),
+                        before.and_then(|b| b.get(pid)),
+                        since.as_secs_f64(),
+                        observer.backend().traces_every_exit(),
+                    )
+                })
+                .collect();
+            let mut out = std::io::stdout().lock();
+            if clear_screen {
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
+            writeln!(
+                out,
+                "paratick-ctl observe: {} VM process(es), backend {}",
+                rows.len(),
+                observer.backend().name()
+            )?;
+            out.write_all(render_table(&rows).as_bytes())?;
+            writeln!(out)?;
+            previous = Some((now, per_pid));
+            next_table = now + args.interval;
+        }
+        let timed_out = args.duration.is_some_and(|d| now.duration_since(started) >= d);
+        if child_done || timed_out || stop.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+
+    let snapshot = observer.snapshot()?;
+    let duration_s = started.elapsed().as_secs_f64();
+    let command = match child.as_mut() {
+        Some(child) => {
+            let status = child.wait().context("cannot wait for the command")?;
+            Some(CommandReport {
+                argv: args.command.clone(),
+                pid: child.id(),
+                exit_code: status.code(),
+                signal: status.signal(),
+            })
+        }
+        None => None,
+    };
+    let mut per_pid = per_process(&snapshot);
+    per_pid.remove(&own_pid);
+    for pid in &args.pids {
+        per_pid.entry(*pid).or_default();
+    }
+    let vms: Vec<VmReport> =
+        per_pid.into_iter().map(|(pid, counts)| VmReport::new(pid, known.get(&pid), counts)).collect();
+    if args.json {
+        let report = ObserveReport {
+            backend: observer.backend().name(),
+            tracepoints: observer.tracepoints().iter().map(|(name, state)| (*name, state.describe())).collect(),
+            drops: snapshot.drops_by_name(),
+            duration_s,
+            command: command.clone(),
+            vms,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("paratick-ctl observe: stopped after {duration_s:.1}s");
+    }
+    if snapshot.drops.iter().any(|&d| d > 0) {
+        log::warn!("some events were not recorded: {:?}", snapshot.drops_by_name());
+    }
+    Ok(match command {
+        Some(CommandReport { exit_code: Some(code), .. }) => ExitCode::from(code.clamp(0, 255) as u8),
+        Some(CommandReport { signal: Some(signal), .. }) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// Updates what we know of these processes; a process that is gone keeps its last info,
+/// and the vCPU count keeps its maximum (vCPU fds close before the process exits).
+fn remember(known: &mut HashMap<u32, ProcessInfo>, pids: impl IntoIterator<Item = u32>) {
+    for pid in pids {
+        let Some(mut info) = procfs::process_info(pid) else { continue };
+        if let Some(old) = known.get(&pid) {
+            info.vcpus = info.vcpus.max(old.vcpus);
+            if info.cmdline.is_empty() {
+                info.cmdline = old.cmdline.clone();
+            }
+        }
+        known.insert(pid, info);
+    }
+}
+
+/// Whether the child has exited, leaving it a zombie so that /proc still names it.
+fn exited_without_reaping(child: &Child) -> Result<bool> {
+    // SAFETY: siginfo_t is plain data for which all-zero is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid with WNOHANG|WNOWAIT only reads the state of our own child and
+    // writes into `info`, which lives for the duration of the call.
+    let rc = unsafe { libc::waitid(libc::P_PID, child.id(), &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("waitid on the command");
+    }
+    // SAFETY: waitid filled `info`; si_pid is 0 when the child has not changed state.
+    Ok(unsafe { info.si_pid() } != 0)
+}

@@ -1,0 +1,313 @@
+//! The eBPF KVM observer: loads the programs built from `paratick-ebpf`, resolves each
+//! tracepoint's field layout from the running kernel's format files, attaches to every
+//! KVM tracepoint the kernel has (reporting the ones it lacks), and reads the counts.
+
+pub mod counts;
+pub mod format;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::TracePoint;
+use aya::Ebpf;
+use paratick_common::event::{
+    EventKey, EventKind, EventStats, ObserverConfig, TracepointLayout, DROP_REASON_COUNT, FORK_CHILD_PID,
+    FORK_LAYOUT_INDEX,
+};
+
+use crate::backend::Backend;
+pub use counts::{per_process, ProcessCounts, Snapshot};
+
+/// The eBPF object built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/paratick"));
+
+/// Where tracefs is usually mounted, newest convention first.
+pub const TRACEFS_CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Why the observer could not start or read its maps.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserverError {
+    /// No tracefs with KVM events was found.
+    #[error(
+        "tracefs is not mounted (looked in {looked}): mount it with `mount -t tracefs tracefs /sys/kernel/tracing` or run `cargo xtask setup`"
+    )]
+    NoTracefs {
+        /// Paths looked in.
+        looked: String,
+    },
+    /// tracefs is there but has no `kvm` events: the kvm module is not loaded.
+    #[error("{0} has no KVM events: load the kvm module (`modprobe kvm_intel`, `kvm_amd` or `kvm_pvm`)")]
+    NoKvmEvents(PathBuf),
+    /// The process may not load BPF programs.
+    #[error("loading eBPF programs needs root (or CAP_BPF and CAP_PERFMON): run paratick-ctl with sudo")]
+    NotPrivileged,
+    /// The BPF object could not be loaded.
+    #[error("could not load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A map the object should have is missing or of the wrong type.
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        source: aya::maps::MapError,
+    },
+    /// A tracepoint every kernel we support has could not be used.
+    #[error("tracepoint {name}: {reason}")]
+    Tracepoint {
+        /// Tracepoint (`group:event`).
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// State of one tracepoint after start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TracepointState {
+    /// The program is attached.
+    Attached,
+    /// The running kernel does not have this tracepoint.
+    Missing,
+    /// The tracepoint exists but could not be used (layout not understood, attach failed).
+    Failed(String),
+}
+
+impl TracepointState {
+    /// Short form for reports: `attached`, `missing`, or `failed: <why>`.
+    pub fn describe(&self) -> String {
+        match self {
+            TracepointState::Attached => "attached".into(),
+            TracepointState::Missing => "missing".into(),
+            TracepointState::Failed(why) => format!("failed: {why}"),
+        }
+    }
+}
+
+/// Which processes to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PidFilter {
+    /// Every KVM process on the host.
+    All,
+    /// Only these processes and, with `follow_forks`, the processes they start.
+    Pids {
+        /// Processes to record.
+        pids: Vec<u32>,
+        /// Whether their children (forked after attach) are recorded too.
+        follow_forks: bool,
+    },
+}
+
+/// A loaded and attached observer. Dropping it detaches every program.
+pub struct Observer {
+    ebpf: Ebpf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    tracepoints: BTreeMap<&'static str, TracepointState>,
+    backend: Backend,
+    tracefs: PathBuf,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer").field("tracepoints", &self.tracepoints).field("backend", &self.backend).finish()
+    }
+}
+
+/// Finds a mounted tracefs that has KVM events.
+pub fn find_tracefs() -> Result<PathBuf, ObserverError> {
+    let mounted: Vec<&str> =
+        TRACEFS_CANDIDATES.iter().copied().filter(|p| Path::new(p).join("events").is_dir()).collect();
+    let Some(first) = mounted.first() else {
+        return Err(ObserverError::NoTracefs { looked: TRACEFS_CANDIDATES.join(", ") });
+    };
+    mounted
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("events/kvm").is_dir())
+        .ok_or_else(|| ObserverError::NoKvmEvents(PathBuf::from(first)))
+}
+
+/// Whether this process may load BPF programs: root, or CAP_BPF (39) and CAP_PERFMON (38)
+/// in its effective set.
+pub fn may_load_bpf() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = fs::read_to_string("/proc/self/status") else { return false };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_BPF) != 0 && caps & (1 << CAP_PERFMON) != 0)
+}
+
+fn read_format(tracefs: &Path, group: &str, event: &str) -> Option<Result<format::EventFormat, String>> {
+    let path = tracefs.join("events").join(group).join(event).join("format");
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("{}: {e}", path.display()))),
+    };
+    Some(format::parse(&text).map_err(|e| format!("{}: {e}", path.display())))
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserverError {
+    move |source| ObserverError::Map { name, source }
+}
+
+impl Observer {
+    /// Loads the programs and attaches them to every KVM tracepoint the kernel has.
+    pub fn start(filter: &PidFilter) -> Result<Observer, ObserverError> {
+        let tracefs = find_tracefs()?;
+        if !may_load_bpf() {
+            return Err(ObserverError::NotPrivileged);
+        }
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| match &e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                ObserverError::NotPrivileged
+            }
+            _ => ObserverError::Load(e),
+        })?;
+        // Diagnostics of the programs (map-full warnings) go to our log.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                log::warn!("eBPF program logs unavailable: {e}");
+                None
+            }
+        };
+        let mut observer =
+            Observer { ebpf, logger, tracepoints: BTreeMap::new(), backend: Backend::of_host(), tracefs };
+        observer.configure(filter)?;
+        observer.attach_all()?;
+        Ok(observer)
+    }
+
+    fn configure(&mut self, filter: &PidFilter) -> Result<(), ObserverError> {
+        let config = match filter {
+            PidFilter::All => ObserverConfig::default(),
+            PidFilter::Pids { pids, follow_forks } => {
+                for pid in pids {
+                    self.track(*pid)?;
+                }
+                ObserverConfig { filter_by_pid: 1, follow_forks: *follow_forks as u32 }
+            }
+        };
+        let mut map: Array<&mut MapData, ObserverConfig> =
+            Array::try_from(self.ebpf.map_mut("CONFIG").expect("CONFIG map")).map_err(map_err("CONFIG"))?;
+        map.set(0, config, 0).map_err(map_err("CONFIG"))
+    }
+
+    /// Records this process (and, if following forks, its future children) from now on.
+    pub fn track(&mut self, pid: u32) -> Result<(), ObserverError> {
+        let mut map: BpfHashMap<&mut MapData, u32, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut("TRACKED_PIDS").expect("TRACKED_PIDS map"))
+                .map_err(map_err("TRACKED_PIDS"))?;
+        map.insert(pid, 1, 0).map_err(map_err("TRACKED_PIDS"))
+    }
+
+    fn set_layout(&mut self, index: u32, layout: TracepointLayout) -> Result<(), ObserverError> {
+        let mut map: Array<&mut MapData, TracepointLayout> =
+            Array::try_from(self.ebpf.map_mut("LAYOUTS").expect("LAYOUTS map")).map_err(map_err("LAYOUTS"))?;
+        map.set(index, layout, 0).map_err(map_err("LAYOUTS"))
+    }
+
+    fn attach_all(&mut self) -> Result<(), ObserverError> {
+        // Fork tracking is needed for `observe -- COMMAND`: without it the command's VMs
+        // would be invisible, so failing here is an error, not a missing tracepoint.
+        let fork = read_format(&self.tracefs, "sched", "sched_process_fork")
+            .unwrap_or_else(|| Err("not in tracefs".into()))
+            .and_then(|f| f.layout(&[FORK_CHILD_PID]).map_err(|e| e.to_string()));
+        let fork_error = |reason| ObserverError::Tracepoint { name: "sched:sched_process_fork".into(), reason };
+        self.set_layout(FORK_LAYOUT_INDEX, fork.map_err(fork_error)?)?;
+        self.attach("sched", "sched_process_fork").map_err(fork_error)?;
+
+        for kind in EventKind::ALL {
+            let name = kind.tracepoint();
+            let state = match read_format(&self.tracefs, "kvm", name) {
+                None => TracepointState::Missing,
+                Some(format) => match format.and_then(|f| f.layout(kind.fields()).map_err(|e| e.to_string())) {
+                    Err(why) => TracepointState::Failed(why),
+                    Ok(layout) => {
+                        self.set_layout(kind as u32, layout)?;
+                        match self.attach("kvm", name) {
+                            Ok(()) => TracepointState::Attached,
+                            Err(why) => TracepointState::Failed(why),
+                        }
+                    }
+                },
+            };
+            if state != TracepointState::Attached {
+                log::info!("kvm:{name}: {}", state.describe());
+            }
+            self.tracepoints.insert(name, state);
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, group: &str, name: &str) -> Result<(), String> {
+        let program: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("program {name} is not in the eBPF object"))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        program.load().map_err(|e| format!("load: {e}"))?;
+        program.attach(group, name).map_err(|e| format!("attach: {e}"))?;
+        Ok(())
+    }
+
+    /// State of every KVM tracepoint, by name.
+    pub fn tracepoints(&self) -> &BTreeMap<&'static str, TracepointState> {
+        &self.tracepoints
+    }
+
+    /// The host's KVM backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Forwards pending eBPF log records to the `log` crate.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+
+    /// Reads all maps, summing per-CPU values.
+    pub fn snapshot(&self) -> Result<Snapshot, ObserverError> {
+        let events: PerCpuHashMap<&MapData, EventKey, EventStats> =
+            PerCpuHashMap::try_from(self.ebpf.map("EVENTS").expect("EVENTS map")).map_err(map_err("EVENTS"))?;
+        let mut snapshot = Snapshot::default();
+        for entry in events.iter() {
+            let (key, per_cpu) = entry.map_err(map_err("EVENTS"))?;
+            let total = per_cpu.iter().fold(EventStats::default(), |sum, v| EventStats {
+                count: sum.count + v.count,
+                sum_ns: sum.sum_ns + v.sum_ns,
+            });
+            snapshot.events.insert(key, total);
+        }
+        let vectors: BpfHashMap<&MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map("TIMER_VECTORS").expect("TIMER_VECTORS map"))
+                .map_err(map_err("TIMER_VECTORS"))?;
+        for entry in vectors.iter() {
+            let (tgid, vector) = entry.map_err(map_err("TIMER_VECTORS"))?;
+            snapshot.timer_vectors.insert(tgid, vector);
+        }
+        let drops: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("DROPS").expect("DROPS map")).map_err(map_err("DROPS"))?;
+        for index in 0..DROP_REASON_COUNT {
+            let per_cpu = drops.get(&index, 0).map_err(map_err("DROPS"))?;
+            snapshot.drops[index as usize] = per_cpu.iter().sum();
+        }
+        Ok(snapshot)
+    }
+}

@@ -1,0 +1,243 @@
+//! eBPF programs on KVM tracepoints: count events per (VM process, vCPU, kind, detail),
+//! time exits from `kvm_exit` to `kvm_entry`, remember each VM's LAPIC timer vector, and
+//! follow a watched command's forks.
+//!
+//! The programs are deliberately thin: field offsets come from userspace (read from the
+//! running kernel's format files), and what a record means is decided by
+//! `paratick_common::event::summarize`, which is unit-tested on the host.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::warn;
+use paratick_common::event::{
+    summarize, DropReason, EventKey, EventKind, EventStats, ExitStart, FieldSlot, ObserverConfig, TracepointLayout,
+    DROP_REASON_COUNT, EVENT_MAP_CAPACITY, EXIT_START_CAPACITY, FORK_LAYOUT_INDEX, LAYOUT_COUNT, MAX_FIELDS,
+    PROCESS_MAP_CAPACITY,
+};
+
+/// Event counts, per CPU so that the hot path takes no lock.
+#[map]
+static EVENTS: PerCpuHashMap<EventKey, EventStats> = PerCpuHashMap::with_max_entries(EVENT_MAP_CAPACITY, 0);
+
+/// Field layouts, indexed by `EventKind` (and `FORK_LAYOUT_INDEX`); written by userspace.
+#[map]
+static LAYOUTS: Array<TracepointLayout> = Array::with_max_entries(LAYOUT_COUNT, 0);
+
+/// Filtering settings; written by userspace.
+#[map]
+static CONFIG: Array<ObserverConfig> = Array::with_max_entries(1, 0);
+
+/// Processes to record when filtering (tgid → 1).
+#[map]
+static TRACKED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(PROCESS_MAP_CAPACITY, 0);
+
+/// LVT timer vector each VM process last programmed (tgid → vector).
+#[map]
+static TIMER_VECTORS: HashMap<u32, u32> = HashMap::with_max_entries(PROCESS_MAP_CAPACITY, 0);
+
+/// Exits waiting for their entry (host thread id → exit). LRU: a thread that dies
+/// between exit and entry must not leak an entry.
+#[map]
+static EXIT_STARTS: LruHashMap<u32, ExitStart> = LruHashMap::with_max_entries(EXIT_START_CAPACITY, 0);
+
+/// What could not be recorded, by `DropReason`.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_COUNT, 0);
+
+macro_rules! kvm_tracepoint {
+    ($($program:ident => $kind:expr),+ $(,)?) => {$(
+        #[tracepoint]
+        pub fn $program(ctx: TracePointContext) -> u32 {
+            observe(&ctx, $kind);
+            0
+        }
+    )+};
+}
+
+kvm_tracepoint! {
+    kvm_exit => EventKind::KvmExit,
+    kvm_entry => EventKind::KvmEntry,
+    kvm_msr => EventKind::KvmMsr,
+    kvm_pio => EventKind::KvmPio,
+    kvm_mmio => EventKind::KvmMmio,
+    kvm_userspace_exit => EventKind::KvmUserspaceExit,
+    kvm_apic_accept_irq => EventKind::KvmApicAcceptIrq,
+    kvm_inj_virq => EventKind::KvmInjVirq,
+    kvm_eoi => EventKind::KvmEoi,
+    kvm_vcpu_wakeup => EventKind::KvmVcpuWakeup,
+    kvm_hypercall => EventKind::KvmHypercall,
+    kvm_apic => EventKind::KvmApic,
+}
+
+/// `sched:sched_process_fork`: a tracked process's children are tracked too, so that
+/// `observe -- COMMAND` sees VMs started anywhere in the command's process tree.
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let Some(config) = CONFIG.get(0) else { return 0 };
+    if config.follow_forks == 0 || !is_tracked(current_tgid()) {
+        return 0;
+    }
+    let Some(layout) = LAYOUTS.get(FORK_LAYOUT_INDEX) else { return 0 };
+    match read_slot(&ctx, layout.fields[0]) {
+        Ok(child) => {
+            if TRACKED_PIDS.insert(&(child as u32), &1, 0).is_err() {
+                count_drop(&ctx, DropReason::TrackedPidsFull);
+            }
+        }
+        Err(_) => count_drop(&ctx, DropReason::FieldReadFailed),
+    }
+    0
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn is_tracked(tgid: u32) -> bool {
+    match CONFIG.get(0) {
+        Some(config) if config.filter_by_pid != 0 => TRACKED_PIDS.get_ptr(&tgid).is_some(),
+        _ => true,
+    }
+}
+
+#[inline(always)]
+fn observe(ctx: &TracePointContext, kind: EventKind) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if !is_tracked(tgid) {
+        return;
+    }
+    let Some(layout) = LAYOUTS.get(kind as u32) else { return };
+    let mut values = [0u64; MAX_FIELDS];
+    let mut present = [false; MAX_FIELDS];
+    for i in 0..MAX_FIELDS {
+        let slot = layout.fields[i];
+        if slot.size == 0 {
+            continue;
+        }
+        match read_slot(ctx, slot) {
+            Ok(value) => {
+                values[i] = value;
+                present[i] = true;
+            }
+            Err(_) => {
+                count_drop(ctx, DropReason::FieldReadFailed);
+                return;
+            }
+        }
+    }
+    let summary = summarize(kind, &values, &present);
+    let key = EventKey { tgid, vcpu: summary.vcpu, kind: kind as u16, aux: summary.aux, detail: summary.detail };
+    add(ctx, &key, 1, summary.add_ns);
+
+    if let Some(vector) = summary.lvt_timer_vector {
+        if TIMER_VECTORS.insert(&tgid, &vector, 0).is_err() {
+            count_drop(ctx, DropReason::TimerVectorsFull);
+        }
+    }
+    match kind {
+        EventKind::KvmExit => {
+            let start = ExitStart { timestamp_ns: now_ns(), key };
+            // An LRU map makes room by evicting; an error here cannot be "full".
+            let _ = EXIT_STARTS.insert(&tid, &start, 0);
+        }
+        EventKind::KvmEntry => {
+            if let Some(start) = EXIT_STARTS.get_ptr(&tid) {
+                // SAFETY: the pointer came from a successful lookup and only this
+                // thread's own programs (which do not run concurrently) write its entry.
+                let start = unsafe { *start };
+                let _ = EXIT_STARTS.remove(&tid);
+                add(ctx, &start.key, 0, now_ns().saturating_sub(start.timestamp_ns));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Adds to a key's per-CPU stats, creating the entry on first use.
+#[inline(always)]
+fn add(ctx: &TracePointContext, key: &EventKey, count: u64, ns: u64) {
+    if let Some(stats) = EVENTS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of this CPU; BPF programs are not preempted by another
+        // program on the same CPU writing the same tracepoint map slot.
+        unsafe {
+            (*stats).count += count;
+            (*stats).sum_ns += ns;
+        }
+        return;
+    }
+    let stats = EventStats { count, sum_ns: ns };
+    if EVENTS.insert(key, &stats, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // Another CPU may have created the entry between our lookup and insert.
+    match EVENTS.get_ptr_mut(key) {
+        // SAFETY: as above.
+        Some(stats) => unsafe {
+            (*stats).count += count;
+            (*stats).sum_ns += ns;
+        },
+        None => count_drop(ctx, DropReason::EventMapFull),
+    }
+}
+
+#[inline(always)]
+fn read_slot(ctx: &TracePointContext, slot: FieldSlot) -> Result<u64, i64> {
+    let offset = slot.offset as usize;
+    // SAFETY: read_at copies with bpf_probe_read from the record; userspace took the
+    // offset and size from this kernel's format file for this tracepoint, so the read
+    // stays inside the record (and a bad read fails rather than faulting).
+    unsafe {
+        match slot.size {
+            1 => ctx.read_at::<u8>(offset).map(u64::from),
+            2 => ctx.read_at::<u16>(offset).map(u64::from),
+            4 => ctx.read_at::<u32>(offset).map(u64::from),
+            8 => ctx.read_at::<u64>(offset),
+            _ => return Err(-1),
+        }
+        .map_err(i64::from)
+    }
+}
+
+#[inline(always)]
+fn count_drop(ctx: &TracePointContext, reason: DropReason) {
+    if let Some(drops) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU array slot of this CPU.
+        let previous = unsafe {
+            let previous = *drops;
+            *drops = previous + 1;
+            previous
+        };
+        // Log only the first drop of each reason per CPU: a full map would otherwise
+        // flood the log ring on every event.
+        if previous == 0 {
+            warn!(ctx, "paratick observer dropping events: {}", reason.name());
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
