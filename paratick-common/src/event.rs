@@ -108,6 +108,13 @@ impl EventKind {
         }
     }
 
+    /// Whether the tracepoint fires in the context of the vCPU's own thread (so the
+    /// current thread identifies a vCPU). `kvm_apic_accept_irq` does not: it fires in
+    /// whoever raised the interrupt (a timer, an I/O thread, another vCPU).
+    pub const fn fires_on_vcpu_thread(self) -> bool {
+        !matches!(self, EventKind::KvmApicAcceptIrq)
+    }
+
     /// The fields the program reads, slot by slot; [`summarize`] interprets the slots.
     pub const fn fields(self) -> &'static [FieldSpec] {
         match self {
@@ -193,6 +200,16 @@ pub struct EventStats {
     pub sum_ns: u64,
 }
 
+/// Key of the vCPU-threads map: a thread of a VM process that ran a vCPU.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VcpuThread {
+    /// Process id.
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+}
+
 /// An exit waiting for its entry, keyed by host thread id.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -215,10 +232,12 @@ pub enum DropReason {
     TimerVectorsFull = 2,
     /// A tracepoint field could not be read.
     FieldReadFailed = 3,
+    /// The vCPU-threads map was full, so a vCPU thread is not counted.
+    VcpuThreadsFull = 4,
 }
 
 /// Number of [`DropReason`]s.
-pub const DROP_REASON_COUNT: u32 = 4;
+pub const DROP_REASON_COUNT: u32 = 5;
 
 impl DropReason {
     /// All reasons, by index.
@@ -227,6 +246,7 @@ impl DropReason {
         DropReason::TrackedPidsFull,
         DropReason::TimerVectorsFull,
         DropReason::FieldReadFailed,
+        DropReason::VcpuThreadsFull,
     ];
 
     /// Stable name for reports and metric labels.
@@ -236,6 +256,7 @@ impl DropReason {
             DropReason::TrackedPidsFull => "tracked_pids_full",
             DropReason::TimerVectorsFull => "timer_vectors_full",
             DropReason::FieldReadFailed => "field_read_failed",
+            DropReason::VcpuThreadsFull => "vcpu_threads_full",
         }
     }
 }
@@ -247,8 +268,8 @@ pub const EVENT_MAP_CAPACITY: u32 = 16384;
 /// Capacity of the tracked-pids and timer-vector maps (one entry per VM process).
 pub const PROCESS_MAP_CAPACITY: u32 = 4096;
 
-/// Capacity of the exit-start map (one entry per vCPU thread between exit and entry).
-pub const EXIT_START_CAPACITY: u32 = 8192;
+/// Capacity of the exit-start and vCPU-threads maps (one entry per vCPU thread).
+pub const VCPU_THREAD_CAPACITY: u32 = 8192;
 
 /// What one tracepoint record contributes, decided from the values of its slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -340,7 +361,7 @@ pub const AUX_RUN_FAILED: u16 = 1;
 /// The map types are plain old data for aya's userspace map API.
 #[cfg(feature = "user")]
 mod pod {
-    use super::{EventKey, EventStats, ExitStart, ObserverConfig, TracepointLayout};
+    use super::{EventKey, EventStats, ExitStart, ObserverConfig, TracepointLayout, VcpuThread};
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers, and laid out
     // without padding (their sizes are asserted below), so every byte pattern the
@@ -354,6 +375,8 @@ mod pod {
     unsafe impl aya::Pod for ObserverConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TracepointLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VcpuThread {}
 
     const _: () = {
         assert!(core::mem::size_of::<EventKey>() == 16);
@@ -361,6 +384,7 @@ mod pod {
         assert!(core::mem::size_of::<ExitStart>() == 24);
         assert!(core::mem::size_of::<ObserverConfig>() == 8);
         assert!(core::mem::size_of::<TracepointLayout>() == 16);
+        assert!(core::mem::size_of::<VcpuThread>() == 8);
     };
 }
 

@@ -43,6 +43,9 @@ struct ObserveArgs {
     /// Print one JSON document when stopping instead of the live table.
     #[arg(long)]
     json: bool,
+    /// Write the final report to FILE instead of stdout (which the command may use).
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<std::path::PathBuf>,
     /// Run COMMAND (after attaching), watch its process tree, stop when it exits.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -84,6 +87,9 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
             ),
             Some(_) => {}
         }
+    }
+    if let Some(path) = &args.output {
+        std::fs::File::create(path).with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
     let own_pid = std::process::id();
     let filter = if args.command.is_empty() && args.pids.is_empty() {
@@ -203,7 +209,11 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
             command: command.clone(),
             vms,
         };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let document = serde_json::to_string_pretty(&report)? + "\n";
+        match &args.output {
+            Some(path) => std::fs::write(path, document).with_context(|| format!("cannot write {}", path.display()))?,
+            None => std::io::stdout().write_all(document.as_bytes())?,
+        }
     } else {
         println!("paratick-ctl observe: stopped after {duration_s:.1}s");
     }

@@ -11,15 +11,15 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use paratick_common::event::{
     summarize, DropReason, EventKey, EventKind, EventStats, ExitStart, FieldSlot, ObserverConfig, TracepointLayout,
-    DROP_REASON_COUNT, EVENT_MAP_CAPACITY, EXIT_START_CAPACITY, FORK_LAYOUT_INDEX, LAYOUT_COUNT, MAX_FIELDS,
-    PROCESS_MAP_CAPACITY,
+    VcpuThread, DROP_REASON_COUNT, EVENT_MAP_CAPACITY, FORK_LAYOUT_INDEX, LAYOUT_COUNT, MAX_FIELDS,
+    PROCESS_MAP_CAPACITY, VCPU_THREAD_CAPACITY,
 };
 
 /// Event counts, per CPU so that the hot path takes no lock.
@@ -45,55 +45,68 @@ static TIMER_VECTORS: HashMap<u32, u32> = HashMap::with_max_entries(PROCESS_MAP_
 /// Exits waiting for their entry (host thread id → exit). LRU: a thread that dies
 /// between exit and entry must not leak an entry.
 #[map]
-static EXIT_STARTS: LruHashMap<u32, ExitStart> = LruHashMap::with_max_entries(EXIT_START_CAPACITY, 0);
+static EXIT_STARTS: LruHashMap<u32, ExitStart> = LruHashMap::with_max_entries(VCPU_THREAD_CAPACITY, 0);
+
+/// Threads that ran a vCPU, so that the vCPU count of a VM outlives the VM process.
+#[map]
+static VCPU_THREADS: HashMap<VcpuThread, u8> = HashMap::with_max_entries(VCPU_THREAD_CAPACITY, 0);
 
 /// What could not be recorded, by `DropReason`.
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_COUNT, 0);
 
-macro_rules! kvm_tracepoint {
-    ($($program:ident => $kind:expr),+ $(,)?) => {$(
-        #[tracepoint]
-        pub fn $program(ctx: TracePointContext) -> u32 {
-            observe(&ctx, $kind);
-            0
+/// What every program returns. For tracepoint programs the kernel reads 0 as "drop this
+/// event for all perf listeners of the tracepoint": we must not blind `perf stat`,
+/// `perf trace` or any other tool watching the same tracepoints, so we return 1.
+///
+/// aya-ebpf's `#[tracepoint]` macro always returns 0, so the entry points below are
+/// written out by hand, in the same `tracepoint` ELF section the macro would use.
+const PASS_EVENT_ON: u32 = 1;
+
+/// Defines tracepoint entry points: `name => handler(ctx)`, returning [`PASS_EVENT_ON`].
+macro_rules! tracepoint_programs {
+    ($($program:ident => $handler:expr),+ $(,)?) => {$(
+        #[no_mangle]
+        #[link_section = "tracepoint"]
+        pub fn $program(ctx: *mut core::ffi::c_void) -> u32 {
+            $handler(&TracePointContext::new(ctx));
+            PASS_EVENT_ON
         }
     )+};
 }
 
-kvm_tracepoint! {
-    kvm_exit => EventKind::KvmExit,
-    kvm_entry => EventKind::KvmEntry,
-    kvm_msr => EventKind::KvmMsr,
-    kvm_pio => EventKind::KvmPio,
-    kvm_mmio => EventKind::KvmMmio,
-    kvm_userspace_exit => EventKind::KvmUserspaceExit,
-    kvm_apic_accept_irq => EventKind::KvmApicAcceptIrq,
-    kvm_inj_virq => EventKind::KvmInjVirq,
-    kvm_eoi => EventKind::KvmEoi,
-    kvm_vcpu_wakeup => EventKind::KvmVcpuWakeup,
-    kvm_hypercall => EventKind::KvmHypercall,
-    kvm_apic => EventKind::KvmApic,
+tracepoint_programs! {
+    kvm_exit => |ctx| observe(ctx, EventKind::KvmExit),
+    kvm_entry => |ctx| observe(ctx, EventKind::KvmEntry),
+    kvm_msr => |ctx| observe(ctx, EventKind::KvmMsr),
+    kvm_pio => |ctx| observe(ctx, EventKind::KvmPio),
+    kvm_mmio => |ctx| observe(ctx, EventKind::KvmMmio),
+    kvm_userspace_exit => |ctx| observe(ctx, EventKind::KvmUserspaceExit),
+    kvm_apic_accept_irq => |ctx| observe(ctx, EventKind::KvmApicAcceptIrq),
+    kvm_inj_virq => |ctx| observe(ctx, EventKind::KvmInjVirq),
+    kvm_eoi => |ctx| observe(ctx, EventKind::KvmEoi),
+    kvm_vcpu_wakeup => |ctx| observe(ctx, EventKind::KvmVcpuWakeup),
+    kvm_hypercall => |ctx| observe(ctx, EventKind::KvmHypercall),
+    kvm_apic => |ctx| observe(ctx, EventKind::KvmApic),
+    // A tracked process's children are tracked too, so that `observe -- COMMAND`
+    // sees VMs started anywhere in the command's process tree.
+    sched_process_fork => follow_fork,
 }
 
-/// `sched:sched_process_fork`: a tracked process's children are tracked too, so that
-/// `observe -- COMMAND` sees VMs started anywhere in the command's process tree.
-#[tracepoint]
-pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
-    let Some(config) = CONFIG.get(0) else { return 0 };
+fn follow_fork(ctx: &TracePointContext) {
+    let Some(config) = CONFIG.get(0) else { return };
     if config.follow_forks == 0 || !is_tracked(current_tgid()) {
-        return 0;
+        return;
     }
-    let Some(layout) = LAYOUTS.get(FORK_LAYOUT_INDEX) else { return 0 };
-    match read_slot(&ctx, layout.fields[0]) {
+    let Some(layout) = LAYOUTS.get(FORK_LAYOUT_INDEX) else { return };
+    match read_slot(ctx, layout.fields[0]) {
         Ok(child) => {
             if TRACKED_PIDS.insert(&(child as u32), &1, 0).is_err() {
-                count_drop(&ctx, DropReason::TrackedPidsFull);
+                count_drop(ctx, DropReason::TrackedPidsFull);
             }
         }
-        Err(_) => count_drop(&ctx, DropReason::FieldReadFailed),
+        Err(_) => count_drop(ctx, DropReason::FieldReadFailed),
     }
-    0
 }
 
 #[inline(always)]
@@ -140,6 +153,12 @@ fn observe(ctx: &TracePointContext, kind: EventKind) {
     let key = EventKey { tgid, vcpu: summary.vcpu, kind: kind as u16, aux: summary.aux, detail: summary.detail };
     add(ctx, &key, 1, summary.add_ns);
 
+    if kind.fires_on_vcpu_thread() {
+        let thread = VcpuThread { tgid, tid };
+        if VCPU_THREADS.get_ptr(&thread).is_none() && VCPU_THREADS.insert(&thread, &1, 0).is_err() {
+            count_drop(ctx, DropReason::VcpuThreadsFull);
+        }
+    }
     if let Some(vector) = summary.lvt_timer_vector {
         if TIMER_VECTORS.insert(&tgid, &vector, 0).is_err() {
             count_drop(ctx, DropReason::TimerVectorsFull);

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use paratick_common::classify::{is_timer_vector, tick_request, TickRequestKind};
 use paratick_common::event::{
-    DropReason, EventKey, EventKind, EventStats, AUX_RUN_FAILED, AUX_WAITED, AUX_WRITE, DROP_REASON_COUNT, VCPU_UNKNOWN,
+    DropReason, EventKey, EventKind, EventStats, AUX_RUN_FAILED, AUX_WAITED, AUX_WRITE, DROP_REASON_COUNT,
 };
 use paratick_common::exit_reason::{exit_reason_name, userspace_exit_name};
 use serde::Serialize;
@@ -18,6 +18,8 @@ pub struct Snapshot {
     pub events: BTreeMap<EventKey, EventStats>,
     /// LVT timer vector each process last programmed.
     pub timer_vectors: HashMap<u32, u32>,
+    /// Number of threads of each process that ran a vCPU.
+    pub vcpu_threads: HashMap<u32, u32>,
     /// Drops by [`DropReason`] index.
     pub drops: [u64; DROP_REASON_COUNT as usize],
 }
@@ -56,9 +58,9 @@ pub struct ProcessCounts {
     pub halts: u64,
     /// Time spent halted, summed over those halts.
     pub halted_ns: u64,
-    /// vCPU ids seen in events that carry one.
+    /// Threads that ran a vCPU (each vCPU thread of the VMM).
     #[serde(skip)]
-    pub vcpu_ids: BTreeSet<u32>,
+    pub vcpu_threads: u32,
 }
 
 impl ProcessCounts {
@@ -101,9 +103,6 @@ pub fn per_process(snapshot: &Snapshot) -> BTreeMap<u32, ProcessCounts> {
         let Some(kind) = EventKind::from_u16(key.kind) else { continue };
         let counts = out.entry(key.tgid).or_default();
         *counts.events.entry(event_name(kind, key.aux)).or_default() += stats.count;
-        if key.vcpu != VCPU_UNKNOWN && matches!(kind, EventKind::KvmExit | EventKind::KvmEntry) {
-            counts.vcpu_ids.insert(key.vcpu);
-        }
         match kind {
             EventKind::KvmExit => {
                 let name = exit_reason_name(key.aux as u32, key.detail)
@@ -139,6 +138,9 @@ pub fn per_process(snapshot: &Snapshot) -> BTreeMap<u32, ProcessCounts> {
             }
         }
     }
+    for (tgid, threads) in &snapshot.vcpu_threads {
+        out.entry(*tgid).or_default().vcpu_threads = *threads;
+    }
     out
 }
 
@@ -146,6 +148,7 @@ pub fn per_process(snapshot: &Snapshot) -> BTreeMap<u32, ProcessCounts> {
 mod tests {
     use super::*;
     use paratick_common::abi::{apic_reg, msr, PARATICK_REQUEST_PORT, PARATICK_TICK_VECTOR};
+    use paratick_common::event::VCPU_UNKNOWN;
     use paratick_common::exit_reason::{ISA_SVM, ISA_VMX, KVM_EXIT_INTR, KVM_EXIT_IO};
 
     fn key(tgid: u32, kind: EventKind, aux: u16, detail: u32) -> EventKey {
@@ -205,10 +208,8 @@ mod tests {
 
     #[test]
     fn exits_are_named_per_isa_and_carry_their_time() {
-        let mut exit = key(9, EventKind::KvmExit, ISA_VMX as u16, 12);
-        exit.vcpu = 1;
         let s = snapshot(&[
-            (exit, 100, 70_000),
+            (key(9, EventKind::KvmExit, ISA_VMX as u16, 12), 100, 70_000),
             (key(9, EventKind::KvmExit, ISA_SVM as u16, 0x7c), 5, 500),
             (key(9, EventKind::KvmExit, ISA_VMX as u16, 999), 1, 0),
         ]);
@@ -219,6 +220,5 @@ mod tests {
             BTreeMap::from([("HLT".into(), 100), ("msr".into(), 5), ("isa1:0x3e7".into(), 1)])
         );
         assert_eq!(counts.exit_time_ns, 70_500);
-        assert_eq!(counts.vcpu_ids, BTreeSet::from([1]));
     }
 }

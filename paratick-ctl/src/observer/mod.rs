@@ -14,7 +14,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMa
 use aya::programs::TracePoint;
 use aya::Ebpf;
 use paratick_common::event::{
-    EventKey, EventKind, EventStats, ObserverConfig, TracepointLayout, DROP_REASON_COUNT, FORK_CHILD_PID,
+    EventKey, EventKind, EventStats, ObserverConfig, TracepointLayout, VcpuThread, DROP_REASON_COUNT, FORK_CHILD_PID,
     FORK_LAYOUT_INDEX,
 };
 
@@ -116,18 +116,18 @@ impl std::fmt::Debug for Observer {
     }
 }
 
-/// Finds a mounted tracefs that has KVM events.
-pub fn find_tracefs() -> Result<PathBuf, ObserverError> {
-    let mounted: Vec<&str> =
-        TRACEFS_CANDIDATES.iter().copied().filter(|p| Path::new(p).join("events").is_dir()).collect();
+/// Finds, among `candidates`, a mounted tracefs that has KVM events.
+pub fn find_tracefs_in(candidates: &[&Path]) -> Result<PathBuf, ObserverError> {
+    let mounted: Vec<&Path> = candidates.iter().copied().filter(|p| p.join("events").is_dir()).collect();
     let Some(first) = mounted.first() else {
-        return Err(ObserverError::NoTracefs { looked: TRACEFS_CANDIDATES.join(", ") });
+        let looked = candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        return Err(ObserverError::NoTracefs { looked });
     };
     mounted
         .iter()
-        .map(PathBuf::from)
         .find(|p| p.join("events/kvm").is_dir())
-        .ok_or_else(|| ObserverError::NoKvmEvents(PathBuf::from(first)))
+        .map(|p| p.to_path_buf())
+        .ok_or_else(|| ObserverError::NoKvmEvents(first.to_path_buf()))
 }
 
 /// Whether this process may load BPF programs: root, or CAP_BPF (39) and CAP_PERFMON (38)
@@ -164,10 +164,12 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserverEr
 impl Observer {
     /// Loads the programs and attaches them to every KVM tracepoint the kernel has.
     pub fn start(filter: &PidFilter) -> Result<Observer, ObserverError> {
-        let tracefs = find_tracefs()?;
+        // Privilege first: tracefs is root-only, so an unprivileged user would otherwise
+        // be told that tracefs is missing.
         if !may_load_bpf() {
             return Err(ObserverError::NotPrivileged);
         }
+        let tracefs = find_tracefs_in(&TRACEFS_CANDIDATES.map(Path::new))?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| match &e {
             aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
                 if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -302,6 +304,13 @@ impl Observer {
             let (tgid, vector) = entry.map_err(map_err("TIMER_VECTORS"))?;
             snapshot.timer_vectors.insert(tgid, vector);
         }
+        let threads: BpfHashMap<&MapData, VcpuThread, u8> =
+            BpfHashMap::try_from(self.ebpf.map("VCPU_THREADS").expect("VCPU_THREADS map"))
+                .map_err(map_err("VCPU_THREADS"))?;
+        for entry in threads.keys() {
+            let thread = entry.map_err(map_err("VCPU_THREADS"))?;
+            *snapshot.vcpu_threads.entry(thread.tgid).or_default() += 1;
+        }
         let drops: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("DROPS").expect("DROPS map")).map_err(map_err("DROPS"))?;
         for index in 0..DROP_REASON_COUNT {
@@ -309,5 +318,29 @@ impl Observer {
             snapshot.drops[index as usize] = per_cpu.iter().sum();
         }
         Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracefs_is_found_only_where_mounted_and_with_kvm_events() {
+        let root = std::env::temp_dir().join(format!("paratick-tracefs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (unmounted, no_kvm, good) = (root.join("a"), root.join("b"), root.join("c"));
+        fs::create_dir_all(&unmounted).unwrap();
+        fs::create_dir_all(no_kvm.join("events/sched")).unwrap();
+        fs::create_dir_all(good.join("events/kvm")).unwrap();
+
+        let err = find_tracefs_in(&[&unmounted]).unwrap_err();
+        assert!(matches!(&err, ObserverError::NoTracefs { looked } if looked == &unmounted.display().to_string()));
+        assert!(err.to_string().contains("mount -t tracefs"), "{err}");
+        let err = find_tracefs_in(&[&unmounted, &no_kvm]).unwrap_err();
+        assert!(matches!(&err, ObserverError::NoKvmEvents(p) if p == &no_kvm), "{err}");
+        assert!(err.to_string().contains("load the kvm module"), "{err}");
+        assert_eq!(find_tracefs_in(&[&unmounted, &no_kvm, &good]).unwrap(), good);
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -18,7 +18,7 @@ pub struct VmReport {
     pub name: String,
     /// Command line, when known.
     pub cmdline: String,
-    /// vCPUs: the most vCPU file descriptors seen, or the distinct vCPU ids in events.
+    /// vCPUs: vCPU threads seen by the eBPF programs, or vCPU file descriptors in /proc.
     pub vcpus: u32,
     /// The counts.
     #[serde(flatten)]
@@ -28,7 +28,7 @@ pub struct VmReport {
 impl VmReport {
     /// Combines counts with what /proc said about the process (if anything).
     pub fn new(pid: u32, info: Option<&ProcessInfo>, counts: ProcessCounts) -> VmReport {
-        let vcpus = info.map_or(0, |i| i.vcpus).max(counts.vcpu_ids.len() as u32);
+        let vcpus = info.map_or(0, |i| i.vcpus).max(counts.vcpu_threads);
         VmReport {
             pid,
             name: info.map_or_else(|| "?".to_string(), |i| i.name.clone()),

@@ -1,0 +1,247 @@
+//! End-to-end tests of `paratick-ctl observe` on real /dev/kvm with real eBPF (as root).
+//!
+//! The reference for every count is `perf stat -e kvm:...` over the same run: perf
+//! counts the tracepoint for the whole process tree of the command it wraps.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use paratick_tests::{perf_stat, workspace_binary};
+use serde_json::Value;
+
+fn ctl() -> PathBuf {
+    let path = workspace_binary("paratick-ctl");
+    assert!(path.exists(), "{} is missing: build it first (`cargo xtask test` does)", path.display());
+    path
+}
+
+fn count_guest() -> &'static str {
+    env!("CARGO_BIN_EXE_kvm-count-guest")
+}
+
+fn report_path(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("paratick-observe-{test}-{}.json", std::process::id()))
+}
+
+fn read_report(path: &PathBuf) -> Value {
+    let text = std::fs::read_to_string(path).expect("observer report");
+    let _ = std::fs::remove_file(path);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("report is not JSON ({e}): {text}"))
+}
+
+fn vm_named<'a>(report: &'a Value, name: &str) -> &'a Value {
+    let vms = report["vms"].as_array().expect("vms array");
+    let matching: Vec<&Value> = vms.iter().filter(|vm| vm["name"] == name).collect();
+    assert_eq!(matching.len(), 1, "exactly one VM named {name} in {vms:#?}");
+    matching[0]
+}
+
+fn run(command: &mut Command) -> Output {
+    command.output().expect("run paratick-ctl")
+}
+
+fn stderr_line(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).trim_end().to_string();
+    assert_eq!(stderr.lines().count(), 1, "one line of error, got {stderr:?}");
+    stderr
+}
+
+/// perf wraps the observer, so this also proves the observer does not hide events from
+/// other perf users of the same tracepoints (a tracepoint program returning 0 would).
+#[test]
+fn counts_of_a_known_guest_equal_perf_stat_for_the_same_run() {
+    const PORT_WRITES: u64 = 1000;
+    const TSC_DEADLINE_WRITES: u64 = 250;
+    let report_file = report_path("exact");
+    let ctl = ctl();
+    let (perf, _) = perf_stat(
+        &["kvm:kvm_pio", "kvm:kvm_msr", "kvm:kvm_userspace_exit"],
+        &[
+            ctl.to_str().unwrap(),
+            "observe",
+            "--json",
+            "--output",
+            report_file.to_str().unwrap(),
+            "--",
+            count_guest(),
+            &PORT_WRITES.to_string(),
+            &TSC_DEADLINE_WRITES.to_string(),
+        ],
+    )
+    .expect("perf stat over observe");
+    let report = read_report(&report_file);
+
+    // The reference agrees with what the guest was written to do...
+    assert_eq!(perf["kvm:kvm_pio"], PORT_WRITES);
+    assert_eq!(perf["kvm:kvm_msr"], TSC_DEADLINE_WRITES);
+    // ...and the observer agrees with the reference, event for event.
+    let vm = vm_named(&report, "kvm-count-guest");
+    let events = &vm["events"];
+    assert_eq!(events["kvm_pio"], perf["kvm:kvm_pio"]);
+    assert_eq!(events["kvm_msr_write"], perf["kvm:kvm_msr"]);
+    assert_eq!(events.get("kvm_msr_read"), None);
+    assert_eq!(events["kvm_userspace_exit"], perf["kvm:kvm_userspace_exit"]);
+    assert_eq!(vm["userspace_exit_reasons"]["IO"], PORT_WRITES);
+    assert_eq!(vm["tick_requests"], TSC_DEADLINE_WRITES);
+    assert_eq!(vm["tick_requests_by_kind"], serde_json::json!({ "tsc_deadline": TSC_DEADLINE_WRITES }));
+    assert_eq!(vm["timer_interrupts"], 0, "the guest's LVT timer stays masked");
+    assert_eq!(vm["vcpus"], 1);
+    assert_eq!(report["vms"].as_array().unwrap().len(), 1, "only the command's tree is reported");
+    assert_eq!(report["command"]["exit_code"], 0);
+    assert!(report["drops"].as_object().unwrap().values().all(|d| d == 0), "{}", report["drops"]);
+}
+
+#[test]
+fn the_report_names_the_backend_and_the_state_of_every_tracepoint() {
+    let report_file = report_path("tracepoints");
+    let output =
+        run(Command::new(ctl()).args(["observe", "--json", "--duration", "200ms", "--output"]).arg(&report_file));
+    assert!(output.status.success(), "{output:?}");
+    let report = read_report(&report_file);
+    let expected_backend = if std::path::Path::new("/sys/module/kvm_intel").exists() {
+        "vmx"
+    } else if std::path::Path::new("/sys/module/kvm_amd").exists() {
+        "svm"
+    } else if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "pvm"
+    } else {
+        "unknown"
+    };
+    assert_eq!(report["backend"], expected_backend);
+    let states: BTreeMap<String, String> = serde_json::from_value(report["tracepoints"].clone()).unwrap();
+    let names = [
+        "kvm_apic",
+        "kvm_apic_accept_irq",
+        "kvm_entry",
+        "kvm_eoi",
+        "kvm_exit",
+        "kvm_hypercall",
+        "kvm_inj_virq",
+        "kvm_mmio",
+        "kvm_msr",
+        "kvm_pio",
+        "kvm_userspace_exit",
+        "kvm_vcpu_wakeup",
+    ];
+    assert_eq!(states.keys().map(String::as_str).collect::<Vec<_>>(), names);
+    for (name, state) in &states {
+        let format = PathBuf::from("/sys/kernel/tracing/events/kvm").join(name).join("format");
+        let expected = if format.exists() { "attached" } else { "missing" };
+        assert_eq!(state, expected, "kvm:{name}");
+    }
+}
+
+/// Starts a count guest that runs for a while, and waits until it owns a KVM VM.
+#[expect(clippy::zombie_processes, reason = "the caller kills and waits for the returned child")]
+fn start_long_guest() -> Child {
+    let mut child = Command::new(count_guest()).args(["40000", "0"]).stdout(Stdio::null()).spawn().expect("guest");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fd_dir = PathBuf::from(format!("/proc/{}/fd", child.id()));
+    loop {
+        let has_vm = std::fs::read_dir(&fd_dir)
+            .map(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == "anon_inode:kvm-vm"))
+            })
+            .unwrap_or(false);
+        if has_vm {
+            return child;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("guest {} never created its VM", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn pid_filter_reports_only_the_chosen_vm() {
+    let mut watched = start_long_guest();
+    let mut other = start_long_guest();
+    let report_file = report_path("pid");
+    let output = run(Command::new(ctl())
+        .args(["observe", "--json", "--duration", "500ms", "--pid", &watched.id().to_string(), "--output"])
+        .arg(&report_file));
+    watched.kill().unwrap();
+    other.kill().unwrap();
+    let _ = (watched.wait(), other.wait());
+    assert!(output.status.success(), "{output:?}");
+    let report = read_report(&report_file);
+    let vms = report["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "{vms:#?}");
+    assert_eq!(vms[0]["pid"], watched.id());
+    assert!(vms[0]["events"]["kvm_pio"].as_u64().unwrap() > 0, "the watched guest was busy writing ports");
+    assert_eq!(vms[0]["vcpus"], 1);
+}
+
+#[test]
+fn the_live_table_shows_a_row_for_the_running_guest() {
+    let output = run(Command::new(ctl()).args(["observe", "--interval", "100ms", "--", count_guest(), "20000", "0"]));
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("TICKREQ/s"), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some("kvm-count-guest"))
+        .unwrap_or_else(|| panic!("no row for the guest in {stdout}"));
+    let userspace_exits_per_s: f64 = row.split_whitespace().nth(6).unwrap().parse().unwrap();
+    assert!(userspace_exits_per_s > 0.0, "{row}");
+}
+
+#[test]
+fn bad_input_gets_one_line_and_a_failing_exit_code() {
+    let not_kvm = std::process::id().to_string();
+    let output = run(Command::new(ctl()).args(["observe", "--pid", &not_kvm]));
+    assert_eq!(output.status.code(), Some(1));
+    let line = stderr_line(&output);
+    assert!(line.contains(&format!("pid {not_kvm}")) && line.contains("is not a KVM process"), "{line}");
+
+    let output = run(Command::new(ctl()).args(["observe", "--pid", "4194305"]));
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(stderr_line(&output), "paratick-ctl: no process with pid 4194305");
+
+    let output = run(Command::new(ctl()).args(["observe", "--interval", "0s"]));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("must be longer than zero"));
+
+    let output = run(Command::new(ctl()).args(["observe", "--interval", "soon"]));
+    assert_eq!(output.status.code(), Some(2));
+
+    let output = run(Command::new(ctl()).args(["observe", "--no-such-flag"]));
+    assert_eq!(output.status.code(), Some(2));
+
+    let output = run(Command::new(ctl()).args(["observe", "--json", "--output", "/nonexistent/dir/report.json"]));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr_line(&output).contains("cannot write the report to /nonexistent/dir/report.json"));
+}
+
+#[test]
+fn without_bpf_privilege_the_error_says_to_run_as_root() {
+    let output = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(ctl())
+        .args(["observe", "--duration", "1s"]));
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(
+        stderr_line(&output),
+        "paratick-ctl: cannot start the eBPF observer: loading eBPF programs needs root (or CAP_BPF and CAP_PERFMON): run paratick-ctl with sudo"
+    );
+}
+
+#[test]
+fn a_failing_command_passes_its_exit_code_through() {
+    let report_file = report_path("failing");
+    let output = run(Command::new(ctl()).args(["observe", "--json", "--output"]).arg(&report_file).args([
+        "--",
+        count_guest(),
+        "0",
+        "1",
+    ]));
+    assert_eq!(output.status.code(), Some(1));
+    let report = read_report(&report_file);
+    assert_eq!(report["command"]["exit_code"], 1);
+}
