@@ -101,7 +101,7 @@ fn follow_fork(ctx: &TracePointContext) {
     let Some(layout) = LAYOUTS.get(FORK_LAYOUT_INDEX) else { return };
     match read_slot(ctx, layout.fields[0]) {
         Ok(child) => {
-            if TRACKED_PIDS.insert(&(child as u32), &1, 0).is_err() {
+            if TRACKED_PIDS.insert(child as u32, 1, 0).is_err() {
                 count_drop(ctx, DropReason::TrackedPidsFull);
             }
         }
@@ -117,7 +117,7 @@ fn current_tgid() -> u32 {
 #[inline(always)]
 fn is_tracked(tgid: u32) -> bool {
     match CONFIG.get(0) {
-        Some(config) if config.filter_by_pid != 0 => TRACKED_PIDS.get_ptr(&tgid).is_some(),
+        Some(config) if config.filter_by_pid != 0 => TRACKED_PIDS.get_ptr(tgid).is_some(),
         _ => true,
     }
 }
@@ -155,12 +155,12 @@ fn observe(ctx: &TracePointContext, kind: EventKind) {
 
     if kind.fires_on_vcpu_thread() {
         let thread = VcpuThread { tgid, tid };
-        if VCPU_THREADS.get_ptr(&thread).is_none() && VCPU_THREADS.insert(&thread, &1, 0).is_err() {
+        if VCPU_THREADS.get_ptr(thread).is_none() && VCPU_THREADS.insert(thread, 1, 0).is_err() {
             count_drop(ctx, DropReason::VcpuThreadsFull);
         }
     }
     if let Some(vector) = summary.lvt_timer_vector {
-        if TIMER_VECTORS.insert(&tgid, &vector, 0).is_err() {
+        if TIMER_VECTORS.insert(tgid, vector, 0).is_err() {
             count_drop(ctx, DropReason::TimerVectorsFull);
         }
     }
@@ -168,14 +168,14 @@ fn observe(ctx: &TracePointContext, kind: EventKind) {
         EventKind::KvmExit => {
             let start = ExitStart { timestamp_ns: now_ns(), key };
             // An LRU map makes room by evicting; an error here cannot be "full".
-            let _ = EXIT_STARTS.insert(&tid, &start, 0);
+            let _ = EXIT_STARTS.insert(tid, start, 0);
         }
         EventKind::KvmEntry => {
-            if let Some(start) = EXIT_STARTS.get_ptr(&tid) {
+            if let Some(start) = EXIT_STARTS.get_ptr(tid) {
                 // SAFETY: the pointer came from a successful lookup and only this
                 // thread's own programs (which do not run concurrently) write its entry.
                 let start = unsafe { *start };
-                let _ = EXIT_STARTS.remove(&tid);
+                let _ = EXIT_STARTS.remove(tid);
                 add(ctx, &start.key, 0, now_ns().saturating_sub(start.timestamp_ns));
             }
         }
@@ -202,7 +202,7 @@ fn add(ctx: &TracePointContext, key: &EventKey, count: u64, ns: u64) {
         return;
     }
     let stats = EventStats { count, sum_ns: ns };
-    if EVENTS.insert(key, &stats, BPF_NOEXIST as u64).is_ok() {
+    if EVENTS.insert(key, stats, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     // Another CPU may have created the entry between our lookup and insert.

@@ -1,1 +1,173 @@
-fn main() {}
+//! `cargo xtask <task>`: everything a fresh Debian 12 KVM host needs, as code.
+//!
+//! - `setup`  installs what the build and tests need (idempotent; a second run only checks)
+//! - `test`   setup, build every binary, run every test (the README's test command)
+//! - `run`    setup, build, run the main job (the README's run command)
+//! - `lint`   rustfmt and clippy, including the eBPF crate for its own target
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the project needs, and why.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "Debian's rustc 1.96 (LLVM 22): builds the eBPF programs and the guest kernel"),
+    ("cargo-web", "cargo for the Debian toolchain"),
+    ("libstd-rust-web-dev-bpf", "precompiled core for bpfel-unknown-none"),
+    ("rust-web-src", "core sources for -Z build-std (the guest kernel)"),
+    ("rust-web-clippy", "clippy for the Debian toolchain: lints the eBPF crate on its own target"),
+    ("llvm-22-dev", "LLVM 22 for building bpf-linker"),
+    ("linux-perf", "perf stat: the independent reference in tests"),
+    ("bpftool", "inspecting loaded BPF programs"),
+    ("prometheus", "promtool and a real Prometheus server for the metrics tests"),
+];
+
+/// The rustup name under which Debian's toolchain is linked (aya-build runs
+/// `rustup run debian cargo build --target bpfel-unknown-none`).
+const DEBIAN_TOOLCHAIN: &str = "debian";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = args.split_first().map(|(t, r)| (t.as_str(), r)).unwrap_or(("help", &[]));
+    match task {
+        "setup" => setup(),
+        "test" => {
+            setup()?;
+            cargo(&["build", "--bins"])?;
+            let mut test = vec!["test"];
+            test.extend(rest.iter().map(String::as_str));
+            cargo(&test)
+        }
+        "run" => {
+            setup()?;
+            let mut run = vec!["run", "--release", "--package", "paratick-ctl", "--"];
+            if rest.is_empty() {
+                run.push("observe");
+            }
+            run.extend(rest.iter().map(String::as_str));
+            cargo(&run)
+        }
+        "lint" => lint(),
+        "help" | "--help" | "-h" => {
+            println!("usage: cargo xtask <setup|test [ARGS]|run [ARGS]|lint>");
+            Ok(())
+        }
+        other => bail!("unknown task {other:?}: use setup, test, run or lint"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root()))
+}
+
+fn output(command: &mut Command) -> Option<String> {
+    let out = command.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs what is missing; checks only, when everything is there.
+fn setup() -> Result<()> {
+    let started = Instant::now();
+    check_host()?;
+    install_apt_packages()?;
+    link_debian_toolchain()?;
+    install_bpf_linker()?;
+    mount_tracefs()?;
+    eprintln!("xtask setup: ready ({:.1}s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn check_host() -> Result<()> {
+    if output(Command::new("id").arg("-u")).as_deref().map(str::trim) != Some("0") {
+        bail!("run as root: set-up installs packages, and KVM and eBPF need root");
+    }
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is missing: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)");
+    }
+    Ok(())
+}
+
+fn package_installed(name: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", name]))
+        .is_some_and(|status| status.trim() == "install ok installed")
+}
+
+fn install_apt_packages() -> Result<()> {
+    let missing: Vec<&str> =
+        APT_PACKAGES.iter().map(|(name, _)| *name).filter(|name| !package_installed(name)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (name, why) in APT_PACKAGES.iter().filter(|(name, _)| missing.contains(name)) {
+        eprintln!("xtask setup: installing {name}: {why}");
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn link_debian_toolchain() -> Result<()> {
+    let linked = output(Command::new("rustup").args(["toolchain", "list"]))
+        .is_some_and(|list| list.lines().any(|l| l.split_whitespace().next() == Some(DEBIAN_TOOLCHAIN)));
+    if !linked {
+        eprintln!("xtask setup: linking Debian's toolchain as rustup toolchain {DEBIAN_TOOLCHAIN:?}");
+        run(Command::new("rustup").args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"]))?;
+    }
+    Ok(())
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let installed = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.split_whitespace().any(|word| word == BPF_LINKER_VERSION));
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (1-2 minutes)");
+    run(Command::new("cargo")
+        .args([&format!("+{DEBIAN_TOOLCHAIN}"), "install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--locked", "--no-default-features", "--features", "llvm-22"])
+        // /usr/bin/llvm-config is LLVM 14; bpf-linker must link the LLVM rustc uses.
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .current_dir(std::env::temp_dir()))
+}
+
+fn mount_tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: mounting tracefs at {TRACEFS}");
+    run(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))
+}
+
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // The eBPF crate only builds for its own target, with Debian's toolchain.
+    run(Command::new("rustup")
+        .args(["run", DEBIAN_TOOLCHAIN, "cargo", "clippy", "--package", "paratick-ebpf"])
+        .args(["--release", "--target", "bpfel-unknown-none", "--", "-D", "warnings"])
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        .env_remove("RUSTC")
+        .current_dir(workspace_root()))
+}
