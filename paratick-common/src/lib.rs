@@ -12,3 +12,4 @@ pub mod abi;
 pub mod classify;
 pub mod event;
 pub mod exit_reason;
+pub mod guest;

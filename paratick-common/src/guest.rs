@@ -1,0 +1,296 @@
+//! The boot protocol between the VMM and the Paratick guest kernel: memory map, boot
+//! information, results, ports and vectors of the guest's devices. Both sides import
+//! this module; nothing here is a convention kept in two places.
+//!
+//! The VMM identity-maps the first [`GUEST_MEMORY_SIZE`] bytes, loads the kernel ELF at
+//! [`KERNEL_LOAD_ADDR`], and starts every vCPU in 64-bit mode at the kernel entry with
+//! `rdi` = [`BOOT_INFO_ADDR`], `rsi` = vCPU index and `rsp` = the top of that vCPU's
+//! kernel stack. The guest reports through a [`GuestResults`] block at [`RESULTS_ADDR`],
+//! which the VMM may read at any time (tick counters are live).
+
+/// Most vCPUs a guest may have.
+pub const MAX_VCPUS: usize = 8;
+
+/// Guest memory size (identity-mapped with 2 MiB pages).
+pub const GUEST_MEMORY_SIZE: u64 = 64 << 20;
+/// VMM-built boot GDT (null, 64-bit code, data), replaced by the guest's own.
+pub const BOOT_GDT_ADDR: u64 = 0x500;
+/// [`BootInfo`] address.
+pub const BOOT_INFO_ADDR: u64 = 0x1000;
+/// Page tables built by the VMM: PML4, PDPT, then page directories.
+pub const PAGE_TABLES_ADDR: u64 = 0x2000;
+/// [`GuestResults`] address.
+pub const RESULTS_ADDR: u64 = 0x8000;
+/// Where the kernel image is linked and loaded.
+pub const KERNEL_LOAD_ADDR: u64 = 0x10_0000;
+/// Kernel stacks: one of [`KERNEL_STACK_SIZE`] per vCPU, from this address up.
+pub const KERNEL_STACKS_ADDR: u64 = 0x40_0000;
+/// Size of one kernel stack.
+pub const KERNEL_STACK_SIZE: u64 = 0x1_0000;
+/// User stacks: one of [`USER_STACK_SIZE`] per task.
+pub const USER_STACKS_ADDR: u64 = 0x50_0000;
+/// Size of one user stack.
+pub const USER_STACK_SIZE: u64 = 0x8000;
+/// Buffers and request descriptors of the block device.
+pub const IO_AREA_ADDR: u64 = 0x80_0000;
+
+/// Top of vCPU `index`'s kernel stack (the stack grows down from here).
+pub const fn kernel_stack_top(index: usize) -> u64 {
+    KERNEL_STACKS_ADDR + (index as u64 + 1) * KERNEL_STACK_SIZE
+}
+
+/// Selector of the boot code segment (in the VMM's boot GDT and the guest's GDT alike).
+pub const KERNEL_CODE_SELECTOR: u16 = 0x08;
+/// Selector of the boot data segment.
+pub const KERNEL_DATA_SELECTOR: u16 = 0x10;
+
+/// Port of the guest's debug console: bytes written are logged by the VMM.
+pub const CONSOLE_PORT: u16 = 0x3f8;
+/// Port the guest writes a [`GuestStatus`] to when it has finished (or panicked); the
+/// results block is complete at that point.
+pub const RESULTS_PORT: u16 = 0x0c54;
+/// Port the guest writes the guest-physical address of a [`BlockRequest`] to.
+pub const BLOCK_REQUEST_PORT: u16 = 0x0c58;
+
+/// Vector of the block device's completion interrupt (an MSI to the submitting vCPU).
+pub const BLOCK_COMPLETION_VECTOR: u8 = 0xe0;
+/// Vector of the guest's wake-up IPI (a blocked task became runnable on that vCPU).
+pub const WAKEUP_VECTOR: u8 = 0xe1;
+/// Spurious-interrupt vector.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+/// `BootInfo::magic`.
+pub const BOOT_MAGIC: u64 = 0x6b63_6974_6172_6170; // "paratick"
+
+/// How the guest gets its scheduler tick.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TickMode {
+    /// LAPIC timer in periodic mode at HZ, always on (also while idle).
+    Periodic = 0,
+    /// One-shot TSC-deadline timer re-armed every tick while busy, stopped while idle.
+    Tickless = 1,
+    /// Ticks injected by the host at the rate the guest requests.
+    Paratick = 2,
+}
+
+impl TickMode {
+    /// All modes.
+    pub const ALL: [TickMode; 3] = [TickMode::Periodic, TickMode::Tickless, TickMode::Paratick];
+
+    /// Decodes [`BootInfo::tick_mode`].
+    pub const fn from_u32(value: u32) -> Option<TickMode> {
+        match value {
+            0 => Some(TickMode::Periodic),
+            1 => Some(TickMode::Tickless),
+            2 => Some(TickMode::Paratick),
+            _ => None,
+        }
+    }
+
+    /// Name used on command lines and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TickMode::Periodic => "periodic",
+            TickMode::Tickless => "tickless",
+            TickMode::Paratick => "paratick",
+        }
+    }
+}
+
+/// What the guest runs.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Workload {
+    /// CPU-bound user code on vCPU 0; the other vCPUs stay idle.
+    Sequential = 0,
+    /// One task per vCPU, meeting at a blocking barrier after every work unit.
+    Multithreaded = 1,
+    /// One task per vCPU issuing blocking reads to the virtual block device.
+    Io = 2,
+    /// Test workload: a user task executes an invalid instruction (the guest panics).
+    Crash = 3,
+    /// Test workload: like `Sequential`, but the guest first sends malformed tick requests.
+    BadRequests = 4,
+}
+
+impl Workload {
+    /// The workloads of the evaluation.
+    pub const EVALUATED: [Workload; 3] = [Workload::Sequential, Workload::Multithreaded, Workload::Io];
+
+    /// Decodes [`BootInfo::workload`].
+    pub const fn from_u32(value: u32) -> Option<Workload> {
+        match value {
+            0 => Some(Workload::Sequential),
+            1 => Some(Workload::Multithreaded),
+            2 => Some(Workload::Io),
+            3 => Some(Workload::Crash),
+            4 => Some(Workload::BadRequests),
+            _ => None,
+        }
+    }
+
+    /// Name used on command lines and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Workload::Sequential => "sequential",
+            Workload::Multithreaded => "multithreaded",
+            Workload::Io => "io",
+            Workload::Crash => "crash",
+            Workload::BadRequests => "bad-requests",
+        }
+    }
+}
+
+/// Raw tick-request values the `BadRequests` workload sends before its work: zero-length
+/// nonsense is not possible on a port, so these are the out-of-range rates (too low,
+/// too high, absurd) the host must clamp and count.
+pub const BAD_TICK_REQUESTS: [u32; 3] = [1, 1_000_000, u32::MAX];
+
+/// What the VMM tells the guest at boot (at [`BOOT_INFO_ADDR`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// TSC frequency in kHz (from KVM).
+    pub tsc_khz: u64,
+    /// Amount of work: total work units, or 0 to run for `duration_ms`.
+    pub work_units: u64,
+    /// Run time in milliseconds of guest TSC time, when `work_units` is 0.
+    pub duration_ms: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// [`TickMode`].
+    pub tick_mode: u32,
+    /// [`Workload`].
+    pub workload: u32,
+    /// Tick rate the guest wants, in Hz.
+    pub hz: u32,
+    /// Sectors of the block device.
+    pub disk_sectors: u64,
+}
+
+/// `GuestResults::status` values.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestStatus {
+    /// Still running.
+    Running = 0,
+    /// Finished its work; the results are complete.
+    Done = 1,
+    /// Panicked; `panic_message` says why.
+    Panicked = 2,
+}
+
+impl GuestStatus {
+    /// Decodes a status value.
+    pub const fn from_u32(value: u32) -> Option<GuestStatus> {
+        match value {
+            0 => Some(GuestStatus::Running),
+            1 => Some(GuestStatus::Done),
+            2 => Some(GuestStatus::Panicked),
+            _ => None,
+        }
+    }
+}
+
+/// Per-vCPU counters kept by the guest.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuCounters {
+    /// Scheduler ticks handled.
+    pub ticks: u64,
+    /// Of those, ticks that arrived while the vCPU was idle.
+    pub idle_ticks: u64,
+    /// TSC cycles spent idle (halted).
+    pub idle_tsc: u64,
+    /// Timer (re)programming writes the guest made (TSC deadline, LAPIC timer).
+    pub timer_writes: u64,
+    /// Tick requests sent to the host (paratick).
+    pub tick_requests: u64,
+    /// Context switches between tasks.
+    pub context_switches: u64,
+    /// Work units done by tasks on this vCPU.
+    pub work_units: u64,
+}
+
+/// Length of [`GuestResults::panic_message`].
+pub const PANIC_MESSAGE_LEN: usize = 120;
+
+/// What the guest reports (at [`RESULTS_ADDR`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct GuestResults {
+    /// [`GuestStatus`].
+    pub status: u32,
+    /// Bytes used in `panic_message`.
+    pub panic_len: u32,
+    /// TSC when the workload started.
+    pub start_tsc: u64,
+    /// TSC when the last task finished.
+    pub end_tsc: u64,
+    /// Counters of each vCPU.
+    pub vcpus: [VcpuCounters; MAX_VCPUS],
+    /// Why the guest panicked (UTF-8).
+    pub panic_message: [u8; PANIC_MESSAGE_LEN],
+}
+
+/// Block device operations.
+pub const BLOCK_OP_READ: u32 = 0;
+/// Write operation.
+pub const BLOCK_OP_WRITE: u32 = 1;
+/// Sector size of the block device.
+pub const SECTOR_SIZE: u64 = 512;
+/// `BlockRequest::status` while the request is in flight.
+pub const BLOCK_STATUS_PENDING: u32 = u32::MAX;
+/// `BlockRequest::status` of a completed request.
+pub const BLOCK_STATUS_OK: u32 = 0;
+/// `BlockRequest::status` of a rejected request (bad sector range, bad buffer, bad op).
+pub const BLOCK_STATUS_ERROR: u32 = 1;
+
+/// A block I/O request, in guest memory; its address is written to [`BLOCK_REQUEST_PORT`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockRequest {
+    /// [`BLOCK_OP_READ`] or [`BLOCK_OP_WRITE`].
+    pub op: u32,
+    /// Set by the device when done: [`BLOCK_STATUS_OK`] or [`BLOCK_STATUS_ERROR`].
+    pub status: u32,
+    /// First sector.
+    pub sector: u64,
+    /// Number of sectors.
+    pub sectors: u32,
+    /// vCPU to interrupt on completion.
+    pub vcpu: u32,
+    /// Guest-physical address of the data buffer.
+    pub buffer: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_map_does_not_overlap() {
+        assert!(BOOT_GDT_ADDR + 24 <= BOOT_INFO_ADDR);
+        assert!(BOOT_INFO_ADDR + core::mem::size_of::<BootInfo>() as u64 <= PAGE_TABLES_ADDR);
+        // PML4, PDPT and one page directory (1 GiB of 2 MiB pages covers the memory).
+        assert!(PAGE_TABLES_ADDR + 3 * 0x1000 <= RESULTS_ADDR);
+        assert!(RESULTS_ADDR + core::mem::size_of::<GuestResults>() as u64 <= KERNEL_LOAD_ADDR);
+        assert!(kernel_stack_top(MAX_VCPUS - 1) <= USER_STACKS_ADDR);
+        assert!(IO_AREA_ADDR < GUEST_MEMORY_SIZE && GUEST_MEMORY_SIZE <= 1 << 30);
+    }
+
+    #[test]
+    fn enums_round_trip() {
+        for mode in TickMode::ALL {
+            assert_eq!(TickMode::from_u32(mode as u32), Some(mode));
+        }
+        for w in [Workload::Sequential, Workload::Multithreaded, Workload::Io, Workload::Crash, Workload::BadRequests] {
+            assert_eq!(Workload::from_u32(w as u32), Some(w));
+        }
+        assert_eq!(TickMode::from_u32(3), None);
+        assert_eq!(GuestStatus::from_u32(2), Some(GuestStatus::Panicked));
+    }
+}
