@@ -10,6 +10,8 @@
 
 /// Most vCPUs a guest may have.
 pub const MAX_VCPUS: usize = 8;
+/// Most tasks a guest runs: two per vCPU (the multithreaded workload).
+pub const MAX_TASKS: usize = 2 * MAX_VCPUS;
 
 /// Guest memory size (identity-mapped with 2 MiB pages).
 pub const GUEST_MEMORY_SIZE: u64 = 64 << 20;
@@ -267,20 +269,21 @@ pub struct BlockRequest {
     pub buffer: u64,
 }
 
+// The memory map must not overlap: checked when anything using it is compiled.
+const _: () = {
+    assert!(BOOT_GDT_ADDR + 24 <= BOOT_INFO_ADDR);
+    assert!(BOOT_INFO_ADDR + core::mem::size_of::<BootInfo>() as u64 <= PAGE_TABLES_ADDR);
+    // PML4, PDPT and one page directory (1 GiB of 2 MiB pages covers the memory).
+    assert!(PAGE_TABLES_ADDR + 3 * 0x1000 <= RESULTS_ADDR);
+    assert!(RESULTS_ADDR + core::mem::size_of::<GuestResults>() as u64 <= KERNEL_LOAD_ADDR);
+    assert!(kernel_stack_top(MAX_VCPUS - 1) <= USER_STACKS_ADDR);
+    assert!(USER_STACKS_ADDR + MAX_TASKS as u64 * USER_STACK_SIZE <= IO_AREA_ADDR);
+    assert!(IO_AREA_ADDR < GUEST_MEMORY_SIZE && GUEST_MEMORY_SIZE <= 1 << 30);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_memory_map_does_not_overlap() {
-        assert!(BOOT_GDT_ADDR + 24 <= BOOT_INFO_ADDR);
-        assert!(BOOT_INFO_ADDR + core::mem::size_of::<BootInfo>() as u64 <= PAGE_TABLES_ADDR);
-        // PML4, PDPT and one page directory (1 GiB of 2 MiB pages covers the memory).
-        assert!(PAGE_TABLES_ADDR + 3 * 0x1000 <= RESULTS_ADDR);
-        assert!(RESULTS_ADDR + core::mem::size_of::<GuestResults>() as u64 <= KERNEL_LOAD_ADDR);
-        assert!(kernel_stack_top(MAX_VCPUS - 1) <= USER_STACKS_ADDR);
-        assert!(IO_AREA_ADDR < GUEST_MEMORY_SIZE && GUEST_MEMORY_SIZE <= 1 << 30);
-    }
 
     #[test]
     fn enums_round_trip() {

@@ -1,0 +1,500 @@
+//! The kernel proper: boot state, tasks pinned to vCPUs with round-robin time slices,
+//! the trap handler (ticks, system calls, device interrupts, exceptions), the idle loop,
+//! the barrier and block I/O that tasks block on, and the results the VMM reads.
+
+use core::cell::UnsafeCell;
+use core::fmt::Write as _;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use paratick_common::abi::{LAPIC_TIMER_VECTOR, PARATICK_TICK_VECTOR};
+use paratick_common::guest::{
+    BlockRequest, BootInfo, GuestResults, GuestStatus, TickMode, VcpuCounters, Workload, BLOCK_COMPLETION_VECTOR,
+    BLOCK_OP_READ, BLOCK_REQUEST_PORT, BLOCK_STATUS_PENDING, BOOT_INFO_ADDR, BOOT_MAGIC, IO_AREA_ADDR, MAX_TASKS,
+    MAX_VCPUS, PANIC_MESSAGE_LEN, RESULTS_ADDR, RESULTS_PORT, SECTOR_SIZE, SPURIOUS_VECTOR, USER_STACKS_ADDR,
+    USER_STACK_SIZE, WAKEUP_VECTOR,
+};
+
+use crate::arch::{self, TrapFrame, USER_CODE_SELECTOR, USER_DATA_SELECTOR, USER_RFLAGS};
+use crate::tick::{self, TickState};
+use crate::user::{self, TaskParams, BLOCK_SECTORS, SYS_BARRIER, SYS_EXIT, SYS_READ_BLOCK};
+use crate::{apic, console};
+
+/// Ticks a task runs before another runnable task of its vCPU gets the CPU.
+const SLICE_TICKS: u32 = 2;
+/// Task states.
+const UNUSED: u32 = 0;
+const RUNNABLE: u32 = 1;
+const RUNNING: u32 = 2;
+const BLOCKED_BARRIER: u32 = 3;
+const BLOCKED_IO: u32 = 4;
+const DONE: u32 = 5;
+/// No task.
+const NONE: usize = usize::MAX;
+/// Where block buffers start in the I/O area (requests come first).
+const IO_BUFFERS_OFFSET: u64 = 0x1_0000;
+
+/// A value written by vCPU 0 during init, then only read (after `INIT_DONE`).
+struct InitOnce<T>(UnsafeCell<T>);
+// SAFETY: written only by vCPU 0 before INIT_DONE is released, read-only afterwards.
+unsafe impl<T> Sync for InitOnce<T> {}
+
+/// A value only its own vCPU touches, with interrupts off (in the kernel).
+struct PerVcpu<T>(UnsafeCell<T>);
+// SAFETY: element `i` of a `[PerVcpu<_>; MAX_VCPUS]` is only accessed by vCPU `i`, and
+// the kernel runs with interrupts disabled, so accesses never overlap.
+unsafe impl<T> Sync for PerVcpu<T> {}
+
+/// A task: its state is shared (other vCPUs wake it), the rest belongs to its vCPU.
+struct Task {
+    state: AtomicU32,
+    vcpu: AtomicU32,
+    frame: PerVcpu<TrapFrame>,
+    params: InitOnce<TaskParams>,
+}
+
+struct Cpu {
+    current: usize,
+    slice_left: u32,
+    tick: TickState,
+}
+
+static INIT_DONE: AtomicBool = AtomicBool::new(false);
+static BOOT: InitOnce<BootInfo> = InitOnce(UnsafeCell::new(BootInfo {
+    magic: 0,
+    tsc_khz: 0,
+    work_units: 0,
+    duration_ms: 0,
+    vcpus: 0,
+    tick_mode: 0,
+    workload: 0,
+    hz: 0,
+    disk_sectors: 0,
+}));
+static TASK_COUNT: AtomicU32 = AtomicU32::new(0);
+static LIVE_TASKS: AtomicU32 = AtomicU32::new(0);
+static PANICKED: AtomicBool = AtomicBool::new(false);
+/// Barrier: participants (live tasks) in the high half, arrivals in the low half, so
+/// that one atomic update decides who is last.
+static BARRIER: AtomicU64 = AtomicU64::new(0);
+
+const NEW_TASK: Task = Task {
+    state: AtomicU32::new(UNUSED),
+    vcpu: AtomicU32::new(0),
+    frame: PerVcpu(UnsafeCell::new(TrapFrame {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rbp: 0,
+        rdi: 0,
+        rsi: 0,
+        rdx: 0,
+        rcx: 0,
+        rbx: 0,
+        rax: 0,
+        vector: 0,
+        error: 0,
+        rip: 0,
+        cs: 0,
+        rflags: 0,
+        rsp: 0,
+        ss: 0,
+    })),
+    params: InitOnce(UnsafeCell::new(TaskParams {
+        index: 0,
+        work_units: 0,
+        deadline_tsc: 0,
+        disk_blocks: 0,
+        buffer: core::ptr::null(),
+    })),
+};
+static TASKS: [Task; MAX_TASKS] = [NEW_TASK; MAX_TASKS];
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NEW_CPU: PerVcpu<Cpu> =
+    PerVcpu(UnsafeCell::new(Cpu { current: NONE, slice_left: SLICE_TICKS, tick: TickState::new() }));
+static CPUS: [PerVcpu<Cpu>; MAX_VCPUS] = [NEW_CPU; MAX_VCPUS];
+
+/// The boot information (valid once init is done).
+pub fn boot() -> &'static BootInfo {
+    // SAFETY: see InitOnce.
+    unsafe { &*BOOT.0.get() }
+}
+
+/// Decoded views of the boot information (validated at init).
+pub trait BootExt {
+    /// The tick mode.
+    fn mode(&self) -> TickMode;
+    /// The workload.
+    fn work(&self) -> Workload;
+}
+
+impl BootExt for BootInfo {
+    fn mode(&self) -> TickMode {
+        TickMode::from_u32(self.tick_mode).unwrap_or(TickMode::Periodic)
+    }
+    fn work(&self) -> Workload {
+        Workload::from_u32(self.workload).unwrap_or(Workload::Sequential)
+    }
+}
+
+fn results() -> *mut GuestResults {
+    RESULTS_ADDR as *mut GuestResults
+}
+
+/// This vCPU's counters in the results block (which the VMM reads live).
+pub fn counters(vcpu: usize) -> &'static mut VcpuCounters {
+    // SAFETY: the results block is guest memory reserved by the memory map; entry
+    // `vcpu` is only written by that vCPU.
+    unsafe { &mut (*results()).vcpus[vcpu] }
+}
+
+fn cpu(vcpu: usize) -> &'static mut Cpu {
+    // SAFETY: see PerVcpu; callers are on `vcpu` with interrupts off.
+    unsafe { &mut *CPUS[vcpu].0.get() }
+}
+
+fn task_frame(task: usize) -> &'static mut TrapFrame {
+    // SAFETY: a task's frame is only touched by the vCPU it is pinned to (see PerVcpu).
+    unsafe { &mut *TASKS[task].frame.0.get() }
+}
+
+fn request_of(task: usize) -> *mut BlockRequest {
+    (IO_AREA_ADDR + task as u64 * core::mem::size_of::<BlockRequest>() as u64) as *mut BlockRequest
+}
+
+fn buffer_of(task: usize) -> u64 {
+    IO_AREA_ADDR + IO_BUFFERS_OFFSET + task as u64 * BLOCK_SECTORS as u64 * SECTOR_SIZE
+}
+
+/// vCPU 0: validates the boot information and creates the tasks; then releases the others.
+pub fn init(boot_info: *const BootInfo) {
+    // SAFETY: the VMM wrote the boot info at its address before starting the vCPUs.
+    let info = unsafe { core::ptr::read_volatile(boot_info) };
+    if info.magic != BOOT_MAGIC || boot_info as u64 != BOOT_INFO_ADDR {
+        panic!("bad boot information (magic {:#x})", info.magic);
+    }
+    if info.vcpus == 0 || info.vcpus as usize > MAX_VCPUS || info.hz == 0 || info.tsc_khz == 0 {
+        panic!("bad boot information: {} vCPUs, {} Hz, {} kHz TSC", info.vcpus, info.hz, info.tsc_khz);
+    }
+    let (Some(mode), Some(workload)) = (TickMode::from_u32(info.tick_mode), Workload::from_u32(info.workload)) else {
+        panic!("unknown tick mode {} or workload {}", info.tick_mode, info.workload);
+    };
+    if workload == Workload::Io && info.disk_sectors < BLOCK_SECTORS as u64 {
+        panic!("the I/O workload needs a disk");
+    }
+    // SAFETY: see InitOnce: nobody reads BOOT before INIT_DONE.
+    unsafe { *BOOT.0.get() = info };
+    let _ = writeln!(
+        console::Console,
+        "paratick-guest: {} vCPUs, {} at {} Hz, workload {}",
+        info.vcpus,
+        mode.name(),
+        info.hz,
+        workload.name()
+    );
+
+    let vcpus = info.vcpus as usize;
+    let tasks = match workload {
+        Workload::Sequential | Workload::BadRequests | Workload::Crash => 1,
+        Workload::Multithreaded => 2 * vcpus,
+        Workload::Io => vcpus,
+    };
+    let start = arch::rdtsc();
+    // SAFETY: the results block is ours; the VMM zeroed it.
+    unsafe { (*results()).start_tsc = start };
+    for index in 0..tasks {
+        let share = info.work_units / tasks as u64 + u64::from((index as u64) < info.work_units % tasks as u64);
+        let params = TaskParams {
+            index: index as u64,
+            // A task with a zero share of a fixed amount of work still must not run
+            // until the deadline: give it one unit instead.
+            work_units: if info.work_units == 0 { 0 } else { share.max(1) },
+            deadline_tsc: start + info.duration_ms * info.tsc_khz,
+            disk_blocks: info.disk_sectors / BLOCK_SECTORS as u64,
+            buffer: buffer_of(index) as *const u8,
+        };
+        // SAFETY: see InitOnce.
+        unsafe { *TASKS[index].params.0.get() = params };
+        let frame = task_frame(index);
+        frame.rip = user::task_main as *const () as u64;
+        frame.cs = USER_CODE_SELECTOR as u64;
+        frame.ss = USER_DATA_SELECTOR as u64;
+        frame.rflags = USER_RFLAGS;
+        // As if called: the return-address slot keeps the ABI's stack alignment.
+        frame.rsp = USER_STACKS_ADDR + (index as u64 + 1) * USER_STACK_SIZE - 8;
+        frame.rdi = TASKS[index].params.0.get() as u64;
+        frame.rsi = workload as u64;
+        TASKS[index].vcpu.store((index % vcpus) as u32, Ordering::Relaxed);
+        TASKS[index].state.store(RUNNABLE, Ordering::Relaxed);
+    }
+    TASK_COUNT.store(tasks as u32, Ordering::Relaxed);
+    LIVE_TASKS.store(tasks as u32, Ordering::Relaxed);
+    BARRIER.store((tasks as u64) << 32, Ordering::Relaxed);
+    INIT_DONE.store(true, Ordering::Release);
+}
+
+/// Other vCPUs: waits until vCPU 0 has initialised the kernel.
+pub fn wait_for_init() {
+    while !INIT_DONE.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+}
+
+/// Starts this vCPU's tick and scheduling; never returns.
+pub fn run(vcpu: usize) -> ! {
+    if vcpu >= boot().vcpus as usize {
+        panic!("vCPU {vcpu} started but the VM has {} vCPUs", boot().vcpus);
+    }
+    tick::start(vcpu, &mut cpu(vcpu).tick);
+    idle(vcpu)
+}
+
+/// The next runnable task of `vcpu`, round robin after the current one.
+fn pick_next(vcpu: usize) -> Option<usize> {
+    let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
+    let after = match cpu(vcpu).current {
+        NONE => 0,
+        current => current + 1,
+    };
+    (0..count).map(|i| (after + i) % count).find(|&t| {
+        TASKS[t].vcpu.load(Ordering::Relaxed) as usize == vcpu && TASKS[t].state.load(Ordering::Acquire) == RUNNABLE
+    })
+}
+
+/// Runs `task` on return from this trap (or from idle).
+fn dispatch(vcpu: usize, task: usize, frame: &mut TrapFrame) {
+    let cpu = cpu(vcpu);
+    if cpu.current != task {
+        counters(vcpu).context_switches += 1;
+    }
+    cpu.current = task;
+    cpu.slice_left = SLICE_TICKS;
+    TASKS[task].state.store(RUNNING, Ordering::Relaxed);
+    *frame = *task_frame(task);
+}
+
+/// The current task stops running (`new_state`); another runnable task of this vCPU
+/// takes over in `frame`, or the vCPU goes idle.
+fn switch_away(vcpu: usize, frame: &mut TrapFrame, new_state: u32) {
+    let current = cpu(vcpu).current;
+    *task_frame(current) = *frame;
+    TASKS[current].state.store(new_state, Ordering::Release);
+    match pick_next(vcpu) {
+        Some(next) => dispatch(vcpu, next, frame),
+        None => idle(vcpu),
+    }
+}
+
+/// The idle loop: halts until a task of this vCPU is runnable, then enters it.
+fn idle(vcpu: usize) -> ! {
+    tick::on_idle(vcpu, &mut cpu(vcpu).tick);
+    loop {
+        if let Some(task) = pick_next(vcpu) {
+            tick::on_busy(vcpu, &mut cpu(vcpu).tick);
+            let mut frame = TrapFrame::default();
+            dispatch(vcpu, task, &mut frame);
+            // SAFETY: interrupts are off; the frame is a task's saved user context.
+            unsafe { arch::enter(task_frame(task)) }
+        }
+        let halted_at = arch::rdtsc();
+        arch::enable_interrupts_and_halt();
+        counters(vcpu).idle_tsc += arch::rdtsc() - halted_at;
+    }
+}
+
+/// Every interrupt, exception and system call lands here (from the entry stub).
+#[no_mangle]
+extern "C" fn trap_entry(frame: &mut TrapFrame) {
+    let vcpu = arch::current_vcpu();
+    let from_user = frame.from_user();
+    match frame.vector {
+        3 if from_user => system_call(vcpu, frame),
+        v if v == LAPIC_TIMER_VECTOR as u64 || v == PARATICK_TICK_VECTOR as u64 => {
+            apic::eoi();
+            tick::on_tick(vcpu, &mut cpu(vcpu).tick, !from_user);
+            if from_user {
+                let cpu = cpu(vcpu);
+                cpu.slice_left = cpu.slice_left.saturating_sub(1);
+                if cpu.slice_left == 0 && pick_next(vcpu).is_some() {
+                    switch_away(vcpu, frame, RUNNABLE);
+                } else if cpu.slice_left == 0 {
+                    cpu.slice_left = SLICE_TICKS;
+                }
+            }
+        }
+        v if v == BLOCK_COMPLETION_VECTOR as u64 => {
+            apic::eoi();
+            complete_io(vcpu);
+        }
+        v if v == WAKEUP_VECTOR as u64 => apic::eoi(),
+        v if v == SPURIOUS_VECTOR as u64 => {}
+        vector => {
+            let who = if from_user { "task" } else { "kernel" };
+            panic!(
+                "{who} on vCPU {vcpu}: exception {} at rip {:#x} (error {:#x})",
+                exception_name(vector),
+                frame.rip,
+                frame.error
+            );
+        }
+    }
+}
+
+fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE",
+        3 => "#BP",
+        6 => "#UD",
+        8 => "#DF",
+        13 => "#GP",
+        14 => "#PF",
+        _ => "vector",
+    }
+}
+
+fn system_call(vcpu: usize, frame: &mut TrapFrame) {
+    let task = cpu(vcpu).current;
+    match frame.rax {
+        SYS_EXIT => {
+            counters(vcpu).work_units += frame.rdi;
+            leave_barrier();
+            if LIVE_TASKS.fetch_sub(1, Ordering::AcqRel) == 1 {
+                finish();
+            }
+            switch_away(vcpu, frame, DONE);
+        }
+        SYS_BARRIER => arrive_at_barrier(vcpu, frame),
+        SYS_READ_BLOCK => {
+            let request = request_of(task);
+            let block = BlockRequest {
+                op: BLOCK_OP_READ,
+                status: BLOCK_STATUS_PENDING,
+                sector: frame.rdi,
+                sectors: BLOCK_SECTORS,
+                vcpu: vcpu as u32,
+                buffer: buffer_of(task),
+            };
+            // SAFETY: the task's request slot in the I/O area, owned by this task.
+            unsafe { core::ptr::write_volatile(request, block) };
+            // Blocked before the request is issued, so the completion always finds it.
+            TASKS[task].state.store(BLOCKED_IO, Ordering::Release);
+            arch::outl(BLOCK_REQUEST_PORT, request as u64 as u32);
+            *task_frame(task) = *frame;
+            match pick_next(vcpu) {
+                Some(next) => dispatch(vcpu, next, frame),
+                None => idle(vcpu),
+            }
+        }
+        other => panic!("task {task} on vCPU {vcpu}: unknown system call {other}"),
+    }
+}
+
+/// Completes the finished block requests of this vCPU's tasks.
+fn complete_io(vcpu: usize) {
+    let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
+    for task in 0..count {
+        if TASKS[task].vcpu.load(Ordering::Relaxed) as usize != vcpu
+            || TASKS[task].state.load(Ordering::Acquire) != BLOCKED_IO
+        {
+            continue;
+        }
+        // SAFETY: the task's own request slot; the device wrote `status` before raising
+        // the completion interrupt.
+        let status = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*request_of(task)).status)) };
+        if status != BLOCK_STATUS_PENDING {
+            task_frame(task).rax = status as u64;
+            TASKS[task].state.store(RUNNABLE, Ordering::Release);
+        }
+    }
+}
+
+const ARRIVED_MASK: u64 = 0xffff_ffff;
+
+fn arrive_at_barrier(vcpu: usize, frame: &mut TrapFrame) {
+    let task = cpu(vcpu).current;
+    // Blocked first: a release racing with us must find the task waiting.
+    TASKS[task].state.store(BLOCKED_BARRIER, Ordering::Release);
+    *task_frame(task) = *frame;
+    let now = BARRIER.fetch_add(1, Ordering::AcqRel) + 1;
+    if now & ARRIVED_MASK == now >> 32 {
+        release_barrier(vcpu, now);
+    }
+    match pick_next(vcpu) {
+        Some(next) => dispatch(vcpu, next, frame),
+        None => idle(vcpu),
+    }
+}
+
+fn leave_barrier() {
+    let now = BARRIER.fetch_sub(1 << 32, Ordering::AcqRel) - (1 << 32);
+    let arrived = now & ARRIVED_MASK;
+    if arrived > 0 && arrived == now >> 32 {
+        release_barrier(arch::current_vcpu(), now);
+    }
+}
+
+/// The last participant arrived: reset the count and wake every waiting task.
+fn release_barrier(vcpu: usize, observed: u64) {
+    if BARRIER.compare_exchange(observed, observed & !ARRIVED_MASK, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return; // someone else released it
+    }
+    let mut woken = [false; MAX_VCPUS];
+    let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
+    for task in 0..count {
+        if TASKS[task].state.compare_exchange(BLOCKED_BARRIER, RUNNABLE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            woken[TASKS[task].vcpu.load(Ordering::Relaxed) as usize] = true;
+        }
+    }
+    for (target, woken) in woken.iter().enumerate() {
+        if *woken && target != vcpu {
+            apic::send_ipi(target as u32, WAKEUP_VECTOR);
+        }
+    }
+}
+
+/// The last task exited: the results are complete.
+fn finish() {
+    // SAFETY: results block; every task has exited, so no counter changes any more
+    // except ticks, which the VMM reads live anyway.
+    unsafe {
+        (*results()).end_tsc = arch::rdtsc();
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*results()).status), GuestStatus::Done as u32);
+    }
+    arch::outl(RESULTS_PORT, GuestStatus::Done as u32);
+}
+
+/// Records a panic in the results block and tells the VMM; the first panic wins.
+pub fn report_panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    if !PANICKED.swap(true, Ordering::AcqRel) {
+        let mut message = MessageBuffer { bytes: [0; PANIC_MESSAGE_LEN], len: 0 };
+        let _ = write!(message, "{}", info.message());
+        // SAFETY: results block (see `finish`).
+        unsafe {
+            (*results()).panic_message = message.bytes;
+            (*results()).panic_len = message.len as u32;
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*results()).status), GuestStatus::Panicked as u32);
+        }
+        arch::outl(RESULTS_PORT, GuestStatus::Panicked as u32);
+    }
+    arch::halt_forever()
+}
+
+struct MessageBuffer {
+    bytes: [u8; PANIC_MESSAGE_LEN],
+    len: usize,
+}
+
+impl core::fmt::Write for MessageBuffer {
+    fn write_str(&mut self, text: &str) -> core::fmt::Result {
+        let room = PANIC_MESSAGE_LEN - self.len;
+        let take = text.len().min(room);
+        self.bytes[self.len..self.len + take].copy_from_slice(&text.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}

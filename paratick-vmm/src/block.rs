@@ -1,0 +1,83 @@
+//! A virtual block device backed by host memory. The guest writes the address of a
+//! `BlockRequest` to the request port (an exit); the device thread copies the data,
+//! writes the status, and interrupts the submitting vCPU with the completion vector.
+//! Malformed requests (bad op, out-of-range sectors or buffer) complete with an error
+//! status and are counted; they never stop the device.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+
+use kvm_ioctls::VmFd;
+use paratick_common::guest::{
+    BlockRequest, BLOCK_COMPLETION_VECTOR, BLOCK_OP_READ, BLOCK_OP_WRITE, BLOCK_STATUS_ERROR, BLOCK_STATUS_OK,
+    SECTOR_SIZE,
+};
+
+use crate::injector::send_msi;
+use crate::memory::GuestMemory;
+use crate::VmError;
+
+/// Size of the memory-backed disk.
+pub const DISK_BYTES: u64 = 16 << 20;
+
+/// Device counters.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    /// Requests completed successfully.
+    pub completed: AtomicU64,
+    /// Requests rejected as malformed.
+    pub rejected: AtomicU64,
+}
+
+/// The disk's contents: a deterministic pattern, so reads return known data.
+pub fn new_disk() -> Vec<u8> {
+    (0..DISK_BYTES).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect()
+}
+
+/// Serves requests (guest-physical addresses of `BlockRequest`s) until the channel closes.
+pub fn serve(
+    requests: Receiver<u64>,
+    disk: &mut [u8],
+    memory: &GuestMemory,
+    vm: &VmFd,
+    vcpus: u32,
+    counters: &BlockCounters,
+) -> Result<(), VmError> {
+    for address in requests {
+        let request: BlockRequest = memory.read_obj(address)?;
+        let status = match transfer(&request, disk, memory) {
+            Ok(()) => {
+                counters.completed.fetch_add(1, Ordering::Relaxed);
+                BLOCK_STATUS_OK
+            }
+            Err(why) => {
+                counters.rejected.fetch_add(1, Ordering::Relaxed);
+                log::warn!("block device: rejected request at {address:#x}: {why}");
+                BLOCK_STATUS_ERROR
+            }
+        };
+        memory.write_obj(address + std::mem::offset_of!(BlockRequest, status) as u64, &status)?;
+        if request.vcpu < vcpus {
+            send_msi(vm, request.vcpu, BLOCK_COMPLETION_VECTOR).map_err(VmError::kvm("KVM_SIGNAL_MSI"))?;
+        } else {
+            log::warn!("block device: request at {address:#x} names vCPU {}, which does not exist", request.vcpu);
+        }
+    }
+    Ok(())
+}
+
+fn transfer(request: &BlockRequest, disk: &mut [u8], memory: &GuestMemory) -> Result<(), String> {
+    let start = request.sector.checked_mul(SECTOR_SIZE).ok_or("sector out of range")?;
+    let len = request.sectors as u64 * SECTOR_SIZE;
+    let end =
+        start.checked_add(len).filter(|&end| end <= disk.len() as u64).ok_or("sectors past the end of the disk")?;
+    if len == 0 {
+        return Err("zero sectors".into());
+    }
+    let range = start as usize..end as usize;
+    match request.op {
+        BLOCK_OP_READ => memory.write(request.buffer, &disk[range]).map_err(|e| e.to_string()),
+        BLOCK_OP_WRITE => memory.read(request.buffer, &mut disk[range]).map_err(|e| e.to_string()),
+        op => Err(format!("unknown operation {op}")),
+    }
+}

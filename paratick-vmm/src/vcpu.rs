@@ -1,0 +1,256 @@
+//! A vCPU thread: KVM_RUN in a loop, with every exit decided in one `match`
+//! ([`VcpuThread::handle_exit`]). Kicks are a real-time signal whose handler sets
+//! `immediate_exit` (Firecracker's scheme), so a stop request can never be lost between
+//! the stop check and KVM_RUN.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Once};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use paratick_common::abi::{TickRequest, PARATICK_REQUEST_PORT, PARATICK_TICK_VECTOR};
+use paratick_common::guest::{GuestStatus, BLOCK_REQUEST_PORT, CONSOLE_PORT, RESULTS_PORT};
+
+use crate::injector::{send_msi, TickControl};
+use crate::VmError;
+
+/// Offset from SIGRTMIN of the signal that kicks vCPU threads out of KVM_RUN.
+const KICK_SIGNAL_OFFSET: libc::c_int = 0;
+
+thread_local! {
+    /// This thread's kvm_run, for the kick handler (null when the thread has no vCPU).
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_signal: libc::c_int) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by the vCPU
+        // thread while its VcpuFd (and so the mapping) is alive and cleared before it is
+        // dropped; a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// The kick signal number.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction with a handler that only does an
+        // async-signal-safe store; SA_RESTART is not set, so KVM_RUN returns EINTR.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = kick_handler as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            let rc = libc::sigaction(kick_signal(), &action, std::ptr::null_mut());
+            assert_eq!(rc, 0, "sigaction for the vCPU kick signal: {}", std::io::Error::last_os_error());
+        }
+    });
+}
+
+/// Counters of guest tick requests, shared by the vCPUs.
+#[derive(Debug, Default)]
+pub struct RequestCounters {
+    /// Well-formed requests.
+    pub received: AtomicU64,
+    /// Requests for a rate out of range (clamped).
+    pub clamped: AtomicU64,
+    /// Requests that were not a 32-bit write.
+    pub malformed: AtomicU64,
+}
+
+/// What ended a vCPU thread, or the VM.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The guest reported its results.
+    Finished,
+    /// Something failed.
+    Failed(VmError),
+}
+
+/// State the vCPU threads share with the VM.
+#[derive(Debug)]
+pub struct Shared {
+    /// Set to stop every thread.
+    pub stop: AtomicBool,
+    /// How the VM ended (first report wins).
+    pub outcome: std::sync::Mutex<Option<Outcome>>,
+    /// Signalled when `outcome` is set.
+    pub ended: std::sync::Condvar,
+    /// Guest tick requests.
+    pub requests: RequestCounters,
+}
+
+impl Shared {
+    /// Records how the VM ended (if nothing did before) and stops everything.
+    pub fn end(&self, outcome: Outcome) {
+        let mut slot = self.outcome.lock().expect("outcome lock");
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+        self.stop.store(true, Ordering::Release);
+        self.ended.notify_all();
+    }
+}
+
+/// What a handled exit means for the run loop.
+enum Next {
+    /// Re-enter the guest.
+    Resume,
+    /// The VM is over (the guest reported, or something failed).
+    Stop,
+}
+
+/// Everything one vCPU thread owns or shares.
+pub struct VcpuThread {
+    /// vCPU index (= APIC id).
+    pub index: usize,
+    /// The vCPU.
+    pub fd: VcpuFd,
+    /// The VM (for MSIs).
+    pub vm: Arc<VmFd>,
+    /// Shared with the VM.
+    pub shared: Arc<Shared>,
+    /// Tick state.
+    pub ticks: Arc<TickControl>,
+    /// Requests to the block device.
+    pub block: Sender<u64>,
+    /// Console output not yet logged.
+    pub console: Vec<u8>,
+    /// VM name, for logs.
+    pub name: String,
+}
+
+impl VcpuThread {
+    /// The thread body: runs until the VM stops; failures end the VM.
+    pub fn run(mut self) {
+        if let Err(error) = self.run_loop() {
+            self.shared.end(Outcome::Failed(error));
+        }
+    }
+
+    fn run_loop(&mut self) -> Result<(), VmError> {
+        KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
+        let result = self.run_until_stopped();
+        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+        result
+    }
+
+    fn run_until_stopped(&mut self) -> Result<(), VmError> {
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let next = match self.fd.run() {
+                Ok(exit) => Self::handle_exit(
+                    exit,
+                    self.index,
+                    &self.shared,
+                    &self.ticks,
+                    &self.block,
+                    &mut self.console,
+                    &self.name,
+                )?,
+                Err(e) if e.errno() == libc::EINTR => {
+                    // Kicked (or the kick raced with entry): look at the stop flag again.
+                    self.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e) => return Err(VmError::Kvm { operation: "KVM_RUN", source: e }),
+            };
+            match next {
+                Next::Stop => break,
+                Next::Resume => self.ride_due_tick()?,
+            }
+        }
+        Ok(())
+    }
+
+    /// We exited to userspace anyway: a due tick is queued now and delivered on the
+    /// re-entry, instead of costing a kick of its own later.
+    fn ride_due_tick(&self) -> Result<(), VmError> {
+        let Some(period) = self.ticks.period_ns(self.index) else { return Ok(()) };
+        let ticks = &self.ticks.vcpus[self.index];
+        if ticks.claim_due(self.ticks.now_ns(), period) {
+            send_msi(&self.vm, self.index as u32, PARATICK_TICK_VECTOR).map_err(VmError::kvm("KVM_SIGNAL_MSI"))?;
+            ticks.ridden.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The one place that decides what each exit means.
+    fn handle_exit(
+        exit: VcpuExit<'_>,
+        index: usize,
+        shared: &Shared,
+        ticks: &TickControl,
+        block: &Sender<u64>,
+        console: &mut Vec<u8>,
+        name: &str,
+    ) -> Result<Next, VmError> {
+        let unexpected = |what: String| Err(VmError::UnexpectedExit { vcpu: index, exit: what });
+        match exit {
+            VcpuExit::IoOut(PARATICK_REQUEST_PORT, data) => {
+                let Ok(raw) = <[u8; 4]>::try_from(data) else {
+                    shared.requests.malformed.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("{name}: vCPU {index}: ignored a {}-byte tick request (must be 32-bit)", data.len());
+                    return Ok(Next::Resume);
+                };
+                let raw = u32::from_le_bytes(raw);
+                shared.requests.received.fetch_add(1, Ordering::Relaxed);
+                match TickRequest::decode(raw) {
+                    TickRequest::Stop => ticks.set_requested_hz(index, 0),
+                    TickRequest::Rate { hz, clamped } => {
+                        if clamped {
+                            shared.requests.clamped.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("{name}: vCPU {index}: tick request for {raw} Hz clamped to {hz} Hz");
+                        }
+                        ticks.set_requested_hz(index, hz);
+                    }
+                }
+                Ok(Next::Resume)
+            }
+            VcpuExit::IoOut(RESULTS_PORT, data) => {
+                let status = <[u8; 4]>::try_from(data).ok().map(u32::from_le_bytes).and_then(GuestStatus::from_u32);
+                match status {
+                    Some(GuestStatus::Done) => shared.end(Outcome::Finished),
+                    // The VM reads the message from the results block.
+                    Some(GuestStatus::Panicked) => shared.end(Outcome::Failed(VmError::GuestPanicked(String::new()))),
+                    _ => return unexpected(format!("results port write {data:?}")),
+                }
+                Ok(Next::Stop)
+            }
+            VcpuExit::IoOut(BLOCK_REQUEST_PORT, data) => {
+                let Ok(raw) = <[u8; 4]>::try_from(data) else {
+                    return unexpected(format!("{}-byte block request", data.len()));
+                };
+                // The device thread is gone only when the VM is stopping.
+                let _ = block.send(u32::from_le_bytes(raw) as u64);
+                Ok(Next::Resume)
+            }
+            VcpuExit::IoOut(CONSOLE_PORT, data) => {
+                for &byte in data {
+                    if byte == b'\n' {
+                        log::info!("{name}: {}", String::from_utf8_lossy(console));
+                        console.clear();
+                    } else {
+                        console.push(byte);
+                    }
+                }
+                Ok(Next::Resume)
+            }
+            VcpuExit::Shutdown => Err(VmError::TripleFault { vcpu: index }),
+            VcpuExit::IoOut(port, data) => unexpected(format!("write of {data:?} to port {port:#x}")),
+            VcpuExit::IoIn(port, _) => unexpected(format!("read of port {port:#x}")),
+            VcpuExit::MmioRead(address, _) => unexpected(format!("MMIO read at {address:#x}")),
+            VcpuExit::MmioWrite(address, _) => unexpected(format!("MMIO write at {address:#x}")),
+            VcpuExit::FailEntry(reason, cpu) => unexpected(format!("entry failure {reason:#x} on host CPU {cpu}")),
+            VcpuExit::InternalError => unexpected("KVM internal error (emulation failure?)".into()),
+            other => unexpected(format!("{other:?}")),
+        }
+    }
+}

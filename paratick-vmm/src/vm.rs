@@ -1,0 +1,501 @@
+//! A running VM: creation (memory, irqchip, vCPUs in 64-bit mode), its threads (vCPUs,
+//! tick injector, block device), live counters, and an orderly stop that joins every
+//! thread, whatever ended the VM.
+
+use std::collections::BTreeMap;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use paratick_common::guest::{
+    kernel_stack_top, BootInfo, GuestResults, GuestStatus, VcpuCounters, Workload, BOOT_GDT_ADDR, BOOT_INFO_ADDR,
+    BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR, SECTOR_SIZE,
+};
+use serde::Serialize;
+
+use crate::block::{self, BlockCounters, DISK_BYTES};
+use crate::config::{check_rate, VmConfig, WorkAmount};
+use crate::injector::{self, TickControl};
+use crate::loader::{load_elf, GUEST_KERNEL};
+use crate::memory::GuestMemory;
+use crate::stats::VcpuStats;
+use crate::vcpu::{install_kick_handler, kick_signal, Outcome, Shared, VcpuThread};
+use crate::{ConfigError, VmError};
+
+/// Where a VM is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    /// The guest is running.
+    Running,
+    /// The guest finished its work.
+    Finished,
+    /// The VM failed (the message says why).
+    Failed(String),
+}
+
+/// Per-vCPU values and their total.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TickCounts {
+    /// Sum over vCPUs.
+    pub total: u64,
+    /// One value per vCPU.
+    pub per_vcpu: Vec<u64>,
+}
+
+impl TickCounts {
+    fn from(values: Vec<u64>) -> TickCounts {
+        TickCounts { total: values.iter().sum(), per_vcpu: values }
+    }
+}
+
+/// Live counters of a VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Counters {
+    /// Ticks the guest handled.
+    pub guest_ticks: TickCounts,
+    /// Of those, ticks that found the vCPU idle.
+    pub guest_idle_ticks: TickCounts,
+    /// Ticks delivered by the injector or on re-entry.
+    pub ticks_injected: u64,
+    /// Of those, ticks that rode on a userspace exit's re-entry.
+    pub ticks_ridden: u64,
+    /// Due ticks not delivered because the vCPU was halted.
+    pub ticks_skipped_idle: u64,
+    /// Guest tick requests received (paratick).
+    pub tick_requests: u64,
+    /// Of those, requests for a rate out of range (clamped).
+    pub tick_requests_clamped: u64,
+    /// Requests that were not 32-bit writes (ignored).
+    pub tick_requests_malformed: u64,
+    /// Rate each vCPU asked for (Hz; 0 = none).
+    pub requested_hz: Vec<u32>,
+    /// The operator's rate, if set.
+    pub operator_hz: Option<u32>,
+    /// Rate in force per vCPU (Hz).
+    pub effective_hz: Vec<u32>,
+    /// Cumulative KVM statistics summed over vCPUs.
+    pub kvm_stats: BTreeMap<String, u64>,
+}
+
+/// What `paratick-vmm run --json` prints: the run's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// VM name.
+    pub name: String,
+    /// Tick mode.
+    pub mode: &'static str,
+    /// Workload.
+    pub workload: &'static str,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest tick rate.
+    pub hz: u32,
+    /// Guest time from the start of the work to its end (TSC).
+    pub elapsed_s: f64,
+    /// Host time from start to stop.
+    pub wall_s: f64,
+    /// Work units done.
+    pub work_units: u64,
+    /// Work units per second of guest time.
+    pub throughput_per_s: f64,
+    /// Time the vCPUs spent halted (guest TSC), summed.
+    pub guest_idle_s: f64,
+    /// Timer programming writes the guest made (TSC deadline, LAPIC timer).
+    pub guest_timer_writes: u64,
+    /// Context switches in the guest.
+    pub context_switches: u64,
+    /// Block requests completed.
+    pub block_requests: u64,
+    /// The counters at the end.
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// A running VM. Dropping it stops it.
+pub struct Vm {
+    config: VmConfig,
+    vm: Arc<VmFd>,
+    memory: Arc<GuestMemory>,
+    shared: Arc<Shared>,
+    ticks: Arc<TickControl>,
+    stats: Arc<Vec<VcpuStats>>,
+    block_counters: Arc<BlockCounters>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    injector: Option<JoinHandle<Result<(), kvm_ioctls::Error>>>,
+    block: Option<JoinHandle<Result<(), VmError>>>,
+    tsc_khz: u64,
+    started: Instant,
+    stopped: AtomicBool,
+    wall_s: Mutex<Option<f64>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Creates the VM and starts its guest.
+    pub fn start(config: VmConfig) -> Result<Vm, VmError> {
+        config.validate()?;
+        install_kick_handler();
+        let kvm = Kvm::new().map_err(VmError::kvm("open /dev/kvm"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?);
+        vm.create_irq_chip().map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        let memory = Arc::new(GuestMemory::new(&vm)?);
+        memory.write_boot_structures()?;
+        let entry = load_elf(&memory, GUEST_KERNEL)?;
+
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus as usize {
+            vcpus.push(setup_vcpu(&vm, &cpuid, index, entry)?);
+        }
+        let tsc_khz = vcpus[0].get_tsc_khz().map_err(VmError::kvm("KVM_GET_TSC_KHZ"))? as u64;
+        let (work_units, duration_ms) = match config.amount {
+            WorkAmount::Units(units) => (units, 0),
+            WorkAmount::Seconds(seconds) => (0, (seconds * 1000.0).round() as u64),
+        };
+        let boot = BootInfo {
+            magic: BOOT_MAGIC,
+            tsc_khz,
+            work_units,
+            duration_ms,
+            vcpus: config.vcpus,
+            tick_mode: config.mode as u32,
+            workload: config.workload as u32,
+            hz: config.hz,
+            disk_sectors: if config.workload == Workload::Io { DISK_BYTES / SECTOR_SIZE } else { 0 },
+        };
+        memory.write_obj(BOOT_INFO_ADDR, &boot)?;
+
+        let stats = Arc::new(vcpus.iter().map(VcpuStats::open).collect::<Result<Vec<_>, _>>()?);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            ended: std::sync::Condvar::new(),
+            requests: Default::default(),
+        });
+        let ticks = Arc::new(TickControl::new(vcpus.len(), config.operator_hz));
+        let block_counters = Arc::new(BlockCounters::default());
+        let mut this = Vm {
+            config,
+            vm,
+            memory,
+            shared,
+            ticks,
+            stats,
+            block_counters,
+            vcpu_threads: Vec::new(),
+            injector: None,
+            block: None,
+            tsc_khz,
+            started: Instant::now(),
+            stopped: AtomicBool::new(false),
+            wall_s: Mutex::new(None),
+        };
+        // From here on, a failure stops what was started (Drop).
+        this.spawn_threads(vcpus)?;
+        Ok(this)
+    }
+
+    fn spawn_threads(&mut self, vcpus: Vec<VcpuFd>) -> Result<(), VmError> {
+        let (block_tx, block_rx) = mpsc::channel();
+        let (memory, vm, counters) = (Arc::clone(&self.memory), Arc::clone(&self.vm), Arc::clone(&self.block_counters));
+        let vcpu_count = self.config.vcpus;
+        self.block = Some(
+            std::thread::Builder::new()
+                .name(format!("{}-block", self.config.name))
+                .spawn(move || block::serve(block_rx, &mut block::new_disk(), &memory, &vm, vcpu_count, &counters))
+                .map_err(VmError::Thread)?,
+        );
+        let (vm, ticks, stats) = (Arc::clone(&self.vm), Arc::clone(&self.ticks), Arc::clone(&self.stats));
+        self.injector = Some(
+            std::thread::Builder::new()
+                .name(format!("{}-ticks", self.config.name))
+                .spawn(move || injector::run(&vm, &ticks, &stats))
+                .map_err(VmError::Thread)?,
+        );
+        for (index, fd) in vcpus.into_iter().enumerate() {
+            let thread = VcpuThread {
+                index,
+                fd,
+                vm: Arc::clone(&self.vm),
+                shared: Arc::clone(&self.shared),
+                ticks: Arc::clone(&self.ticks),
+                block: block_tx.clone(),
+                console: Vec::new(),
+                name: self.config.name.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("{}-vcpu{index}", self.config.name))
+                .spawn(move || thread.run())
+                .map_err(VmError::Thread)?;
+            self.vcpu_threads.push(handle);
+        }
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Sets the operator's tick rate for this VM (`None`: back to the guest's request).
+    pub fn set_operator_hz(&self, hz: Option<u32>) -> Result<(), ConfigError> {
+        if let Some(hz) = hz {
+            check_rate(hz)?;
+        }
+        self.ticks.set_operator_hz(hz);
+        Ok(())
+    }
+
+    /// Where the VM is.
+    pub fn status(&self) -> VmStatus {
+        match &*self.shared.outcome.lock().expect("outcome lock") {
+            None => VmStatus::Running,
+            Some(Outcome::Finished) => VmStatus::Finished,
+            Some(Outcome::Failed(e)) => VmStatus::Failed(self.describe_failure(e)),
+        }
+    }
+
+    fn guest_results(&self) -> Result<GuestResults, VmError> {
+        let mut raw = vec![0u8; std::mem::size_of::<GuestResults>()];
+        self.memory.read(RESULTS_ADDR, &mut raw)?;
+        // SAFETY: GuestResults is plain integers and byte arrays: any bytes are valid.
+        Ok(unsafe { std::ptr::read_unaligned(raw.as_ptr().cast::<GuestResults>()) })
+    }
+
+    fn vcpu_counters(&self) -> Result<Vec<VcpuCounters>, VmError> {
+        Ok(self.guest_results()?.vcpus[..self.config.vcpus as usize].to_vec())
+    }
+
+    /// Live counters (guest counters are read from guest memory; no exit is caused).
+    pub fn counters(&self) -> Result<Counters, VmError> {
+        let guest = self.vcpu_counters()?;
+        let ticks = &self.ticks.vcpus;
+        let sum = |f: fn(&crate::injector::VcpuTicks) -> u64| ticks.iter().map(f).sum::<u64>();
+        let injected = sum(|t| t.injected.load(Ordering::Relaxed));
+        let ridden = sum(|t| t.ridden.load(Ordering::Relaxed));
+        let mut kvm_stats = BTreeMap::new();
+        for vcpu in self.stats.iter() {
+            let values = vcpu.read_all()?;
+            for name in vcpu.cumulative_names() {
+                *kvm_stats.entry(name.to_string()).or_insert(0) += values[name];
+            }
+        }
+        let requests = &self.shared.requests;
+        Ok(Counters {
+            guest_ticks: TickCounts::from(guest.iter().map(|c| c.ticks).collect()),
+            guest_idle_ticks: TickCounts::from(guest.iter().map(|c| c.idle_ticks).collect()),
+            ticks_injected: injected + ridden,
+            ticks_ridden: ridden,
+            ticks_skipped_idle: sum(|t| t.skipped_idle.load(Ordering::Relaxed)),
+            tick_requests: requests.received.load(Ordering::Relaxed),
+            tick_requests_clamped: requests.clamped.load(Ordering::Relaxed),
+            tick_requests_malformed: requests.malformed.load(Ordering::Relaxed),
+            requested_hz: ticks.iter().map(|t| t.requested_hz.load(Ordering::Relaxed)).collect(),
+            operator_hz: self.ticks.operator_hz(),
+            effective_hz: (0..ticks.len()).map(|i| self.ticks.effective_hz(i)).collect(),
+            kvm_stats,
+        })
+    }
+
+    /// Waits until the guest finishes (or fails, or misses its deadline), stops the VM
+    /// and reports.
+    pub fn wait(self) -> Result<RunReport, VmError> {
+        let deadline = self.started + self.config.deadline;
+        {
+            let mut outcome = self.shared.outcome.lock().expect("outcome lock");
+            while outcome.is_none() {
+                let now = Instant::now();
+                if now >= deadline {
+                    *outcome = Some(Outcome::Failed(VmError::Deadline { seconds: self.config.deadline.as_secs_f64() }));
+                    break;
+                }
+                outcome = self.shared.ended.wait_timeout(outcome, deadline - now).expect("outcome lock").0;
+            }
+        }
+        self.finish()
+    }
+
+    /// Stops the VM now and reports what it did so far.
+    pub fn stop(self) -> Result<RunReport, VmError> {
+        self.shared.end(Outcome::Finished);
+        self.finish()
+    }
+
+    fn finish(mut self) -> Result<RunReport, VmError> {
+        self.stop_threads()?;
+        let outcome = self.shared.outcome.lock().expect("outcome lock").take();
+        if let Some(Outcome::Failed(error)) = outcome {
+            return Err(match error {
+                VmError::GuestPanicked(_) => VmError::GuestPanicked(self.panic_message()),
+                other => other,
+            });
+        }
+        self.report()
+    }
+
+    fn panic_message(&self) -> String {
+        match self.guest_results() {
+            Ok(r) if r.status == GuestStatus::Panicked as u32 => {
+                let len = (r.panic_len as usize).min(r.panic_message.len());
+                String::from_utf8_lossy(&r.panic_message[..len]).into_owned()
+            }
+            _ => "(no message)".into(),
+        }
+    }
+
+    fn describe_failure(&self, error: &VmError) -> String {
+        match error {
+            VmError::GuestPanicked(_) => VmError::GuestPanicked(self.panic_message()).to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    fn report(&self) -> Result<RunReport, VmError> {
+        let results = self.guest_results()?;
+        let counters = self.counters()?;
+        let guest = &results.vcpus[..self.config.vcpus as usize];
+        let tsc_hz = self.tsc_khz as f64 * 1000.0;
+        let end = if results.end_tsc > results.start_tsc { results.end_tsc } else { results.start_tsc };
+        let elapsed_s = (end - results.start_tsc) as f64 / tsc_hz;
+        let work_units = guest.iter().map(|c| c.work_units).sum::<u64>();
+        Ok(RunReport {
+            name: self.config.name.clone(),
+            mode: self.config.mode.name(),
+            workload: self.config.workload.name(),
+            vcpus: self.config.vcpus,
+            hz: self.config.hz,
+            elapsed_s,
+            wall_s: self.wall_s.lock().expect("wall lock").unwrap_or_else(|| self.started.elapsed().as_secs_f64()),
+            work_units,
+            throughput_per_s: if elapsed_s > 0.0 { work_units as f64 / elapsed_s } else { 0.0 },
+            guest_idle_s: guest.iter().map(|c| c.idle_tsc).sum::<u64>() as f64 / tsc_hz,
+            guest_timer_writes: guest.iter().map(|c| c.timer_writes).sum(),
+            context_switches: guest.iter().map(|c| c.context_switches).sum(),
+            block_requests: self.block_counters.completed.load(Ordering::Relaxed),
+            counters,
+        })
+    }
+
+    /// Stops every thread and joins it (idempotent).
+    fn stop_threads(&mut self) -> Result<(), VmError> {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        *self.wall_s.lock().expect("wall lock") = Some(self.started.elapsed().as_secs_f64());
+        let mut panicked = None;
+        for handle in self.vcpu_threads.drain(..) {
+            // Kick until it is out of KVM_RUN: the handler sets immediate_exit, so one
+            // signal suffices unless the thread had not yet published its kvm_run.
+            while !handle.is_finished() {
+                // SAFETY: the thread is alive (not joined), so its pthread_t is valid.
+                unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let name = handle.thread().name().unwrap_or("vcpu").to_string();
+            if handle.join().is_err() {
+                panicked = Some(name);
+            }
+        }
+        self.ticks.shut_down();
+        let injector = self.injector.take().map(JoinHandle::join);
+        // The vCPU threads held the block device's senders: it ends now.
+        let block = self.block.take().map(JoinHandle::join);
+        if let Some(name) = panicked {
+            return Err(VmError::ThreadPanicked(name));
+        }
+        match injector {
+            Some(Err(_)) => return Err(VmError::ThreadPanicked("tick injector".into())),
+            Some(Ok(Err(e))) => return Err(VmError::Kvm { operation: "KVM_SIGNAL_MSI", source: e }),
+            _ => {}
+        }
+        match block {
+            Some(Err(_)) => Err(VmError::ThreadPanicked("block device".into())),
+            Some(Ok(result)) => result,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_threads() {
+            log::error!("{}: stopping: {e}", self.config.name);
+        }
+    }
+}
+
+/// Creates vCPU `index` in 64-bit mode at the kernel entry.
+fn setup_vcpu(vm: &VmFd, cpuid: &kvm_bindings::CpuId, index: usize, entry: u64) -> Result<VcpuFd, VmError> {
+    assert!(index < MAX_VCPUS);
+    let vcpu = vm.create_vcpu(index as u64).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+    let mut cpuid = cpuid.clone();
+    for leaf in cpuid.as_mut_slice() {
+        match leaf.function {
+            // Initial APIC id, so the guest's and KVM's view of "vCPU i" agree.
+            1 => leaf.ebx = (leaf.ebx & 0x00ff_ffff) | ((index as u32) << 24),
+            0xb | 0x1f => leaf.edx = index as u32,
+            _ => {}
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).map_err(VmError::kvm("KVM_SET_CPUID2"))?;
+
+    let mut sregs = vcpu.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
+    let code = kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: KERNEL_CODE_SELECTOR,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    };
+    let data = kvm_bindings::kvm_segment { selector: KERNEL_DATA_SELECTOR, type_: 0x3, l: 0, db: 1, ..code };
+    sregs.cs = code;
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.gdt.base = BOOT_GDT_ADDR;
+    sregs.gdt.limit = 3 * 8 - 1;
+    const CR0_PE: u64 = 1;
+    const CR0_MP: u64 = 1 << 1;
+    const CR0_ET: u64 = 1 << 4;
+    const CR0_NE: u64 = 1 << 5;
+    const CR0_WP: u64 = 1 << 16;
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const EFER_LME: u64 = 1 << 8;
+    const EFER_LMA: u64 = 1 << 10;
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    sregs.cr3 = PAGE_TABLES_ADDR;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))?;
+
+    let regs = kvm_bindings::kvm_regs {
+        rip: entry,
+        rsp: kernel_stack_top(index),
+        rdi: BOOT_INFO_ADDR,
+        rsi: index as u64,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(VmError::kvm("KVM_SET_REGS"))?;
+    // With an in-kernel irqchip, vCPUs other than 0 wait for INIT/SIPI; we start them
+    // all directly in 64-bit mode instead.
+    vcpu.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(VmError::kvm("KVM_SET_MP_STATE"))?;
+    Ok(vcpu)
+}
