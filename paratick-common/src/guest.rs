@@ -114,11 +114,22 @@ pub enum Workload {
     Crash = 3,
     /// Test workload: like `Sequential`, but the guest first sends malformed tick requests.
     BadRequests = 4,
+    /// Test workload: the kernel loads an empty IDT and faults (a triple fault).
+    TripleFault = 5,
 }
 
 impl Workload {
     /// The workloads of the evaluation.
     pub const EVALUATED: [Workload; 3] = [Workload::Sequential, Workload::Multithreaded, Workload::Io];
+    /// Every workload, the test ones included.
+    pub const ALL: [Workload; 6] = [
+        Workload::Sequential,
+        Workload::Multithreaded,
+        Workload::Io,
+        Workload::Crash,
+        Workload::BadRequests,
+        Workload::TripleFault,
+    ];
 
     /// Decodes [`BootInfo::workload`].
     pub const fn from_u32(value: u32) -> Option<Workload> {
@@ -128,6 +139,7 @@ impl Workload {
             2 => Some(Workload::Io),
             3 => Some(Workload::Crash),
             4 => Some(Workload::BadRequests),
+            5 => Some(Workload::TripleFault),
             _ => None,
         }
     }
@@ -140,6 +152,7 @@ impl Workload {
             Workload::Io => "io",
             Workload::Crash => "crash",
             Workload::BadRequests => "bad-requests",
+            Workload::TripleFault => "triple-fault",
         }
     }
 }
@@ -290,7 +303,7 @@ mod tests {
         for mode in TickMode::ALL {
             assert_eq!(TickMode::from_u32(mode as u32), Some(mode));
         }
-        for w in [Workload::Sequential, Workload::Multithreaded, Workload::Io, Workload::Crash, Workload::BadRequests] {
+        for w in Workload::ALL {
             assert_eq!(Workload::from_u32(w as u32), Some(w));
         }
         assert_eq!(TickMode::from_u32(3), None);

@@ -8,7 +8,6 @@ use crate::arch::wrmsr;
 const APIC_BASE_ENABLE: u64 = 1 << 11;
 const APIC_BASE_X2APIC: u64 = 1 << 10;
 const SPIV_APIC_ENABLED: u64 = 1 << 8;
-const LVT_MASKED: u64 = 1 << 16;
 const LVT_TIMER_PERIODIC: u64 = 1 << 17;
 const LVT_TIMER_TSC_DEADLINE: u64 = 2 << 17;
 /// TDCR value for "divide by 1".
@@ -16,12 +15,12 @@ const TIMER_DIVIDE_BY_1: u64 = 0b1011;
 /// KVM's LAPIC timer counts at 1 GHz (one count per APIC bus cycle of 1 ns) with divide 1.
 pub const TIMER_COUNTS_PER_SECOND: u64 = 1_000_000_000;
 
-/// Enables the LAPIC in x2APIC mode, with the timer masked.
+/// Enables the LAPIC in x2APIC mode. The timer stays as reset left it, masked: a
+/// paratick guest never writes a timer register.
 pub fn enable() {
     let base = crate::arch::rdmsr(msr::IA32_APIC_BASE);
     wrmsr(msr::IA32_APIC_BASE, base | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
     wrmsr(msr::X2APIC_SPIV, SPIV_APIC_ENABLED | SPURIOUS_VECTOR as u64);
-    wrmsr(msr::X2APIC_LVTT, LVT_MASKED);
 }
 
 /// Starts the timer in periodic mode: `vector` every `counts` ns. Two register writes.

@@ -326,6 +326,14 @@ pub fn enable_interrupts_and_halt() {
     unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
 }
 
+/// Loads an empty IDT and raises an exception: #UD cannot be delivered (#GP), nor can
+/// that (#DF), nor that: the CPU shuts down. The triple-fault test workload.
+pub fn triple_fault() -> ! {
+    let empty = DescriptorPointer { limit: 0, base: 0 };
+    // SAFETY: deliberately unrecoverable; this vCPU never runs again.
+    unsafe { asm!("lidt [{}]", "ud2", in(reg) &empty, options(noreturn)) }
+}
+
 /// Stops this vCPU for good.
 pub fn halt_forever() -> ! {
     loop {

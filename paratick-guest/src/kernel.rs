@@ -200,7 +200,7 @@ pub fn init(boot_info: *const BootInfo) {
 
     let vcpus = info.vcpus as usize;
     let tasks = match workload {
-        Workload::Sequential | Workload::BadRequests | Workload::Crash => 1,
+        Workload::Sequential | Workload::BadRequests | Workload::Crash | Workload::TripleFault => 1,
         Workload::Multithreaded => 2 * vcpus,
         Workload::Io => vcpus,
     };
@@ -249,6 +249,9 @@ pub fn wait_for_init() {
 pub fn run(vcpu: usize) -> ! {
     if vcpu >= boot().vcpus as usize {
         panic!("vCPU {vcpu} started but the VM has {} vCPUs", boot().vcpus);
+    }
+    if boot().work() == Workload::TripleFault {
+        arch::triple_fault();
     }
     tick::start(vcpu, &mut cpu(vcpu).tick);
     idle(vcpu)

@@ -99,7 +99,7 @@ pub extern "C" fn task_main(params: &'static TaskParams, workload: u64) -> ! {
                 }
             })
         }
-        Some(Workload::Crash) | None => {
+        Some(Workload::Crash | Workload::TripleFault) | None => {
             // SAFETY: deliberately executes an invalid instruction: the crash test.
             unsafe { asm!("ud2", options(noreturn)) }
         }

@@ -110,10 +110,7 @@ pub fn parse_tick_mode(name: &str) -> Result<TickMode, ConfigError> {
 
 /// Parses a workload name (the evaluated ones, plus the test workloads by name).
 pub fn parse_workload(name: &str) -> Result<Workload, ConfigError> {
-    [Workload::Sequential, Workload::Multithreaded, Workload::Io, Workload::Crash, Workload::BadRequests]
-        .into_iter()
-        .find(|w| w.name() == name)
-        .ok_or_else(|| ConfigError::Workload(name.to_string()))
+    Workload::ALL.into_iter().find(|w| w.name() == name).ok_or_else(|| ConfigError::Workload(name.to_string()))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! let vm = Vm::start(config)?;
 //! vm.set_operator_hz(Some(100))?;
 //! let report = vm.wait()?;
-//! println!("{} work units, {} guest ticks", report.work_units, report.guest_ticks.total);
+//! println!("{} work units, {} guest ticks", report.work_units, report.counters.guest_ticks.total);
 //! # Ok::<(), paratick_vmm::VmError>(())
 //! ```
 #![deny(missing_docs)]
