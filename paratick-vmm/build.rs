@@ -1,7 +1,8 @@
-//! Builds the guest kernel (`paratick-guest`) for `x86_64-unknown-none` with Debian's
-//! toolchain (the `debian` rustup toolchain linked by `cargo xtask setup`: it has the
-//! core sources for `-Z build-std`, see shared/docs/HOST.md), linked by GNU ld at the
-//! address of the guest memory map, and hands the ELF to the crate as `OUT_DIR/paratick-guest.elf`.
+//! Builds the guest kernel (`paratick-guest`) with Debian's toolchain (the `debian`
+//! rustup toolchain linked by `cargo xtask setup`: it has the core sources for
+//! `-Z build-std`, see shared/docs/HOST.md) and hands the ELF to the crate as
+//! `OUT_DIR/paratick-guest.elf`. Target, linker and build-std settings live in the guest
+//! crate's own `.cargo/config.toml`, so `cargo xtask lint` builds it the same way.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,28 +12,28 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let guest = manifest.join("../paratick-guest").canonicalize().expect("paratick-guest next to paratick-vmm");
     let common = manifest.join("../paratick-common/src");
-    for path in [guest.join("src"), guest.join("Cargo.toml"), guest.join("link.ld"), common] {
+    for path in [
+        guest.join("src"),
+        guest.join("Cargo.toml"),
+        guest.join("link.ld"),
+        guest.join("build.rs"),
+        guest.join(".cargo"),
+        common,
+    ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     let target_dir = out_dir.join("guest-target");
-    let rustflags = [
-        "-Clinker=ld".to_string(),
-        "-Clinker-flavor=ld".to_string(),
-        format!("-Clink-arg=-T{}", guest.join("link.ld").display()),
-        "-Crelocation-model=static".to_string(),
-    ]
-    .join("\x1f");
     let status = Command::new("rustup")
-        .args(["run", "debian", "cargo", "build", "--release", "--target", "x86_64-unknown-none"])
-        .args(["-Z", "build-std=core", "--target-dir"])
+        .args(["run", "debian", "cargo", "build", "--release", "--target-dir"])
         .arg(&target_dir)
         .current_dir(&guest)
         // -Z build-std needs unstable features for every crate of core's build.
         .env("RUSTC_BOOTSTRAP", "1")
-        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        // Our own build's settings must not leak into the guest's.
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .status()
         .expect("run `rustup run debian cargo` (run `cargo xtask setup` first)");
     assert!(

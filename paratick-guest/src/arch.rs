@@ -48,7 +48,7 @@ pub struct TrapFrame {
 
 impl TrapFrame {
     /// Whether the trap came from user mode (CPL3).
-    pub fn from_user(&self) -> bool {
+    pub fn is_from_user(&self) -> bool {
         self.cs & 3 == 3
     }
 }

@@ -77,6 +77,9 @@ static PANICKED: AtomicBool = AtomicBool::new(false);
 /// that one atomic update decides who is last.
 static BARRIER: AtomicU64 = AtomicU64::new(0);
 
+// A const is the only way to initialise an array of non-Copy statics; each use is a
+// fresh value, which is the point.
+#[allow(clippy::declare_interior_mutable_const)]
 const NEW_TASK: Task = Task {
     state: AtomicU32::new(UNUSED),
     vcpu: AtomicU32::new(0),
@@ -114,6 +117,7 @@ const NEW_TASK: Task = Task {
 };
 static TASKS: [Task; MAX_TASKS] = [NEW_TASK; MAX_TASKS];
 
+// As NEW_TASK.
 #[allow(clippy::declare_interior_mutable_const)]
 const NEW_CPU: PerVcpu<Cpu> =
     PerVcpu(UnsafeCell::new(Cpu { current: NONE, slice_left: SLICE_TICKS, tick: TickState::new() }));
@@ -207,7 +211,7 @@ pub fn init(boot_info: *const BootInfo) {
     let start = arch::rdtsc();
     // SAFETY: the results block is ours; the VMM zeroed it.
     unsafe { (*results()).start_tsc = start };
-    for index in 0..tasks {
+    for (index, task) in TASKS.iter().enumerate().take(tasks) {
         let share = info.work_units / tasks as u64 + u64::from((index as u64) < info.work_units % tasks as u64);
         let params = TaskParams {
             index: index as u64,
@@ -219,7 +223,7 @@ pub fn init(boot_info: *const BootInfo) {
             buffer: buffer_of(index) as *const u8,
         };
         // SAFETY: see InitOnce.
-        unsafe { *TASKS[index].params.0.get() = params };
+        unsafe { *task.params.0.get() = params };
         let frame = task_frame(index);
         frame.rip = user::task_main as *const () as u64;
         frame.cs = USER_CODE_SELECTOR as u64;
@@ -227,10 +231,10 @@ pub fn init(boot_info: *const BootInfo) {
         frame.rflags = USER_RFLAGS;
         // As if called: the return-address slot keeps the ABI's stack alignment.
         frame.rsp = USER_STACKS_ADDR + (index as u64 + 1) * USER_STACK_SIZE - 8;
-        frame.rdi = TASKS[index].params.0.get() as u64;
+        frame.rdi = task.params.0.get() as u64;
         frame.rsi = workload as u64;
-        TASKS[index].vcpu.store((index % vcpus) as u32, Ordering::Relaxed);
-        TASKS[index].state.store(RUNNABLE, Ordering::Relaxed);
+        task.vcpu.store((index % vcpus) as u32, Ordering::Relaxed);
+        task.state.store(RUNNABLE, Ordering::Relaxed);
     }
     TASK_COUNT.store(tasks as u32, Ordering::Relaxed);
     LIVE_TASKS.store(tasks as u32, Ordering::Relaxed);
@@ -314,7 +318,7 @@ fn idle(vcpu: usize) -> ! {
 #[no_mangle]
 extern "C" fn trap_entry(frame: &mut TrapFrame) {
     let vcpu = arch::current_vcpu();
-    let from_user = frame.from_user();
+    let from_user = frame.is_from_user();
     match frame.vector {
         3 if from_user => system_call(vcpu, frame),
         v if v == LAPIC_TIMER_VECTOR as u64 || v == PARATICK_TICK_VECTOR as u64 => {
@@ -400,18 +404,16 @@ fn system_call(vcpu: usize, frame: &mut TrapFrame) {
 /// Completes the finished block requests of this vCPU's tasks.
 fn complete_io(vcpu: usize) {
     let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
-    for task in 0..count {
-        if TASKS[task].vcpu.load(Ordering::Relaxed) as usize != vcpu
-            || TASKS[task].state.load(Ordering::Acquire) != BLOCKED_IO
-        {
+    for (index, task) in TASKS.iter().enumerate().take(count) {
+        if task.vcpu.load(Ordering::Relaxed) as usize != vcpu || task.state.load(Ordering::Acquire) != BLOCKED_IO {
             continue;
         }
         // SAFETY: the task's own request slot; the device wrote `status` before raising
         // the completion interrupt.
-        let status = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*request_of(task)).status)) };
+        let status = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*request_of(index)).status)) };
         if status != BLOCK_STATUS_PENDING {
-            task_frame(task).rax = status as u64;
-            TASKS[task].state.store(RUNNABLE, Ordering::Release);
+            task_frame(index).rax = status as u64;
+            task.state.store(RUNNABLE, Ordering::Release);
         }
     }
 }

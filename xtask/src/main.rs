@@ -163,11 +163,24 @@ fn mount_tracefs() -> Result<()> {
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    // The eBPF crate only builds for its own target, with Debian's toolchain.
-    run(Command::new("rustup")
-        .args(["run", DEBIAN_TOOLCHAIN, "cargo", "clippy", "--package", "paratick-ebpf"])
-        .args(["--release", "--target", "bpfel-unknown-none", "--", "-D", "warnings"])
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
-        .env_remove("RUSTC")
-        .current_dir(workspace_root()))
+    // The eBPF crate and the guest kernel only build for their own targets, with
+    // Debian's toolchain.
+    let debian_cargo = |dir: PathBuf, rustc_bootstrap: &str, args: &[&str]| {
+        run(Command::new("rustup")
+            .args(["run", DEBIAN_TOOLCHAIN, "cargo"])
+            .args(args)
+            .env("RUSTC_BOOTSTRAP", rustc_bootstrap)
+            .env_remove("RUSTC")
+            .current_dir(dir))
+    };
+    let deny_warnings = ["--", "-D", "warnings"];
+    debian_cargo(
+        workspace_root(),
+        "aya_ebpf",
+        &[&["clippy", "--package", "paratick-ebpf", "--release", "--target", "bpfel-unknown-none"][..], &deny_warnings]
+            .concat(),
+    )?;
+    let guest = workspace_root().join("paratick-guest");
+    cargo(&["fmt", "--check", "--manifest-path", guest.join("Cargo.toml").to_str().expect("UTF-8 path")])?;
+    debian_cargo(guest, "1", &[&["clippy", "--release"][..], &deny_warnings].concat())
 }
