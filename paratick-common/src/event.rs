@@ -177,7 +177,8 @@ pub struct ObserverConfig {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventKey {
-    /// Host process (thread-group) id of the VMM.
+    /// Host process (thread-group) id of the VMM, or the owner id registered for the
+    /// current thread (a VM of the daemon's own, see [`SYNTHETIC_OWNER_BASE`]).
     pub tgid: u32,
     /// vCPU id where the tracepoint reports one, else [`VCPU_UNKNOWN`].
     pub vcpu: u32,
@@ -264,6 +265,13 @@ impl DropReason {
 /// Capacity of the event counts map. A busy host has a few hundred keys per VM (kinds ×
 /// MSRs × ports × vectors); past this, events are counted as drops, never silently lost.
 pub const EVENT_MAP_CAPACITY: u32 = 16384;
+
+/// Capacity of the thread-owners map: threads of the daemon's own VMs.
+pub const THREAD_OWNER_CAPACITY: u32 = 1024;
+
+/// Owner ids the daemon gives its VMs' threads start here: above any pid (pid_max is at
+/// most 2^22), so an owner never collides with a real process.
+pub const SYNTHETIC_OWNER_BASE: u32 = 0x8000_0000;
 
 /// Capacity of the tracked-pids and timer-vector maps (one entry per VM process).
 pub const PROCESS_MAP_CAPACITY: u32 = 4096;

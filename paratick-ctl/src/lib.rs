@@ -3,5 +3,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
+pub mod client;
+pub mod daemon;
 pub mod observer;
 pub mod procfs;
+pub mod protocol;

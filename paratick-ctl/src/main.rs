@@ -9,16 +9,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use paratick_ctl::observer::report::{render_table, CommandReport, ObserveReport, Row, VmReport};
 use paratick_ctl::observer::{per_process, Observer, PidFilter, ProcessCounts};
 use paratick_ctl::procfs::{self, ProcessInfo};
+use paratick_ctl::protocol::Request;
+use paratick_ctl::{client, daemon};
 
 /// Paratick: paravirtualized scheduler ticks for KVM guests.
 #[derive(Debug, Parser)]
 #[command(name = "paratick-ctl", version, about)]
 struct Cli {
+    /// The daemon's control socket [default: /run/paratick/paratick.sock, or the config's].
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,6 +34,58 @@ struct Cli {
 enum Command {
     /// Watch what KVM does for every VM on this host (eBPF on KVM tracepoints).
     Observe(ObserveArgs),
+    /// Run the daemon: VMs, eBPF observer, Prometheus metrics, control socket.
+    Daemon(DaemonArgs),
+    /// The daemon's state.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The daemon's VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Args)]
+struct DaemonArgs {
+    /// Configuration file (TOML) [default: the embedded demo configuration].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve metrics on this address instead of the configuration's.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// List the VMs with their state and tick rates.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a VM's tick rate, or give it back to the guest with --auto.
+    SetTickRate {
+        /// VM name.
+        name: String,
+        /// Tick rate in Hz (10-4000).
+        #[arg(required_unless_present = "auto", conflicts_with = "auto")]
+        hz: Option<u32>,
+        /// Follow the guest's own requests again.
+        #[arg(long)]
+        auto: bool,
+    },
+    /// Start a VM that is not running.
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a running VM.
+    Stop {
+        /// VM name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -60,10 +119,19 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // The daemon logs its life to journald (stderr); the commands only what goes wrong.
+    let default_level = if matches!(cli.command, Command::Daemon(_)) { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
+    let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(client::DEFAULT_SOCKET));
     let result = match cli.command {
         Command::Observe(args) => observe(args),
+        Command::Daemon(args) => {
+            let overrides = daemon::Overrides { metrics_listen: args.metrics_listen, socket: cli.socket };
+            daemon::run(args.config.as_deref(), overrides).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Status { json } => status(&socket, json),
+        Command::Vm(command) => vm(&socket, command),
     };
     match result {
         Ok(code) => code,
@@ -72,6 +140,65 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn status(socket: &Path, json: bool) -> Result<ExitCode> {
+    let response = client::request(socket, &Request::Status {})?;
+    let status = response.status.context("the daemon sent no status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!("paratick daemon {} (pid {}), up {:.0} s", status.version, status.pid, status.uptime_s);
+        println!("VMs: {} running of {}", status.vms_running, status.vms_total);
+        println!("metrics: {}", status.metrics);
+        println!("control socket: {}", status.socket);
+        println!("backend: {}, observer: {}", status.backend, status.observer);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn vm(socket: &Path, command: VmCommand) -> Result<ExitCode> {
+    match command {
+        VmCommand::List { json } => {
+            let vms = client::request(socket, &Request::List {})?.vms.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vms)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<16} {:<9} {:<9} {:>5} {:>9} {:>10} {:>9} {:>9} {:>12}",
+                "NAME", "STATE", "MODE", "VCPUS", "REQ HZ", "SET HZ", "EFF HZ", "EXITS/s", "EXITS SAVED"
+            );
+            for vm in vms {
+                let set = vm.configured_hz.map_or_else(|| "auto".to_string(), |hz| hz.to_string());
+                println!(
+                    "{:<16} {:<9} {:<9} {:>5} {:>9} {:>10} {:>9.1} {:>9.0} {:>12}",
+                    vm.name,
+                    vm.state,
+                    vm.mode,
+                    vm.vcpus,
+                    vm.requested_hz,
+                    set,
+                    vm.effective_hz,
+                    vm.exits_per_s,
+                    vm.exits_saved
+                );
+                if let Some(error) = vm.error {
+                    println!("    error: {error}");
+                }
+            }
+        }
+        VmCommand::SetTickRate { name, hz, auto } => {
+            client::request(socket, &Request::SetTickRate { vm: name.clone(), hz: if auto { None } else { hz } })?;
+        }
+        VmCommand::Start { name } => {
+            client::request(socket, &Request::Start { vm: name })?;
+        }
+        VmCommand::Stop { name } => {
+            client::request(socket, &Request::Stop { vm: name })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How often `observe` reads the maps and /proc, so that short-lived VMs are still named.

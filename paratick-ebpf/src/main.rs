@@ -19,7 +19,7 @@ use aya_log_ebpf::warn;
 use paratick_common::event::{
     summarize, DropReason, EventKey, EventKind, EventStats, ExitStart, FieldSlot, ObserverConfig, TracepointLayout,
     VcpuThread, DROP_REASON_COUNT, EVENT_MAP_CAPACITY, FORK_LAYOUT_INDEX, LAYOUT_COUNT, MAX_FIELDS,
-    PROCESS_MAP_CAPACITY, VCPU_THREAD_CAPACITY,
+    PROCESS_MAP_CAPACITY, THREAD_OWNER_CAPACITY, VCPU_THREAD_CAPACITY,
 };
 
 /// Event counts, per CPU so that the hot path takes no lock.
@@ -33,6 +33,11 @@ static LAYOUTS: Array<TracepointLayout> = Array::with_max_entries(LAYOUT_COUNT, 
 /// Filtering settings; written by userspace.
 #[map]
 static CONFIG: Array<ObserverConfig> = Array::with_max_entries(1, 0);
+
+/// Threads whose events belong to a VM other than their process (thread id → owner
+/// id): the daemon runs several VMs in one process and registers each VM's threads.
+#[map]
+static THREAD_OWNERS: HashMap<u32, u32> = HashMap::with_max_entries(THREAD_OWNER_CAPACITY, 0);
 
 /// Processes to record when filtering (tgid → 1).
 #[map]
@@ -125,11 +130,16 @@ fn is_tracked(tgid: u32) -> bool {
 #[inline(always)]
 fn observe(ctx: &TracePointContext, kind: EventKind) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
-    if !is_tracked(tgid) {
+    let process = (pid_tgid >> 32) as u32;
+    if !is_tracked(process) {
         return;
     }
+    let tgid = match THREAD_OWNERS.get_ptr(tid) {
+        // SAFETY: the pointer came from a successful lookup of a plain u32 value.
+        Some(owner) => unsafe { *owner },
+        None => process,
+    };
     let Some(layout) = LAYOUTS.get(kind as u32) else { return };
     let mut values = [0u64; MAX_FIELDS];
     let mut present = [false; MAX_FIELDS];

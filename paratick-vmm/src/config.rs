@@ -14,8 +14,8 @@ pub enum WorkAmount {
     Units(u64),
 }
 
-/// Longest run accepted, in seconds.
-pub const MAX_RUN_SECONDS: f64 = 3600.0;
+/// Longest run accepted, in seconds (a week: daemon VMs run long).
+pub const MAX_RUN_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 
 /// A VM to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +36,9 @@ pub struct VmConfig {
     pub operator_hz: Option<u32>,
     /// Give up (and stop the VM) if the guest has not finished after this long.
     pub deadline: Duration,
+    /// Create the VM but let its vCPUs run only at `Vm::resume` (so that the caller can
+    /// first register the VM's threads, e.g. with the observer).
+    pub start_paused: bool,
 }
 
 /// An invalid setting; each names the setting and the accepted values.
@@ -71,7 +74,17 @@ impl VmConfig {
             WorkAmount::Seconds(seconds) => Duration::from_secs_f64(seconds.clamp(0.0, MAX_RUN_SECONDS) + 60.0),
             WorkAmount::Units(_) => Duration::from_secs(600),
         };
-        VmConfig { name: name.to_string(), vcpus, mode, hz, workload, amount, operator_hz: None, deadline }
+        VmConfig {
+            name: name.to_string(),
+            vcpus,
+            mode,
+            hz,
+            workload,
+            amount,
+            operator_hz: None,
+            deadline,
+            start_paused: false,
+        }
     }
 
     /// Checks every setting.

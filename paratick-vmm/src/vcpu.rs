@@ -86,9 +86,34 @@ pub struct Shared {
     pub ended: std::sync::Condvar,
     /// Guest tick requests.
     pub requests: RequestCounters,
+    /// Host thread ids of the VM's threads (vCPUs, injector, block device).
+    pub thread_ids: std::sync::Mutex<Vec<u32>>,
+    /// Opened when the vCPUs may run (see `Vm::resume`); (open, signal).
+    pub gate: (std::sync::Mutex<bool>, std::sync::Condvar),
 }
 
 impl Shared {
+    /// Records the calling thread as one of the VM's (for the observer's attribution).
+    pub fn register_current_thread(&self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        self.thread_ids.lock().expect("thread ids lock").push(tid);
+    }
+
+    /// Blocks until the vCPUs may run (or the VM is stopping).
+    pub fn wait_for_gate(&self) {
+        let mut open = self.gate.0.lock().expect("gate lock");
+        while !*open && !self.stop.load(Ordering::Acquire) {
+            open = self.gate.1.wait(open).expect("gate lock");
+        }
+    }
+
+    /// Lets the vCPUs run.
+    pub fn open_gate(&self) {
+        *self.gate.0.lock().expect("gate lock") = true;
+        self.gate.1.notify_all();
+    }
+
     /// Records how the VM ended (if nothing did before) and stops everything.
     pub fn end(&self, outcome: Outcome) {
         let mut slot = self.outcome.lock().expect("outcome lock");
@@ -97,6 +122,10 @@ impl Shared {
         }
         self.stop.store(true, Ordering::Release);
         self.ended.notify_all();
+        drop(slot);
+        // Threads still waiting at the gate must see the stop.
+        let _open = self.gate.0.lock().expect("gate lock");
+        self.gate.1.notify_all();
     }
 }
 
@@ -137,6 +166,8 @@ impl VcpuThread {
     }
 
     fn run_loop(&mut self) -> Result<(), VmError> {
+        self.shared.register_current_thread();
+        self.shared.wait_for_gate();
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
         let result = self.run_until_stopped();
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));

@@ -216,6 +216,32 @@ impl Observer {
         map.insert(pid, 1, 0).map_err(map_err("TRACKED_PIDS"))
     }
 
+    /// Counts the events of these threads under `owner` instead of their process: how
+    /// the daemon tells apart the VMs it runs in its own process.
+    pub fn attribute_threads(&mut self, owner: u32, tids: &[u32]) -> Result<(), ObserverError> {
+        let mut map: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("THREAD_OWNERS").expect("THREAD_OWNERS map"))
+                .map_err(map_err("THREAD_OWNERS"))?;
+        for tid in tids {
+            map.insert(tid, owner, 0).map_err(map_err("THREAD_OWNERS"))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets threads registered with [`Observer::attribute_threads`] (they exited).
+    pub fn forget_threads(&mut self, tids: &[u32]) -> Result<(), ObserverError> {
+        let mut map: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("THREAD_OWNERS").expect("THREAD_OWNERS map"))
+                .map_err(map_err("THREAD_OWNERS"))?;
+        for tid in tids {
+            match map.remove(tid) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(ObserverError::Map { name: "THREAD_OWNERS", source: e }),
+            }
+        }
+        Ok(())
+    }
+
     fn set_layout(&mut self, index: u32, layout: TracepointLayout) -> Result<(), ObserverError> {
         let mut map: Array<&mut MapData, TracepointLayout> =
             Array::try_from(self.ebpf.map_mut("LAYOUTS").expect("LAYOUTS map")).map_err(map_err("LAYOUTS"))?;

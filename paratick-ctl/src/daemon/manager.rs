@@ -1,0 +1,487 @@
+//! The daemon's manager: one thread owns the VMs, the observer and the metrics, so no
+//! state is shared between tasks. The async side sends it [`Command`]s; every second it
+//! samples the VMs and the observer and updates the metrics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use paratick_common::event::SYNTHETIC_OWNER_BASE;
+use paratick_common::guest::TickMode;
+use paratick_vmm::{Counters, Vm, VmConfig, VmStatus};
+use tokio::sync::oneshot;
+
+use super::config::DaemonConfig;
+use super::metrics::Metrics;
+use crate::backend::Backend;
+use crate::observer::{per_process, Observer, PidFilter, ProcessCounts, TracepointState};
+use crate::procfs;
+use crate::protocol::{DaemonStatus, Request, Response, VmInfo};
+
+/// How often VMs and the observer are sampled.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How many KVM processes of others get their own metric series.
+const OBSERVED_TOP_N: usize = 10;
+/// KVM per-vCPU exit statistics exported as exit reasons where `kvm_exit` does not fire.
+const EXIT_STATS: [&str; 6] = ["halt_exits", "irq_exits", "irq_window_exits", "io_exits", "mmio_exits", "signal_exits"];
+
+/// What the async side asks of the manager.
+pub enum Command {
+    /// A control request.
+    Request(Request, oneshot::Sender<Response>),
+    /// The metrics text.
+    Render(oneshot::Sender<String>),
+    /// Stop every VM, then answer.
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    Finished,
+    Stopped,
+    Failed,
+}
+
+impl State {
+    const ALL: [State; 4] = [State::Running, State::Finished, State::Stopped, State::Failed];
+
+    fn name(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Finished => "finished",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+        }
+    }
+}
+
+struct ManagedVm {
+    config: VmConfig,
+    /// Observer owner id of this VM's threads.
+    owner: u32,
+    vm: Option<Vm>,
+    state: State,
+    error: Option<String>,
+    /// Threads registered with the observer.
+    registered: Vec<u32>,
+    /// The latest sample, and when it was taken.
+    sample: Option<(Instant, Counters)>,
+    effective_hz: f64,
+    exits_per_s: f64,
+}
+
+/// The manager's state.
+pub struct Manager {
+    vms: Vec<ManagedVm>,
+    observer: Result<Observer, String>,
+    metrics: Metrics,
+    started: Instant,
+    status: DaemonStatus,
+}
+
+impl Manager {
+    /// Loads the observer (a failure is reported, not fatal) and starts the autostart VMs.
+    pub fn new(config: &DaemonConfig, metrics_url: String) -> Manager {
+        let observer = Observer::start(&PidFilter::All).map_err(|e| format!("{e}"));
+        if let Err(e) = &observer {
+            log::error!("the eBPF observer is unavailable, VMs run without it: {e}");
+        }
+        let backend = Backend::of_host();
+        let status = DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_s: 0.0,
+            metrics: metrics_url,
+            socket: config.socket.display().to_string(),
+            backend: backend.name().into(),
+            observer: observer.as_ref().map(|_| "attached".to_string()).unwrap_or_else(|e| e.clone()),
+            vms_running: 0,
+            vms_total: config.vms.len(),
+        };
+        let vms = config
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| ManagedVm {
+                config: entry.config.clone(),
+                owner: SYNTHETIC_OWNER_BASE + index as u32,
+                vm: None,
+                state: State::Stopped,
+                error: None,
+                registered: Vec::new(),
+                sample: None,
+                effective_hz: 0.0,
+                exits_per_s: 0.0,
+            })
+            .collect();
+        let mut manager = Manager { vms, observer, metrics: Metrics::new(), started: Instant::now(), status };
+        for (index, entry) in config.vms.iter().enumerate() {
+            if entry.autostart {
+                manager.start_vm(index);
+            }
+        }
+        manager.update();
+        manager
+    }
+
+    /// Serves commands until `Shutdown` (or until the sender is gone).
+    pub fn run(mut self, inbox: Receiver<Command>) {
+        let mut next_sample = Instant::now() + SAMPLE_INTERVAL;
+        loop {
+            match inbox.recv_timeout(next_sample.saturating_duration_since(Instant::now())) {
+                Ok(Command::Request(request, reply)) => {
+                    let _ = reply.send(self.handle(request));
+                }
+                Ok(Command::Render(reply)) => {
+                    let _ = reply.send(self.metrics.render());
+                }
+                Ok(Command::Shutdown(reply)) => {
+                    self.shut_down();
+                    let _ = reply.send(());
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.update();
+                    next_sample = Instant::now() + SAMPLE_INTERVAL;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.shut_down();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The index of a VM, or the error message naming the known ones.
+    fn find(&self, name: &str) -> Result<usize, String> {
+        self.vms.iter().position(|vm| vm.config.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.vms.iter().map(|vm| vm.config.name.as_str()).collect();
+            format!("unknown VM {name:?}; known VMs: {}", known.join(", "))
+        })
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status {} => {
+                self.status.uptime_s = self.started.elapsed().as_secs_f64();
+                self.status.vms_running = self.vms.iter().filter(|vm| vm.state == State::Running).count();
+                Response { status: Some(self.status.clone()), ..Response::ok() }
+            }
+            Request::List {} => Response { vms: Some(self.vms.iter().map(vm_info).collect()), ..Response::ok() },
+            Request::SetTickRate { vm, hz } => match self.find(&vm) {
+                Err(unknown) => Response::error(unknown),
+                Ok(index) => self.set_tick_rate(index, hz),
+            },
+            Request::Start { vm } => match self.find(&vm) {
+                Err(unknown) => Response::error(unknown),
+                Ok(index) if self.vms[index].state == State::Running => {
+                    Response::error(format!("VM {vm} is already running"))
+                }
+                Ok(index) => {
+                    self.start_vm(index);
+                    match &self.vms[index].error {
+                        Some(error) => Response::error(format!("VM {vm} failed to start: {error}")),
+                        None => Response::ok(),
+                    }
+                }
+            },
+            Request::Stop { vm } => match self.find(&vm) {
+                Err(unknown) => Response::error(unknown),
+                Ok(index) if self.vms[index].state != State::Running => {
+                    Response::error(format!("VM {vm} is not running (it is {})", self.vms[index].state.name()))
+                }
+                Ok(index) => {
+                    self.end_vm(index, true);
+                    Response::ok()
+                }
+            },
+        }
+    }
+
+    fn set_tick_rate(&mut self, index: usize, hz: Option<u32>) -> Response {
+        let managed = &mut self.vms[index];
+        if managed.config.mode != TickMode::Paratick {
+            return Response::error(format!(
+                "VM {} runs a {} guest, which asks for no ticks: only paratick VMs take a tick rate",
+                managed.config.name,
+                managed.config.mode.name()
+            ));
+        }
+        let checked = match &managed.vm {
+            Some(vm) => vm.set_operator_hz(hz),
+            None => hz.map_or(Ok(()), |hz| {
+                VmConfig { operator_hz: Some(hz), ..managed.config.clone() }.validate().map(|_| ())
+            }),
+        };
+        match checked {
+            Err(e) => Response::error(e.to_string()),
+            Ok(()) => {
+                // Kept for the next start, too.
+                managed.config.operator_hz = hz;
+                Response::ok()
+            }
+        }
+    }
+
+    fn start_vm(&mut self, index: usize) {
+        let managed = &mut self.vms[index];
+        managed.sample = None;
+        // Paused until its threads are attributed to it, so the observer sees the VM's
+        // first events (its boot-time tick request) as the VM's.
+        let config = VmConfig { start_paused: true, ..managed.config.clone() };
+        match Vm::start(config) {
+            Ok(vm) => {
+                if let Ok(observer) = &mut self.observer {
+                    match observer.attribute_threads(managed.owner, &vm.thread_ids()) {
+                        Ok(()) => managed.registered = vm.thread_ids(),
+                        Err(e) => log::warn!("observer: VM {}: {e}", managed.config.name),
+                    }
+                }
+                vm.resume();
+                log::info!(
+                    "VM {} started ({} vCPUs, {})",
+                    managed.config.name,
+                    managed.config.vcpus,
+                    managed.config.mode.name()
+                );
+                managed.vm = Some(vm);
+                managed.state = State::Running;
+                managed.error = None;
+            }
+            Err(e) => {
+                log::error!("VM {} failed to start: {e}", managed.config.name);
+                managed.state = State::Failed;
+                managed.error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Stops (or collects) a VM and records how it ended.
+    fn end_vm(&mut self, index: usize, operator_stop: bool) {
+        let managed = &mut self.vms[index];
+        let Some(vm) = managed.vm.take() else { return };
+        let result = if operator_stop { vm.stop() } else { vm.wait() };
+        if let Ok(observer) = &mut self.observer {
+            if let Err(e) = observer.forget_threads(&managed.registered) {
+                log::warn!("observer: {e}");
+            }
+        }
+        managed.registered.clear();
+        match result {
+            Ok(report) if operator_stop => {
+                managed.state = State::Stopped;
+                log::info!("VM {} stopped after {:.1} s", managed.config.name, report.wall_s);
+            }
+            Ok(report) => {
+                managed.state = State::Finished;
+                log::info!(
+                    "VM {} finished: {} work units in {:.1} s",
+                    managed.config.name,
+                    report.work_units,
+                    report.elapsed_s
+                );
+            }
+            Err(e) => {
+                log::error!("VM {} failed: {e}", managed.config.name);
+                managed.state = State::Failed;
+                managed.error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn shut_down(&mut self) {
+        for index in 0..self.vms.len() {
+            if self.vms[index].state == State::Running {
+                self.end_vm(index, true);
+            }
+        }
+    }
+
+    /// Samples every VM and the observer, and updates the metrics.
+    fn update(&mut self) {
+        for index in 0..self.vms.len() {
+            let ended = self.vms[index].vm.as_ref().is_some_and(|vm| vm.status() != VmStatus::Running);
+            if ended {
+                self.end_vm(index, false);
+            }
+        }
+        let snapshot = match &mut self.observer {
+            Ok(observer) => {
+                observer.flush_logs();
+                match observer.snapshot() {
+                    Ok(snapshot) => Some(snapshot),
+                    Err(e) => {
+                        log::warn!("observer: {e}");
+                        None
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        let per_owner = snapshot.as_ref().map(per_process).unwrap_or_default();
+        let exits_traced = self.kvm_exit_traced();
+        for index in 0..self.vms.len() {
+            self.sample_vm(index, per_owner.get(&self.vms[index].owner), exits_traced);
+        }
+        self.update_observer_metrics(snapshot.as_ref(), &per_owner, exits_traced);
+    }
+
+    /// Whether `kvm_exit` fires on this host and is attached.
+    fn kvm_exit_traced(&self) -> bool {
+        match &self.observer {
+            Ok(observer) => {
+                observer.backend().traces_every_exit()
+                    && observer.tracepoints().get("kvm_exit") == Some(&TracepointState::Attached)
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn sample_vm(&mut self, index: usize, observed: Option<&ProcessCounts>, exits_traced: bool) {
+        let metrics = &mut self.metrics;
+        let managed = &mut self.vms[index];
+        let name = managed.config.name.clone();
+        for state in State::ALL {
+            metrics.vm_state.with_label_values(&[&name, state.name()]).set(f64::from(u8::from(state == managed.state)));
+        }
+        let Some(vm) = &managed.vm else {
+            metrics.vcpus_halted.with_label_values(&[&name]).set(0.0);
+            for source in ["requested", "effective"] {
+                metrics.tick_rate.with_label_values(&[&name, source]).set(0.0);
+            }
+            return;
+        };
+        let counters = match vm.counters() {
+            Ok(counters) => counters,
+            Err(e) => {
+                log::warn!("VM {name}: reading counters: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        if let Some((then, previous)) = &managed.sample {
+            let seconds = now.duration_since(*then).as_secs_f64().max(1e-3);
+            let ticking = counters.effective_hz.iter().filter(|&&hz| hz > 0).count().max(1) as f64;
+            managed.effective_hz =
+                counters.ticks_injected.saturating_sub(previous.ticks_injected) as f64 / seconds / ticking;
+            let exits = |c: &Counters| c.kvm_stats.get("exits").copied().unwrap_or(0);
+            managed.exits_per_s = exits(&counters).saturating_sub(exits(previous)) as f64 / seconds;
+        }
+        let requested = counters.requested_hz.iter().copied().max().unwrap_or(0);
+        metrics.tick_rate.with_label_values(&[&name, "requested"]).set(requested as f64);
+        metrics.tick_rate.with_label_values(&[&name, "effective"]).set(managed.effective_hz);
+        match counters.operator_hz {
+            Some(hz) => metrics.tick_rate.with_label_values(&[&name, "configured"]).set(hz as f64),
+            None => {
+                let _ = metrics.tick_rate.remove_label_values(&[&name, "configured"]);
+            }
+        }
+        metrics.feed.feed(&metrics.ticks_injected, &[&name], counters.ticks_injected);
+        metrics.feed.feed(&metrics.guest_ticks, &[&name], counters.guest_ticks.total);
+        let saved = if managed.config.mode == TickMode::Paratick { counters.exits_saved_estimate() } else { 0 };
+        metrics.feed.feed(&metrics.exits_saved, &[&name], saved);
+        metrics.vcpus_halted.with_label_values(&[&name]).set(vm.halted_vcpus() as f64);
+        match observed {
+            Some(observed) => {
+                for (kind, count) in &observed.tick_requests_by_kind {
+                    metrics.feed.feed(&metrics.tick_requests, &[&name, kind], *count);
+                }
+            }
+            None => metrics.feed.feed(&metrics.tick_requests, &[&name, "paratick"], counters.tick_requests),
+        }
+        if exits_traced {
+            for (reason, count) in observed.map(|o| &o.exit_reasons).into_iter().flatten() {
+                metrics.feed.feed(&metrics.exits, &[&name, reason], *count);
+            }
+        } else {
+            let total = counters.kvm_stats.get("exits").copied().unwrap_or(0);
+            let mut named = 0;
+            for stat in EXIT_STATS {
+                let count = counters.kvm_stats.get(stat).copied().unwrap_or(0);
+                named += count;
+                metrics.feed.feed(&metrics.exits, &[&name, stat], count);
+            }
+            metrics.feed.feed(&metrics.exits, &[&name, "other_exits"], total.saturating_sub(named));
+        }
+        managed.sample = Some((now, counters));
+    }
+
+    fn update_observer_metrics(
+        &mut self,
+        snapshot: Option<&crate::observer::Snapshot>,
+        per_process: &BTreeMap<u32, ProcessCounts>,
+        exits_traced: bool,
+    ) {
+        let metrics = &mut self.metrics;
+        let Ok(observer) = &self.observer else {
+            metrics.observer_up.set(0);
+            return;
+        };
+        metrics.observer_up.set(1);
+        for (tracepoint, state) in observer.tracepoints() {
+            let attached = f64::from(u8::from(*state == TracepointState::Attached));
+            metrics.tracepoint_attached.with_label_values(&[tracepoint]).set(attached);
+        }
+        let Some(snapshot) = snapshot else { return };
+        for (reason, count) in snapshot.drops_by_name() {
+            metrics.feed.feed(&metrics.observer_drops, &[reason], count);
+        }
+        // Other KVM processes: their exits by reason, where kvm_exit fires; else what
+        // does fire for every exit that reaches userspace.
+        let own = std::process::id();
+        let exits_of = |counts: &ProcessCounts| -> BTreeMap<String, u64> {
+            if exits_traced {
+                counts.exit_reasons.clone()
+            } else {
+                counts
+                    .userspace_exit_reasons
+                    .iter()
+                    .map(|(r, n)| (format!("userspace_{}", r.to_lowercase()), *n))
+                    .collect()
+            }
+        };
+        let mut others: Vec<(u32, BTreeMap<String, u64>)> = per_process
+            .iter()
+            .filter(|(pid, _)| **pid != own && **pid < SYNTHETIC_OWNER_BASE)
+            .map(|(pid, counts)| (*pid, exits_of(counts)))
+            .collect();
+        others.sort_by_key(|(pid, exits)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
+        let mut rest: HashMap<String, u64> = HashMap::new();
+        for (rank, (pid, exits)) in others.into_iter().enumerate() {
+            if rank < OBSERVED_TOP_N {
+                let name = procfs::process_info(pid).map_or_else(|| "?".to_string(), |p| p.name);
+                for (reason, count) in exits {
+                    metrics.feed.feed(&metrics.observed_exits, &[&pid.to_string(), &name, &reason], count);
+                }
+            } else {
+                for (reason, count) in exits {
+                    *rest.entry(reason).or_default() += count;
+                }
+            }
+        }
+        for (reason, count) in rest {
+            metrics.feed.feed(&metrics.observed_exits, &["other", "other", &reason], count);
+        }
+    }
+}
+
+fn vm_info(managed: &ManagedVm) -> VmInfo {
+    let counters = managed.sample.as_ref().map(|(_, c)| c);
+    VmInfo {
+        name: managed.config.name.clone(),
+        state: managed.state.name().into(),
+        error: managed.error.clone(),
+        mode: managed.config.mode.name().into(),
+        vcpus: managed.config.vcpus,
+        hz: managed.config.hz,
+        requested_hz: counters.and_then(|c| c.requested_hz.iter().copied().max()).unwrap_or(0),
+        configured_hz: managed.config.operator_hz,
+        effective_hz: managed.effective_hz,
+        exits_per_s: managed.exits_per_s,
+        exits_saved: match (managed.config.mode, counters) {
+            (TickMode::Paratick, Some(c)) => c.exits_saved_estimate(),
+            _ => 0,
+        },
+    }
+}

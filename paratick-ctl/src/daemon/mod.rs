@@ -1,0 +1,242 @@
+//! `paratick-ctl daemon`: runs the configured VMs, loads the eBPF observer once for the
+//! host, serves Prometheus metrics over HTTP and control requests on a Unix socket, tells
+//! systemd when it is ready (Type=notify), and stops every VM on SIGTERM.
+
+pub mod config;
+mod manager;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::oneshot;
+
+use crate::protocol::{Request, Response, MAX_REQUEST_BYTES};
+pub use config::{DaemonConfig, DEFAULT_CONFIG};
+use manager::{Command, Manager};
+
+/// Command-line overrides of the configuration.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config_file: Option<&Path>, overrides: Overrides) -> Result<()> {
+    let mut config = match config_file {
+        Some(path) => DaemonConfig::load(path).with_context(|| format!("invalid configuration {}", path.display()))?,
+        None => DaemonConfig::parse(DEFAULT_CONFIG).context("invalid embedded configuration")?,
+    };
+    if let Some(listen) = overrides.metrics_listen {
+        config.metrics_listen = listen;
+    }
+    if let Some(socket) = overrides.socket {
+        config.socket = socket;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: DaemonConfig) -> Result<()> {
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let group = config.socket_group.as_deref().map(group_id).transpose()?;
+    let control_listener = bind_control_socket(&config.socket, group)?;
+    let metrics_url = format!("http://{metrics_addr}/metrics");
+
+    let (inbox, commands) = mpsc::channel();
+    let manager_config = config.clone();
+    let url = metrics_url.clone();
+    let manager = std::thread::Builder::new()
+        .name("manager".into())
+        .spawn(move || Manager::new(&manager_config, url).run(commands))
+        .context("cannot start the manager thread")?;
+
+    tokio::spawn(serve_metrics(metrics_listener, inbox.clone()));
+    tokio::spawn(serve_control(control_listener, inbox.clone(), group, config.socket_group.clone()));
+    let status = format!("metrics on {metrics_url}, control socket {}", config.socket.display());
+    notify_systemd(&format!("READY=1\nSTATUS={status}"));
+    log::info!("paratick daemon ready: {status}");
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => log::info!("SIGTERM: stopping the VMs"),
+        _ = interrupt.recv() => log::info!("SIGINT: stopping the VMs"),
+    }
+    notify_systemd("STOPPING=1");
+    let (done, stopped) = oneshot::channel();
+    if inbox.send(Command::Shutdown(done)).is_ok() {
+        let _ = stopped.await;
+    }
+    drop(inbox);
+    tokio::task::spawn_blocking(move || manager.join()).await?.map_err(|_| anyhow::anyhow!("the manager panicked"))?;
+    let _ = std::fs::remove_file(&config.socket);
+    log::info!("paratick daemon stopped");
+    Ok(())
+}
+
+fn group_id(name: &str) -> Result<u32> {
+    let c_name = std::ffi::CString::new(name).context("socket_group: not a valid group name")?;
+    // SAFETY: getgrnam reads the group database; the returned pointer (or null) is only
+    // dereferenced before any other call into the database on this thread.
+    let entry = unsafe { libc::getgrnam(c_name.as_ptr()) };
+    if entry.is_null() {
+        bail!("socket_group: no group named {name:?}");
+    }
+    // SAFETY: non-null entry returned just above.
+    Ok(unsafe { (*entry).gr_gid })
+}
+
+/// Binds the control socket (mode 0660, group `group`), replacing a stale one.
+fn bind_control_socket(path: &Path, group: Option<u32>) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another daemon is listening on {}: stop it first or use --socket", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| format!("cannot chown {}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// Minimal HTTP/1.1 for Prometheus: `GET /metrics`, one response per connection.
+async fn serve_metrics(listener: TcpListener, inbox: mpsc::Sender<Command>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buffer[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&request);
+            let mut parts = line.split_whitespace();
+            let (status, content_type, body) = match (parts.next(), parts.next()) {
+                (Some("GET"), Some(path)) if path == "/metrics" || path.starts_with("/metrics?") => {
+                    let (reply, rendered) = oneshot::channel();
+                    let body = match inbox.send(Command::Render(reply)) {
+                        Ok(()) => rendered.await.unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
+                }
+                (Some("GET"), _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
+                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+async fn serve_control(
+    listener: UnixListener,
+    inbox: mpsc::Sender<Command>,
+    group: Option<u32>,
+    group_name: Option<String>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let inbox = inbox.clone();
+        let group_name = group_name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_client(stream, inbox, group, group_name).await {
+                log::debug!("control connection: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_client(
+    stream: UnixStream,
+    inbox: mpsc::Sender<Command>,
+    group: Option<u32>,
+    group_name: Option<String>,
+) -> std::io::Result<()> {
+    let credentials = stream.peer_cred()?;
+    let allowed = credentials.uid() == 0 || group.is_some_and(|gid| credentials.gid() == gid);
+    let (read, mut write) = stream.into_split();
+    if !allowed {
+        let who = group_name.map_or_else(|| "root".to_string(), |g| format!("root or group {g}"));
+        let refusal = Response::error(format!("permission denied: only {who} may control the daemon"));
+        return write_response(&mut write, &refusal).await;
+    }
+    let mut lines = BufReader::new(read.take(u64::MAX)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = if line.len() > MAX_REQUEST_BYTES {
+            Response::error(format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"))
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Err(e) => Response::error(format!("bad request: {e}")),
+                Ok(request) => {
+                    let (reply, answer) = oneshot::channel();
+                    match inbox.send(Command::Request(request, reply)) {
+                        Ok(()) => answer.await.unwrap_or_else(|_| Response::error("the daemon is stopping")),
+                        Err(_) => Response::error("the daemon is stopping"),
+                    }
+                }
+            }
+        };
+        write_response(&mut write, &response).await?;
+    }
+    Ok(())
+}
+
+async fn write_response(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(response).expect("responses serialize");
+    line.push('\n');
+    write.write_all(line.as_bytes()).await
+}
+
+/// Sends a state update to systemd when run as a Type=notify service (`NOTIFY_SOCKET`).
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(socket) => socket,
+        Err(e) => return log::warn!("sd_notify: {e}"),
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = match bytes.strip_prefix(b"@") {
+        // An abstract socket address.
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|address| socket.send_to_addr(state.as_bytes(), &address))
+        }
+        None => socket.send_to(state.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        log::warn!("sd_notify to {}: {e}", path.to_string_lossy());
+    }
+}

@@ -1,0 +1,133 @@
+//! The control socket protocol: one JSON object per line each way.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"list"}`, `{"cmd":"set_tick_rate","vm":"a","hz":100}`
+//! (`"hz":null` returns the VM to its guest's requests), `{"cmd":"start","vm":"a"}`,
+//! `{"cmd":"stop","vm":"a"}`. Every response has `ok`; failures carry `error`, one line
+//! that says what to do. A failed request changes nothing.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The daemon's state. (Empty braces: unit variants would accept unknown fields.)
+    Status {},
+    /// Every VM.
+    List {},
+    /// Sets the operator's tick rate of a VM; `hz: None` returns it to the guest's requests.
+    SetTickRate {
+        /// VM name.
+        vm: String,
+        /// Rate in Hz, or null.
+        hz: Option<u32>,
+    },
+    /// Starts a VM that is not running.
+    Start {
+        /// VM name.
+        vm: String,
+    },
+    /// Stops a running VM.
+    Stop {
+        /// VM name.
+        vm: String,
+    },
+}
+
+/// One VM as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// `running`, `finished`, `stopped` or `failed`.
+    pub state: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Tick mode.
+    pub mode: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The guest's tick rate.
+    pub hz: u32,
+    /// Rate the guest asks the host for (Hz; 0 = none).
+    pub requested_hz: u32,
+    /// The operator's rate, if set.
+    pub configured_hz: Option<u32>,
+    /// Ticks injected per second per ticking vCPU over the last interval.
+    pub effective_hz: f64,
+    /// VM exits per second over the last interval (KVM stats).
+    pub exits_per_s: f64,
+    /// Estimated exits saved versus a tickless guest, so far.
+    pub exits_saved: u64,
+}
+
+/// The daemon as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// Version.
+    pub version: String,
+    /// Process id.
+    pub pid: u32,
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// Metrics URL.
+    pub metrics: String,
+    /// Control socket path.
+    pub socket: String,
+    /// Host KVM backend.
+    pub backend: String,
+    /// `attached`, or why the observer is unavailable.
+    pub observer: String,
+    /// VMs running.
+    pub vms_running: usize,
+    /// VMs configured.
+    pub vms_total: usize,
+}
+
+/// A response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For `list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<Vec<VmInfo>>,
+    /// For `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DaemonStatus>,
+}
+
+impl Response {
+    /// A success with nothing to return.
+    pub fn ok() -> Response {
+        Response { ok: true, ..Response::default() }
+    }
+
+    /// A failure.
+    pub fn error(message: impl Into<String>) -> Response {
+        Response { ok: false, error: Some(message.into()), ..Response::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let json = serde_json::to_string(&Request::SetTickRate { vm: "a".into(), hz: Some(100) }).unwrap();
+        assert_eq!(json, r#"{"cmd":"set_tick_rate","vm":"a","hz":100}"#);
+        let auto: Request = serde_json::from_str(r#"{"cmd":"set_tick_rate","vm":"a","hz":null}"#).unwrap();
+        assert_eq!(auto, Request::SetTickRate { vm: "a".into(), hz: None });
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"list"}"#).unwrap(), Request::List {});
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"list","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Response::ok()).unwrap(), r#"{"ok":true}"#);
+    }
+}
