@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use paratick_common::guest::{
-    kernel_stack_top, BootInfo, GuestResults, GuestStatus, VcpuCounters, Workload, BOOT_GDT_ADDR, BOOT_INFO_ADDR,
-    BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR, SECTOR_SIZE,
+    kernel_stack_top, BootInfo, GuestResults, GuestStatus, TickMode, VcpuCounters, Workload, BOOT_GDT_ADDR,
+    BOOT_INFO_ADDR, BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR,
+    SECTOR_SIZE,
 };
 use serde::Serialize;
 
@@ -131,6 +132,8 @@ pub struct RunReport {
     pub context_switches: u64,
     /// Block requests completed.
     pub block_requests: u64,
+    /// VM exits avoided versus a tickless guest, estimated (paratick guests; else 0).
+    pub exits_saved_estimate: u64,
     /// The counters at the end.
     #[serde(flatten)]
     pub counters: Counters,
@@ -438,6 +441,11 @@ impl Vm {
             guest_timer_writes: guest.iter().map(|c| c.timer_writes).sum(),
             context_switches: guest.iter().map(|c| c.context_switches).sum(),
             block_requests: self.block_counters.completed.load(Ordering::Relaxed),
+            exits_saved_estimate: if self.config.mode == TickMode::Paratick {
+                counters.exits_saved_estimate()
+            } else {
+                0
+            },
             counters,
         })
     }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{bail, Context, Result};
 
@@ -54,6 +55,60 @@ pub fn parse_perf_csv(report: &str) -> Result<BTreeMap<String, u64>> {
     Ok(counts)
 }
 
+/// Serialises the tests of one test binary that run VMs: tick counts and rates of busy
+/// guests are only meaningful when two of them do not share the host's two cores.
+pub fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A TCP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// One sample of a Prometheus text exposition: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Metric name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Value.
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (the subset exporters emit: no escapes in labels).
+pub fn parse_metrics(text: &str) -> Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').with_context(|| format!("no value in {line:?}"))?;
+        let value: f64 = value.parse().with_context(|| format!("bad value in {line:?}"))?;
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').with_context(|| format!("unclosed labels in {line:?}"))?;
+                let mut labels = BTreeMap::new();
+                for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                    let (key, value) = pair.split_once("=\"").with_context(|| format!("bad label in {line:?}"))?;
+                    labels.insert(key.to_string(), value.trim_end_matches('"').to_string());
+                }
+                (name, labels)
+            }
+        };
+        samples.push(Sample { name: name.to_string(), labels, value });
+    }
+    Ok(samples)
+}
+
+/// The value of the sample `name` whose labels include all of `labels`.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        .map(|s| s.value)
+}
+
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -63,6 +118,20 @@ fn unique() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_text_is_parsed_into_samples() {
+        let text = "# HELP x y\nparatick_up 1\nparatick_vm_tick_rate_hertz{source=\"effective\",vm=\"a\"} 99.5\n";
+        let samples = parse_metrics(text).unwrap();
+        assert_eq!(samples.len(), 2);
+        assert_eq!(metric(&samples, "paratick_up", &[]), Some(1.0));
+        assert_eq!(
+            metric(&samples, "paratick_vm_tick_rate_hertz", &[("vm", "a"), ("source", "effective")]),
+            Some(99.5)
+        );
+        assert_eq!(metric(&samples, "paratick_vm_tick_rate_hertz", &[("vm", "b")]), None);
+        assert!(parse_metrics("x{a=\"1\" 2\n").is_err());
+    }
 
     #[test]
     fn perf_csv_counts_are_read_by_event() {

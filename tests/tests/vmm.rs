@@ -1,22 +1,14 @@
 //! End-to-end tests of the VMM and the guest kernel on real /dev/kvm (as root).
 //!
-//! VMs run one at a time (a lock): tick counts of CPU-bound guests are only meaningful
-//! when two busy guests do not share the host's two cores.
+//! VMs run one at a time (`one_vm_at_a_time`).
 
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use paratick_common::guest::{TickMode, Workload};
-use paratick_tests::workspace_binary;
+use paratick_tests::{one_vm_at_a_time, workspace_binary};
 use paratick_vmm::{RunReport, Vm, VmConfig, VmError, WorkAmount};
 use serde_json::Value;
-
-static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
-    ONE_VM_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 fn config(mode: TickMode, workload: Workload, vcpus: u32, amount: WorkAmount) -> VmConfig {
     let mut config = VmConfig::new("test", vcpus, mode, 250, workload, amount);
@@ -306,4 +298,32 @@ fn the_cli_prints_the_documented_json_and_rejects_bad_input() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("use periodic, tickless or paratick"));
     let output = vmm(&["run", "--mode", "paratick", "--workload", "io"]);
     assert_eq!(output.status.code(), Some(2), "--duration or --work is required");
+}
+
+/// Exits a tickless run took for its timer, measured by the observer: every TSC-deadline
+/// write and every timer interrupt (each an exit on VMX/SVM hosts).
+fn measured_tickless_timer_exits(observed: &Value) -> u64 {
+    observed["tick_requests_by_kind"]["tsc_deadline"].as_u64().unwrap() + observed["timer_interrupts"].as_u64().unwrap()
+}
+
+#[test]
+fn the_exits_saved_estimate_matches_a_measured_tickless_paratick_pair() {
+    let _lock = one_vm_at_a_time();
+    for (workload, tolerance) in [("sequential", 0.05), ("io", 0.15)] {
+        let common = ["--vcpus", "1", "--workload", workload, "--duration", "2s"];
+        let (tickless, tickless_observed) = observed_run(&[&common[..], &["--mode", "tickless"]].concat());
+        let (paratick, _) = observed_run(&[&common[..], &["--mode", "paratick"]].concat());
+        let units = |r: &Value| r["work_units"].as_f64().unwrap();
+        let kicks = paratick["ticks_injected"].as_f64().unwrap() - paratick["ticks_ridden"].as_f64().unwrap();
+        // Per unit of work, since the two runs do different amounts in the same time.
+        let measured =
+            measured_tickless_timer_exits(&tickless_observed) as f64 / units(&tickless) - kicks / units(&paratick);
+        let estimated = paratick["exits_saved_estimate"].as_f64().unwrap() / units(&paratick);
+        assert!(measured > 0.0, "{workload}: paratick saved nothing?");
+        let error = (estimated - measured).abs() / measured;
+        assert!(
+            error <= tolerance,
+            "{workload}: estimated {estimated:.3} vs measured {measured:.3} exits saved per work unit"
+        );
+    }
 }

@@ -3,7 +3,8 @@
 //! - `setup`  installs what the build and tests need (idempotent; a second run only checks)
 //! - `test`   setup, build every binary, run every test (the README's test command)
 //! - `run`    setup, build, run the main job (the README's run command)
-//! - `lint`   rustfmt and clippy, including the eBPF crate for its own target
+//! - `lint`   rustfmt and clippy, including the eBPF crate and guest for their targets
+//! - `install [--root DIR]`  the daemon's binary, systemd unit and default config
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +23,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("linux-perf", "perf stat: the independent reference in tests"),
     ("bpftool", "inspecting loaded BPF programs"),
     ("prometheus", "promtool and a real Prometheus server for the metrics tests"),
+    ("systemd", "systemd-analyze, to verify the service unit"),
 ];
 
 /// The rustup name under which Debian's toolchain is linked (aya-build runs
@@ -53,11 +55,16 @@ fn main() -> Result<()> {
             cargo(&run)
         }
         "lint" => lint(),
+        "install" => match rest {
+            [] => install(Path::new("/")),
+            [flag, root] if flag == "--root" => install(Path::new(root)),
+            _ => bail!("usage: cargo xtask install [--root DIR]"),
+        },
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <setup|test [ARGS]|run [ARGS]|lint>");
+            println!("usage: cargo xtask <setup|test [ARGS]|run [ARGS]|lint|install [--root DIR]>");
             Ok(())
         }
-        other => bail!("unknown task {other:?}: use setup, test, run or lint"),
+        other => bail!("unknown task {other:?}: use setup, test, run, lint or install"),
     }
 }
 
@@ -158,6 +165,41 @@ fn mount_tracefs() -> Result<()> {
     }
     eprintln!("xtask setup: mounting tracefs at {TRACEFS}");
     run(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))
+}
+
+/// Installs the daemon under `root` (`/` for the real thing): binary, unit, and the
+/// default configuration unless one is there already (an operator's edits are kept).
+fn install(root: &Path) -> Result<()> {
+    setup()?;
+    cargo(&["build", "--release", "--package", "paratick-ctl", "--package", "paratick-vmm"])?;
+    let workspace = workspace_root();
+    let copy = |from: PathBuf, to: &str, mode: u32| -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let to = root.join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().expect("absolute target"))
+            .with_context(|| format!("create {}", to.display()))?;
+        std::fs::copy(&from, &to).with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
+        eprintln!("xtask install: {}", to.display());
+        Ok(())
+    };
+    for binary in ["paratick-ctl", "paratick-vmm"] {
+        copy(workspace.join("target/release").join(binary), &format!("/usr/local/bin/{binary}"), 0o755)?;
+    }
+    copy(workspace.join("packaging/paratick.service"), "/etc/systemd/system/paratick.service", 0o644)?;
+    if root.join("etc/paratick/paratick.toml").exists() {
+        eprintln!("xtask install: keeping the existing /etc/paratick/paratick.toml");
+    } else {
+        copy(workspace.join("packaging/paratick.toml"), "/etc/paratick/paratick.toml", 0o644)?;
+    }
+    let systemd_runs = std::fs::read_to_string("/proc/1/comm").is_ok_and(|comm| comm.trim() == "systemd");
+    if root == Path::new("/") && systemd_runs {
+        run(Command::new("systemctl").arg("daemon-reload"))?;
+        eprintln!("xtask install: start it with `systemctl enable --now paratick`");
+    } else {
+        eprintln!("xtask install: systemd is not running here; start the daemon with `paratick-ctl daemon`");
+    }
+    Ok(())
 }
 
 fn lint() -> Result<()> {
