@@ -49,7 +49,8 @@ fn main() -> Result<()> {
             setup()?;
             let mut run = vec!["run", "--release", "--package", "paratick-ctl", "--"];
             if rest.is_empty() {
-                run.push("observe");
+                // The main job: the daemon on its embedded default configuration.
+                run.push("daemon");
             }
             run.extend(rest.iter().map(String::as_str));
             cargo(&run)
