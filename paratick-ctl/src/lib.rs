@@ -3,6 +3,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
+pub mod bench;
 pub mod client;
 pub mod daemon;
 pub mod observer;

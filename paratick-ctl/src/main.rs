@@ -45,6 +45,30 @@ enum Command {
     /// The daemon's VMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Reproduce the paper's evaluation: tickless vs paratick (and periodic) on three workloads.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Where results.json, results.csv, results.md and the plots go.
+    #[arg(long, default_value = "bench-out", value_name = "DIR")]
+    out: PathBuf,
+    /// Repetitions of every run.
+    #[arg(long, default_value_t = 5)]
+    reps: u32,
+    /// Length of a throughput run (and target length of an execution-time run).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Guest tick rate, every mode.
+    #[arg(long, default_value_t = 250)]
+    hz: u32,
+    /// vCPUs of the multithreaded and I/O workloads.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// One repetition of 1 s runs: the whole bench in about a minute (CI).
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Debug, Args)]
@@ -132,6 +156,7 @@ fn main() -> ExitCode {
         }
         Command::Status { json } => status(&socket, json),
         Command::Vm(command) => vm(&socket, command),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(code) => code,
@@ -140,6 +165,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn bench(args: BenchArgs) -> Result<ExitCode> {
+    let (reps, duration) = if args.quick { (1, Duration::from_secs(1)) } else { (args.reps, args.duration) };
+    let options = paratick_ctl::bench::BenchOptions {
+        out: args.out,
+        reps,
+        duration,
+        hz: args.hz,
+        vcpus: args.vcpus,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let results = paratick_ctl::bench::run(&options)?;
+    for w in &results.summary {
+        let r = &w.paratick_vs_tickless;
+        println!(
+            "{:<14} paratick vs tickless: exits {:+.1}% (modelled VMX {:+.1}%), throughput {:+.1}%, execution time {:+.1}%",
+            w.workload, r.exits_pct, r.modelled_vmx_exits_pct, r.throughput_pct, r.execution_time_pct
+        );
+    }
+    println!("results in {}", options.out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(socket: &Path, json: bool) -> Result<ExitCode> {

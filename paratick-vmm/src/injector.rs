@@ -40,7 +40,14 @@ pub struct VcpuTicks {
     pub ridden: AtomicU64,
     /// Due ticks not injected because the vCPU was halted.
     pub skipped_idle: AtomicU64,
+    /// When the last tick was delivered (ns since start; 0 before the first).
+    last_delivery_ns: AtomicU64,
+    /// Intervals between delivered ticks, in µs (the first `MAX_INTERVALS`).
+    intervals_us: std::sync::Mutex<Vec<u32>>,
 }
+
+/// How many tick intervals a vCPU keeps (enough for minutes at 1000 Hz).
+const MAX_INTERVALS: usize = 1 << 18;
 
 impl VcpuTicks {
     /// If a tick is due at `now_ns` for `period_ns`, claims it (so that exactly one of
@@ -55,6 +62,22 @@ impl VcpuTicks {
         let due = last + period_ns;
         let next = if now_ns - due < period_ns { due } else { now_ns };
         self.last_tick_ns.compare_exchange(last, next, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Records a delivered tick (for the intervals between ticks).
+    pub fn delivered(&self, now_ns: u64) {
+        let last = self.last_delivery_ns.swap(now_ns, Ordering::AcqRel);
+        if last != 0 {
+            let mut intervals = self.intervals_us.lock().expect("intervals lock");
+            if intervals.len() < MAX_INTERVALS {
+                intervals.push(((now_ns.saturating_sub(last)) / 1000).min(u32::MAX as u64) as u32);
+            }
+        }
+    }
+
+    /// Intervals between delivered ticks so far, in µs.
+    pub fn intervals_us(&self) -> Vec<u32> {
+        self.intervals_us.lock().expect("intervals lock").clone()
     }
 
     /// Restarts the period at `now_ns` (the vCPU was idle or just asked for ticks).
@@ -162,6 +185,7 @@ pub fn run(vm: &VmFd, control: &TickControl, stats: &[VcpuStats]) -> Result<(), 
                 } else {
                     send_msi(vm, index as u32, PARATICK_TICK_VECTOR)?;
                     ticks.injected.fetch_add(1, Ordering::Relaxed);
+                    ticks.delivered(control.now_ns());
                 }
             }
             next_due = next_due.min(ticks.next_due(period));

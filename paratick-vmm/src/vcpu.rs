@@ -206,9 +206,11 @@ impl VcpuThread {
     fn ride_due_tick(&self) -> Result<(), VmError> {
         let Some(period) = self.ticks.period_ns(self.index) else { return Ok(()) };
         let ticks = &self.ticks.vcpus[self.index];
-        if ticks.claim_due(self.ticks.now_ns(), period) {
+        let now = self.ticks.now_ns();
+        if ticks.claim_due(now, period) {
             send_msi(&self.vm, self.index as u32, PARATICK_TICK_VECTOR).map_err(VmError::kvm("KVM_SIGNAL_MSI"))?;
             ticks.ridden.fetch_add(1, Ordering::Relaxed);
+            ticks.delivered(now);
         }
         Ok(())
     }

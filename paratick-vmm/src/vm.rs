@@ -134,6 +134,9 @@ pub struct RunReport {
     pub block_requests: u64,
     /// VM exits avoided versus a tickless guest, estimated (paratick guests; else 0).
     pub exits_saved_estimate: u64,
+    /// Intervals between delivered ticks, in µs, all vCPUs (not in the JSON: large).
+    #[serde(skip)]
+    pub tick_intervals_us: Vec<u32>,
     /// The counters at the end.
     #[serde(flatten)]
     pub counters: Counters,
@@ -446,6 +449,7 @@ impl Vm {
             } else {
                 0
             },
+            tick_intervals_us: self.ticks.vcpus.iter().flat_map(|t| t.intervals_us()).collect(),
             counters,
         })
     }

@@ -1,0 +1,225 @@
+//! `paratick-ctl bench`: the paper's evaluation on our VMM and guest. Every workload runs
+//! in every tick mode at the same HZ, interleaved (rep 1: all workloads × modes, rep 2:
+//! again, …) so that drift on a noisy host hits every mode alike; throughput runs work
+//! for a fixed time, execution-time runs do a fixed amount of work (calibrated from the
+//! tickless throughput runs). The eBPF observer is on for every run and attributes each
+//! run's threads to that run. Then: the observer's overhead, and tick precision.
+
+mod plot;
+pub mod report;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use paratick_common::event::SYNTHETIC_OWNER_BASE;
+use paratick_common::guest::{TickMode, Workload};
+use paratick_vmm::{RunReport, Vm, VmConfig, WorkAmount};
+
+use crate::observer::{per_process, Observer, PidFilter, ProcessCounts};
+use report::{Kind, Record};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Output directory.
+    pub out: PathBuf,
+    /// Repetitions of every (workload, mode, kind).
+    pub reps: u32,
+    /// Length of a throughput run (and target length of an execution-time run).
+    pub duration: Duration,
+    /// Guest tick rate.
+    pub hz: u32,
+    /// vCPUs of the multithreaded and I/O workloads (sequential uses 1).
+    pub vcpus: u32,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+impl BenchOptions {
+    /// Checks the options.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=100).contains(&self.reps) {
+            bail!("--reps must be 1 to 100, not {}", self.reps);
+        }
+        if !(Duration::from_millis(500)..=Duration::from_secs(600)).contains(&self.duration) {
+            bail!("--duration must be 500ms to 10m");
+        }
+        if !(2..=8).contains(&self.vcpus) {
+            bail!("--vcpus must be 2 to 8 (the multithreaded and I/O workloads need two or more), not {}", self.vcpus);
+        }
+        VmConfig::new("check", 1, TickMode::Paratick, self.hz, Workload::Sequential, WorkAmount::Seconds(1.0))
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--hz: {e}"))
+    }
+
+    fn vcpus_for(&self, workload: Workload) -> u32 {
+        if workload == Workload::Sequential {
+            1
+        } else {
+            self.vcpus
+        }
+    }
+}
+
+/// Tick rates of the precision runs.
+const PRECISION_HZ: [u32; 3] = [100, 250, 1000];
+
+struct Bench<'a> {
+    options: &'a BenchOptions,
+    observer: Option<Observer>,
+    next_owner: u32,
+    done: usize,
+    total: usize,
+}
+
+impl Bench<'_> {
+    fn progress(&mut self, what: &str) {
+        self.done += 1;
+        let width = 30;
+        let filled = width * self.done / self.total.max(1);
+        let bar =
+            format!("[{}{}] {:>3}/{} {what}", "#".repeat(filled), ".".repeat(width - filled), self.done, self.total);
+        let mut err = std::io::stderr().lock();
+        if std::io::stderr().is_terminal() {
+            let _ = write!(err, "\r\x1b[2K{bar}");
+            if self.done == self.total {
+                let _ = writeln!(err);
+            }
+        } else {
+            let _ = writeln!(err, "{bar}");
+        }
+    }
+
+    /// Runs one VM with its threads attributed to a fresh owner; returns its report and
+    /// what the observer saw of it (if attached).
+    fn run_vm(&mut self, mut config: VmConfig) -> Result<(RunReport, Option<ProcessCounts>)> {
+        config.start_paused = true;
+        let owner = SYNTHETIC_OWNER_BASE + self.next_owner;
+        self.next_owner += 1;
+        let vm = Vm::start(config.clone()).with_context(|| format!("starting {}", config.name))?;
+        let threads = vm.thread_ids();
+        if let Some(observer) = &mut self.observer {
+            observer.attribute_threads(owner, &threads)?;
+        }
+        vm.resume();
+        let report = vm.wait().with_context(|| format!("running {}", config.name))?;
+        let observed = match &mut self.observer {
+            Some(observer) => {
+                let counts = per_process(&observer.snapshot()?).remove(&owner).unwrap_or_default();
+                observer.forget_threads(&threads)?;
+                Some(counts)
+            }
+            None => None,
+        };
+        Ok((report, observed))
+    }
+
+    fn config(&self, workload: Workload, mode: TickMode, hz: u32, amount: WorkAmount) -> VmConfig {
+        let name = format!("bench-{}-{}", workload.name(), mode.name());
+        VmConfig::new(&name, self.options.vcpus_for(workload), mode, hz, workload, amount)
+    }
+
+    fn record(
+        &mut self,
+        workload: Workload,
+        mode: TickMode,
+        kind: Kind,
+        rep: u32,
+        amount: WorkAmount,
+    ) -> Result<Record> {
+        let config = self.config(workload, mode, self.options.hz, amount);
+        let (report, observed) = self.run_vm(config)?;
+        let observed = observed.context("the observer is not attached")?;
+        let record = Record::new(workload, mode, kind, rep, &report, &observed);
+        self.progress(&format!(
+            "{} {} {} rep {}: {:.0} units/s",
+            kind.name(),
+            workload.name(),
+            mode.name(),
+            rep + 1,
+            record.throughput_per_s
+        ));
+        Ok(record)
+    }
+}
+
+/// Runs the whole evaluation and writes results.json, results.csv, results.md and the
+/// plots to `options.out`.
+pub fn run(options: &BenchOptions) -> Result<report::Results> {
+    options.validate()?;
+    std::fs::create_dir_all(&options.out).with_context(|| format!("cannot create {}", options.out.display()))?;
+    let observer = Observer::start(&PidFilter::All).context("the bench needs the eBPF observer")?;
+    let workloads = Workload::EVALUATED;
+    let modes = TickMode::ALL;
+    let main_runs = workloads.len() * modes.len() * options.reps as usize * 2;
+    let total = main_runs + 2 * options.reps as usize + PRECISION_HZ.len();
+    let mut bench = Bench { options, observer: Some(observer), next_owner: 0, done: 0, total };
+
+    let mut records = Vec::new();
+    for rep in 0..options.reps {
+        for workload in workloads {
+            for mode in modes {
+                let amount = WorkAmount::Seconds(options.duration.as_secs_f64());
+                records.push(bench.record(workload, mode, Kind::Throughput, rep, amount)?);
+            }
+        }
+    }
+    // Execution-time runs do what the tickless guest did in `duration`, in each mode.
+    let work: Vec<(Workload, u64)> = workloads
+        .iter()
+        .map(|w| {
+            let rate = report::median(
+                records.iter().filter(|r| r.workload == w.name() && r.mode == "tickless").map(|r| r.throughput_per_s),
+            );
+            (*w, ((rate * options.duration.as_secs_f64()).round() as u64).max(1))
+        })
+        .collect();
+    for rep in 0..options.reps {
+        for (workload, units) in &work {
+            for mode in modes {
+                records.push(bench.record(*workload, mode, Kind::Execution, rep, WorkAmount::Units(*units))?);
+            }
+        }
+    }
+
+    // Observer overhead: the exit-heaviest workload with and without the programs.
+    let heaviest = report::heaviest_workload(&records);
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    for rep in 0..options.reps {
+        for attached in [false, true] {
+            bench.observer = if attached { Some(Observer::start(&PidFilter::All)?) } else { None };
+            let config = bench.config(
+                heaviest,
+                TickMode::Tickless,
+                options.hz,
+                WorkAmount::Seconds(options.duration.as_secs_f64()),
+            );
+            let (report, _) = bench.run_vm(config)?;
+            (if attached { &mut with } else { &mut without }).push(report.throughput_per_s);
+            bench.progress(&format!("observer {} rep {}", if attached { "on" } else { "off" }, rep + 1));
+        }
+    }
+    let overhead = report::ObserverOverhead::new(heaviest, &with, &without);
+
+    // Tick precision: injected rate and intervals at several rates.
+    let mut precision = Vec::new();
+    for hz in PRECISION_HZ {
+        let config = bench.config(
+            Workload::Sequential,
+            TickMode::Paratick,
+            hz,
+            WorkAmount::Seconds(options.duration.as_secs_f64()),
+        );
+        let (report, _) = bench.run_vm(config)?;
+        precision.push(report::TickPrecision::new(hz, &report));
+        bench.progress(&format!("tick precision at {hz} Hz"));
+    }
+
+    let results = report::Results::new(options, records, overhead, precision);
+    results.write(&options.out)?;
+    plot::write_all(&results, &options.out)?;
+    Ok(results)
+}

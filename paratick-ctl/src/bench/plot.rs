@@ -1,0 +1,189 @@
+//! SVG plots of the bench: exits per second and throughput per mode per workload (bars at
+//! the median, whiskers from min to max), and the distribution of intervals between
+//! injected ticks. Plain SVG, no dependencies.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::report::{Record, Results, Spread, HISTOGRAM_BINS};
+
+const WIDTH: f64 = 720.0;
+const HEIGHT: f64 = 360.0;
+const MARGIN: f64 = 60.0;
+const COLOURS: [&str; 3] = ["#7f7f7f", "#d62728", "#1f77b4"];
+
+fn svg_start(title: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"15\">{title}</text>\n",
+        WIDTH / 2.0
+    )
+}
+
+/// Bars per group (workload) and series (mode), with whiskers.
+fn bar_chart(title: &str, y_label: &str, groups: &[(String, Vec<(String, Spread)>)]) -> String {
+    let mut svg = svg_start(title);
+    let top =
+        groups.iter().flat_map(|(_, bars)| bars.iter().map(|(_, s)| s.max)).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let plot_h = HEIGHT - 2.0 * MARGIN;
+    let plot_w = WIDTH - 2.0 * MARGIN;
+    let y = |v: f64| MARGIN + plot_h * (1.0 - v / top);
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{MARGIN}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+        y(0.0),
+        WIDTH - MARGIN,
+        y(0.0)
+    );
+    let _ = writeln!(svg, "<line x1=\"{MARGIN}\" y1=\"{MARGIN}\" x2=\"{MARGIN}\" y2=\"{}\" stroke=\"black\"/>", y(0.0));
+    for tick in 0..=4 {
+        let value = top * tick as f64 / 4.0;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{value:.0}</text>",
+            MARGIN - 4.0,
+            y(value) + 4.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"14\" y=\"{:.1}\" transform=\"rotate(-90 14 {:.1})\" text-anchor=\"middle\">{y_label}</text>",
+        HEIGHT / 2.0,
+        HEIGHT / 2.0
+    );
+    let group_w = plot_w / groups.len().max(1) as f64;
+    for (g, (group, bars)) in groups.iter().enumerate() {
+        let bar_w = group_w * 0.8 / bars.len().max(1) as f64;
+        let x0 = MARGIN + g as f64 * group_w + group_w * 0.1;
+        for (b, (_, spread)) in bars.iter().enumerate() {
+            let x = x0 + b as f64 * bar_w;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>",
+                y(spread.median),
+                bar_w * 0.9,
+                y(0.0) - y(spread.median),
+                COLOURS[b % COLOURS.len()]
+            );
+            let cx = x + bar_w * 0.45;
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{cx:.1}\" y1=\"{:.1}\" x2=\"{cx:.1}\" y2=\"{:.1}\" stroke=\"black\"/>",
+                y(spread.min),
+                y(spread.max)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{group}</text>",
+            x0 + group_w * 0.4,
+            y(0.0) + 18.0
+        );
+    }
+    if let Some((_, bars)) = groups.first() {
+        for (b, (series, _)) in bars.iter().enumerate() {
+            let x = WIDTH - MARGIN - 110.0;
+            let yy = MARGIN + 16.0 * b as f64;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/>",
+                yy - 9.0,
+                COLOURS[b % COLOURS.len()]
+            );
+            let _ = writeln!(svg, "<text x=\"{}\" y=\"{yy}\">{series}</text>", x + 14.0);
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn per_mode(results: &Results, kind: &str, value: fn(&Record) -> f64) -> Vec<(String, Vec<(String, Spread)>)> {
+    results
+        .summary
+        .iter()
+        .map(|w| {
+            let bars = w
+                .modes
+                .iter()
+                .map(|m| {
+                    let values: Vec<f64> = results
+                        .runs
+                        .iter()
+                        .filter(|r| r.workload == w.workload && r.mode == m.mode && r.kind == kind)
+                        .map(value)
+                        .collect();
+                    let median = super::report::median(values.iter().copied());
+                    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+                    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    (m.mode.to_string(), Spread { median, min, max })
+                })
+                .collect();
+            (w.workload.to_string(), bars)
+        })
+        .collect()
+}
+
+fn histograms(results: &Results) -> String {
+    let mut svg = svg_start("Intervals between injected ticks (bins of 1/10 period)");
+    let panels = results.tick_precision.len().max(1) as f64;
+    let panel_w = (WIDTH - MARGIN) / panels;
+    for (p, precision) in results.tick_precision.iter().enumerate() {
+        let x0 = MARGIN / 2.0 + p as f64 * panel_w;
+        let top = precision.histogram.iter().copied().max().unwrap_or(1).max(1) as f64;
+        let bin_w = (panel_w - 20.0) / HISTOGRAM_BINS as f64;
+        let base = HEIGHT - MARGIN;
+        for (b, count) in precision.histogram.iter().enumerate() {
+            let h = (HEIGHT - 2.0 * MARGIN) * *count as f64 / top;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"/>",
+                x0 + b as f64 * bin_w,
+                base - h,
+                bin_w * 0.9,
+                if b == 10 { COLOURS[1] } else { COLOURS[2] }
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{} Hz: effective {:.1} Hz, p50 {} µs, p99 {} µs</text>",
+            x0 + (panel_w - 20.0) / 2.0,
+            base + 18.0,
+            precision.requested_hz,
+            precision.effective_hz,
+            precision.interval_p50_us,
+            precision.interval_p99_us
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Writes exits_per_second.svg, throughput.svg and tick_intervals.svg.
+pub fn write_all(results: &Results, dir: &Path) -> Result<()> {
+    let files = [
+        (
+            "exits_per_second.svg",
+            bar_chart(
+                "VM exits per second (measured, throughput runs)",
+                "exits/s",
+                &per_mode(results, "throughput", |r| r.exits_per_s),
+            ),
+        ),
+        (
+            "throughput.svg",
+            bar_chart(
+                "Throughput (work units per second)",
+                "units/s",
+                &per_mode(results, "throughput", |r| r.throughput_per_s),
+            ),
+        ),
+        ("tick_intervals.svg", histograms(results)),
+    ];
+    for (name, svg) in files {
+        std::fs::write(dir.join(name), svg).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! `paratick-ctl bench --quick` (real KVM, real eBPF, as root): the output is complete and
+//! well-formed. Its speed is not judged here: that is what the bench reports.
+
+use std::process::Command;
+
+use paratick_tests::{one_vm_at_a_time, workspace_binary};
+use serde_json::Value;
+
+#[test]
+fn a_quick_bench_writes_complete_well_formed_results() {
+    let _lock = one_vm_at_a_time();
+    let out = std::env::temp_dir().join(format!("paratick-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let output = Command::new(workspace_binary("paratick-ctl"))
+        .args(["bench", "--quick", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run the bench");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for workload in ["sequential", "multithreaded", "io"] {
+        assert!(stdout.contains(&format!("{workload:<14} paratick vs tickless: exits ")), "{stdout}");
+    }
+    // A progress line per run (stderr is not a terminal here).
+    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().filter(|l| l.starts_with('[')).count(), 23);
+
+    let results: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let runs = results["runs"].as_array().unwrap();
+    // 3 workloads x 3 modes x 1 repetition x (throughput, execution).
+    assert_eq!(runs.len(), 18);
+    for run in runs {
+        for field in ["workload", "mode", "hz", "vcpus", "exits", "throughput_per_s", "elapsed_s", "modelled_vmx_exits"]
+        {
+            assert!(run.get(field).is_some(), "{field} missing from {run}");
+        }
+        assert!(run["throughput_per_s"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(run["exits"].as_u64().unwrap() > 0, "{run}");
+        let vcpus = if run["workload"] == "sequential" { 1 } else { 2 };
+        assert_eq!(run["vcpus"], vcpus);
+        assert_eq!(run["hz"], 250);
+        match run["mode"].as_str().unwrap() {
+            "paratick" => assert_eq!(
+                (run["paratick_requests"].as_u64(), run["tsc_deadline_writes"].as_u64()),
+                (Some(vcpus), Some(0))
+            ),
+            "tickless" => assert!(run["tsc_deadline_writes"].as_u64().unwrap() > 0),
+            _ => assert_eq!(run["ticks_injected"], 0),
+        }
+    }
+    let summary = results["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), 3);
+    for workload in summary {
+        for key in ["exits_pct", "modelled_vmx_exits_pct", "throughput_pct", "execution_time_pct"] {
+            assert!(workload["paratick_vs_tickless"][key].is_f64(), "{key} in {workload}");
+            assert!(workload["periodic_vs_tickless"][key].is_f64(), "{key} in {workload}");
+        }
+        assert_eq!(workload["modes"].as_array().unwrap().len(), 3);
+    }
+    assert!(results["observer_overhead"]["ratio"].as_f64().unwrap() > 0.0);
+    let precision = results["tick_precision"].as_array().unwrap();
+    assert_eq!(precision.iter().map(|p| p["requested_hz"].as_u64().unwrap()).collect::<Vec<_>>(), [100, 250, 1000]);
+    for p in precision {
+        assert!(p["intervals"].as_u64().unwrap() > 0 && p["effective_hz"].as_f64().unwrap() > 0.0, "{p}");
+    }
+
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert!(header.contains(&"workload") && header.contains(&"exits") && header.contains(&"throughput_per_s"));
+    assert_eq!(lines.clone().count(), 18);
+    assert!(lines.all(|l| l.split(',').count() == header.len()));
+
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    for needle in [
+        "| sequential | 1 | paratick vs tickless |",
+        "| io | 2 | periodic vs tickless |",
+        "-34% / +20% / -18%",
+        "## Observer overhead",
+        "## Tick precision",
+    ] {
+        assert!(md.contains(needle), "{needle} missing from results.md");
+    }
+    for plot in ["exits_per_second.svg", "throughput.svg", "tick_intervals.svg"] {
+        let svg = std::fs::read_to_string(out.join(plot)).unwrap();
+        assert!(
+            svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\"") && svg.trim_end().ends_with("</svg>"),
+            "{plot}"
+        );
+        assert!(svg.matches("<rect").count() > 3, "{plot} has no bars");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn bad_bench_options_are_refused_in_one_line() {
+    for (args, message) in [
+        (&["--reps", "0"][..], "--reps must be 1 to 100, not 0"),
+        (&["--vcpus", "1"][..], "--vcpus must be 2 to 8"),
+        (&["--hz", "5"][..], "--hz: hz must be 10 to 4000, not 5"),
+        (&["--duration", "10ms"][..], "--duration must be 500ms to 10m"),
+    ] {
+        let output = Command::new(workspace_binary("paratick-ctl")).arg("bench").args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
