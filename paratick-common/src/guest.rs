@@ -228,6 +228,8 @@ pub struct VcpuCounters {
     pub context_switches: u64,
     /// Work units done by tasks on this vCPU.
     pub work_units: u64,
+    /// TSC cycles tasks ran on this vCPU (accounted at ticks and task switches).
+    pub run_tsc: u64,
 }
 
 /// Length of [`GuestResults::panic_message`].
@@ -245,6 +247,9 @@ pub struct GuestResults {
     pub start_tsc: u64,
     /// TSC when the last task finished.
     pub end_tsc: u64,
+    /// Guest time in ticks since the start, advanced by every tick from the TSC (so a
+    /// vCPU that ticks after an idle stretch catches up, as Linux does after NO_HZ idle).
+    pub jiffies: u64,
     /// Counters of each vCPU.
     pub vcpus: [VcpuCounters; MAX_VCPUS],
     /// Why the guest panicked (UTF-8).

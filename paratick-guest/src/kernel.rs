@@ -56,6 +56,8 @@ struct Cpu {
     current: usize,
     slice_left: u32,
     tick: TickState,
+    /// TSC up to which the current task's run time is accounted.
+    accounted_tsc: u64,
 }
 
 static INIT_DONE: AtomicBool = AtomicBool::new(false);
@@ -120,7 +122,7 @@ static TASKS: [Task; MAX_TASKS] = [NEW_TASK; MAX_TASKS];
 // As NEW_TASK.
 #[allow(clippy::declare_interior_mutable_const)]
 const NEW_CPU: PerVcpu<Cpu> =
-    PerVcpu(UnsafeCell::new(Cpu { current: NONE, slice_left: SLICE_TICKS, tick: TickState::new() }));
+    PerVcpu(UnsafeCell::new(Cpu { current: NONE, slice_left: SLICE_TICKS, tick: TickState::new(), accounted_tsc: 0 }));
 static CPUS: [PerVcpu<Cpu>; MAX_VCPUS] = [NEW_CPU; MAX_VCPUS];
 
 /// The boot information (valid once init is done).
@@ -148,6 +150,29 @@ impl BootExt for BootInfo {
 
 fn results() -> *mut GuestResults {
     RESULTS_ADDR as *mut GuestResults
+}
+
+/// TSC when the workload started.
+pub fn start_tsc() -> u64 {
+    // SAFETY: written once by vCPU 0 during init, before any tick (see InitOnce).
+    unsafe { (*results()).start_tsc }
+}
+
+/// Guest time in ticks, shared by all vCPUs (in the results block, read live by the VMM).
+pub fn jiffies() -> &'static AtomicU64 {
+    // SAFETY: `jiffies` is an aligned u64 in the results block, only ever accessed
+    // atomically once the kernel runs; AtomicU64 has the layout of u64.
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*results()).jiffies)) }
+}
+
+/// Adds the current task's run time up to now to this vCPU's account.
+fn account_run_time(vcpu: usize) {
+    let now = arch::rdtsc();
+    let cpu = cpu(vcpu);
+    if cpu.current != NONE && TASKS[cpu.current].state.load(Ordering::Relaxed) == RUNNING {
+        counters(vcpu).run_tsc += now.saturating_sub(cpu.accounted_tsc);
+    }
+    cpu.accounted_tsc = now;
 }
 
 /// This vCPU's counters in the results block (which the VMM reads live).
@@ -254,7 +279,8 @@ pub fn run(vcpu: usize) -> ! {
     if vcpu >= boot().vcpus as usize {
         panic!("vCPU {vcpu} started but the VM has {} vCPUs", boot().vcpus);
     }
-    if boot().work() == Workload::TripleFault {
+    // One vCPU faults, so the failure is deterministic; the others idle.
+    if vcpu == 0 && boot().work() == Workload::TripleFault {
         arch::triple_fault();
     }
     tick::start(vcpu, &mut cpu(vcpu).tick);
@@ -275,6 +301,7 @@ fn pick_next(vcpu: usize) -> Option<usize> {
 
 /// Runs `task` on return from this trap (or from idle).
 fn dispatch(vcpu: usize, task: usize, frame: &mut TrapFrame) {
+    account_run_time(vcpu);
     let cpu = cpu(vcpu);
     if cpu.current != task {
         counters(vcpu).context_switches += 1;
@@ -288,6 +315,7 @@ fn dispatch(vcpu: usize, task: usize, frame: &mut TrapFrame) {
 /// The current task stops running (`new_state`); another runnable task of this vCPU
 /// takes over in `frame`, or the vCPU goes idle.
 fn switch_away(vcpu: usize, frame: &mut TrapFrame, new_state: u32) {
+    account_run_time(vcpu);
     let current = cpu(vcpu).current;
     *task_frame(current) = *frame;
     TASKS[current].state.store(new_state, Ordering::Release);
@@ -325,6 +353,7 @@ extern "C" fn trap_entry(frame: &mut TrapFrame) {
             apic::eoi();
             tick::on_tick(vcpu, &mut cpu(vcpu).tick, !from_user);
             if from_user {
+                account_run_time(vcpu);
                 let cpu = cpu(vcpu);
                 cpu.slice_left = cpu.slice_left.saturating_sub(1);
                 if cpu.slice_left == 0 && pick_next(vcpu).is_some() {
@@ -365,6 +394,8 @@ fn exception_name(vector: u64) -> &'static str {
 }
 
 fn system_call(vcpu: usize, frame: &mut TrapFrame) {
+    // While the task is still running: the calls below may block or end it.
+    account_run_time(vcpu);
     let task = cpu(vcpu).current;
     match frame.rax {
         SYS_EXIT => {

@@ -62,6 +62,7 @@ pub fn start(vcpu: usize, state: &mut TickState) {
 
 /// A tick arrived; `idle` says whether it interrupted the idle loop.
 pub fn on_tick(vcpu: usize, state: &mut TickState, idle: bool) {
+    advance_jiffies();
     let counters = counters(vcpu);
     counters.ticks += 1;
     if idle {
@@ -71,6 +72,13 @@ pub fn on_tick(vcpu: usize, state: &mut TickState, idle: bool) {
         apic::set_tsc_deadline(state.next_deadline);
         counters.timer_writes += 1;
     }
+}
+
+/// Advances guest time to the TSC: jiffies are the whole tick periods since the start.
+/// Any vCPU's tick moves it; it never goes back.
+fn advance_jiffies() {
+    let elapsed = rdtsc().saturating_sub(crate::kernel::start_tsc());
+    crate::kernel::jiffies().fetch_max(elapsed / period_tsc(), core::sync::atomic::Ordering::AcqRel);
 }
 
 /// The first tick-grid point after `now`, the grid running through `previous` (ticks

@@ -166,7 +166,6 @@ impl VcpuThread {
     }
 
     fn run_loop(&mut self) -> Result<(), VmError> {
-        self.shared.register_current_thread();
         self.shared.wait_for_gate();
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
         let result = self.run_until_stopped();

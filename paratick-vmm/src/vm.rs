@@ -126,6 +126,10 @@ pub struct RunReport {
     pub throughput_per_s: f64,
     /// Time the vCPUs spent halted (guest TSC), summed.
     pub guest_idle_s: f64,
+    /// Time tasks ran (guest TSC), summed over vCPUs.
+    pub guest_run_s: f64,
+    /// Guest time in ticks at the end (jiffies).
+    pub guest_jiffies: u64,
     /// Timer programming writes the guest made (TSC deadline, LAPIC timer).
     pub guest_timer_writes: u64,
     /// Context switches in the guest.
@@ -246,31 +250,32 @@ impl Vm {
         self.shared.open_gate();
     }
 
+    /// Starts one of the VM's threads, named `<vm>-<role>`, which records its thread id
+    /// (for the observer's attribution) before it runs `body`.
+    fn spawn_vm_thread<T: Send + 'static>(
+        &self,
+        role: &str,
+        body: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<JoinHandle<T>, VmError> {
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name(format!("{}-{role}", self.config.name))
+            .spawn(move || {
+                shared.register_current_thread();
+                body()
+            })
+            .map_err(VmError::Thread)
+    }
+
     fn spawn_threads(&mut self, vcpus: Vec<VcpuFd>) -> Result<(), VmError> {
         let (block_tx, block_rx) = mpsc::channel();
         let (memory, vm, counters) = (Arc::clone(&self.memory), Arc::clone(&self.vm), Arc::clone(&self.block_counters));
         let vcpu_count = self.config.vcpus;
-        let shared = Arc::clone(&self.shared);
-        self.block = Some(
-            std::thread::Builder::new()
-                .name(format!("{}-block", self.config.name))
-                .spawn(move || {
-                    shared.register_current_thread();
-                    block::serve(block_rx, &mut block::new_disk(), &memory, &vm, vcpu_count, &counters)
-                })
-                .map_err(VmError::Thread)?,
-        );
+        self.block = Some(self.spawn_vm_thread("block", move || {
+            block::serve(block_rx, &mut block::new_disk(), &memory, &vm, vcpu_count, &counters)
+        })?);
         let (vm, ticks, stats) = (Arc::clone(&self.vm), Arc::clone(&self.ticks), Arc::clone(&self.stats));
-        let shared = Arc::clone(&self.shared);
-        self.injector = Some(
-            std::thread::Builder::new()
-                .name(format!("{}-ticks", self.config.name))
-                .spawn(move || {
-                    shared.register_current_thread();
-                    injector::run(&vm, &ticks, &stats)
-                })
-                .map_err(VmError::Thread)?,
-        );
+        self.injector = Some(self.spawn_vm_thread("ticks", move || injector::run(&vm, &ticks, &stats))?);
         for (index, fd) in vcpus.into_iter().enumerate() {
             let thread = VcpuThread {
                 index,
@@ -282,10 +287,7 @@ impl Vm {
                 console: Vec::new(),
                 name: self.config.name.clone(),
             };
-            let handle = std::thread::Builder::new()
-                .name(format!("{}-vcpu{index}", self.config.name))
-                .spawn(move || thread.run())
-                .map_err(VmError::Thread)?;
+            let handle = self.spawn_vm_thread(&format!("vcpu{index}"), move || thread.run())?;
             self.vcpu_threads.push(handle);
         }
         Ok(())
@@ -441,6 +443,8 @@ impl Vm {
             work_units,
             throughput_per_s: if elapsed_s > 0.0 { work_units as f64 / elapsed_s } else { 0.0 },
             guest_idle_s: guest.iter().map(|c| c.idle_tsc).sum::<u64>() as f64 / tsc_hz,
+            guest_run_s: guest.iter().map(|c| c.run_tsc).sum::<u64>() as f64 / tsc_hz,
+            guest_jiffies: results.jiffies,
             guest_timer_writes: guest.iter().map(|c| c.timer_writes).sum(),
             context_switches: guest.iter().map(|c| c.context_switches).sum(),
             block_requests: self.block_counters.completed.load(Ordering::Relaxed),

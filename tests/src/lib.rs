@@ -62,6 +62,13 @@ pub fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The one line a command printed on stderr (it must be exactly one: our errors are).
+pub fn single_error_line(output: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).trim_end().to_string();
+    assert_eq!(stderr.lines().count(), 1, "one line of error, got {stderr:?}");
+    stderr
+}
+
 /// A TCP port on loopback that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use paratick_tests::{one_vm_at_a_time, workspace_binary};
+use paratick_tests::{one_vm_at_a_time, single_error_line, workspace_binary};
 use serde_json::Value;
 
 #[test]
@@ -101,8 +101,7 @@ fn bad_bench_options_are_refused_in_one_line() {
     ] {
         let output = Command::new(workspace_binary("paratick-ctl")).arg("bench").args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(1), "{args:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        let stderr = single_error_line(&output);
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
 }

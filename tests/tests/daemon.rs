@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use paratick_tests::{free_port, metric, one_vm_at_a_time, parse_metrics, workspace_binary, Sample};
+use paratick_tests::{free_port, metric, one_vm_at_a_time, parse_metrics, single_error_line, workspace_binary, Sample};
 use serde_json::Value;
 
 /// A paratick VM `a` and a tickless VM `b`, both running the I/O workload on one vCPU.
@@ -131,12 +131,6 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 
 fn effective(samples: &[Sample], vm: &str) -> f64 {
     value(samples, "paratick_vm_tick_rate_hertz", &[("vm", vm), ("source", "effective")])
-}
-
-fn stderr_line(output: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr).trim_end().to_string();
-    assert_eq!(stderr.lines().count(), 1, "one line of error, got {stderr:?}");
-    stderr
 }
 
 #[test]
@@ -286,7 +280,7 @@ fn every_bad_request_gets_one_line_and_changes_nothing() {
     for (args, message) in cases {
         let output = daemon.ctl(args);
         assert_eq!(output.status.code(), Some(1), "{args:?}");
-        assert_eq!(stderr_line(&output), message, "{args:?}");
+        assert_eq!(single_error_line(&output), message, "{args:?}");
     }
     let strip_rates = |vms: Vec<Value>| -> Vec<(Value, Value, Value)> {
         vms.into_iter().map(|vm| (vm["name"].clone(), vm["state"].clone(), vm["configured_hz"].clone())).collect()
@@ -320,7 +314,7 @@ fn every_bad_request_gets_one_line_and_changes_nothing() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr_line(&output).contains("permission denied on"), "{output:?}");
+    assert!(single_error_line(&output).contains("permission denied on"), "{output:?}");
     assert_eq!(daemon.terminate().code(), Some(0));
 
     // No daemon: say how to start one.
@@ -330,7 +324,7 @@ fn every_bad_request_gets_one_line_and_changes_nothing() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
-        stderr_line(&output),
+        single_error_line(&output),
         "paratick-ctl: the daemon is not running (nothing listens on /nonexistent/paratick.sock): start it with `systemctl start paratick` or `paratick-ctl daemon`"
     );
 }

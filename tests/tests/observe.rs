@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use paratick_tests::{perf_stat, workspace_binary};
+use paratick_tests::{perf_stat, single_error_line, workspace_binary};
 use serde_json::Value;
 
 fn ctl() -> PathBuf {
@@ -40,12 +40,6 @@ fn vm_named<'a>(report: &'a Value, name: &str) -> &'a Value {
 
 fn run(command: &mut Command) -> Output {
     command.output().expect("run paratick-ctl")
-}
-
-fn stderr_line(output: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr).trim_end().to_string();
-    assert_eq!(stderr.lines().count(), 1, "one line of error, got {stderr:?}");
-    stderr
 }
 
 /// perf wraps the observer, so this also proves the observer does not hide events from
@@ -197,12 +191,12 @@ fn bad_input_gets_one_line_and_a_failing_exit_code() {
     let not_kvm = std::process::id().to_string();
     let output = run(Command::new(ctl()).args(["observe", "--pid", &not_kvm]));
     assert_eq!(output.status.code(), Some(1));
-    let line = stderr_line(&output);
+    let line = single_error_line(&output);
     assert!(line.contains(&format!("pid {not_kvm}")) && line.contains("is not a KVM process"), "{line}");
 
     let output = run(Command::new(ctl()).args(["observe", "--pid", "4194305"]));
     assert_eq!(output.status.code(), Some(1));
-    assert_eq!(stderr_line(&output), "paratick-ctl: no process with pid 4194305");
+    assert_eq!(single_error_line(&output), "paratick-ctl: no process with pid 4194305");
 
     let output = run(Command::new(ctl()).args(["observe", "--interval", "0s"]));
     assert_eq!(output.status.code(), Some(2));
@@ -216,7 +210,7 @@ fn bad_input_gets_one_line_and_a_failing_exit_code() {
 
     let output = run(Command::new(ctl()).args(["observe", "--json", "--output", "/nonexistent/dir/report.json"]));
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr_line(&output).contains("cannot write the report to /nonexistent/dir/report.json"));
+    assert!(single_error_line(&output).contains("cannot write the report to /nonexistent/dir/report.json"));
 }
 
 #[test]
@@ -227,7 +221,7 @@ fn without_bpf_privilege_the_error_says_to_run_as_root() {
         .args(["observe", "--duration", "1s"]));
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert_eq!(
-        stderr_line(&output),
+        single_error_line(&output),
         "paratick-ctl: cannot start the eBPF observer: loading eBPF programs needs root (or CAP_BPF and CAP_PERFMON): run paratick-ctl with sudo"
     );
 }

@@ -44,6 +44,20 @@ fn every_mode_runs_every_workload_and_reports_its_results() {
             assert!(r.work_units > 0, "{what}: no work done");
             assert!((0.5..0.75).contains(&r.elapsed_s), "{what}: ran {} s of guest time", r.elapsed_s);
             assert_eq!(r.counters.guest_ticks.per_vcpu.len(), 2, "{what}");
+            // Guest time follows the TSC whatever the tick does (it catches up after idle).
+            let expected_jiffies = (r.elapsed_s * 250.0) as u64;
+            assert!(
+                (expected_jiffies * 9 / 10..=expected_jiffies + 1).contains(&r.guest_jiffies),
+                "{what}: {} jiffies",
+                r.guest_jiffies
+            );
+            // Run time and idle time fit in the vCPUs' time (the rest is kernel time).
+            assert!(
+                r.guest_run_s > 0.0 && r.guest_run_s + r.guest_idle_s <= 2.0 * r.elapsed_s * 1.05,
+                "{what}: run {} s, idle {} s",
+                r.guest_run_s,
+                r.guest_idle_s
+            );
             assert!(r.counters.guest_ticks.per_vcpu[0] > 0, "{what}: vCPU 0 was busy but never ticked");
             match mode {
                 TickMode::Paratick => {
@@ -81,6 +95,9 @@ fn a_busy_vcpu_counts_750_ticks_in_3_seconds_at_250_hz_in_every_mode() {
         let ticks = r.counters.guest_ticks.total;
         assert!((712..=788).contains(&ticks), "{}: {ticks} ticks in {:.3} s", mode.name(), r.elapsed_s);
         assert_eq!(r.counters.guest_idle_ticks.total, 0, "{}: the only vCPU was always busy", mode.name());
+        assert!((712..=788).contains(&r.guest_jiffies), "{}: {} jiffies", mode.name(), r.guest_jiffies);
+        // The task had the CPU all along, but for the kernel's own time (ticks).
+        assert!(r.guest_run_s >= 0.9 * r.elapsed_s, "{}: ran {} s of {} s", mode.name(), r.guest_run_s, r.elapsed_s);
     }
 }
 
@@ -309,21 +326,23 @@ fn measured_tickless_timer_exits(observed: &Value) -> u64 {
 #[test]
 fn the_exits_saved_estimate_matches_a_measured_tickless_paratick_pair() {
     let _lock = one_vm_at_a_time();
-    for (workload, tolerance) in [("sequential", 0.05), ("io", 0.15)] {
+    // The two runs are normalised by what their savings scale with: busy ticks with
+    // busy time (sequential: per second of guest time), idle periods with the amount of
+    // I/O done (io: per work unit, one block read each).
+    for (workload, per, tolerance) in [("sequential", "elapsed_s", 0.05), ("io", "work_units", 0.15)] {
         let common = ["--vcpus", "1", "--workload", workload, "--duration", "2s"];
         let (tickless, tickless_observed) = observed_run(&[&common[..], &["--mode", "tickless"]].concat());
         let (paratick, _) = observed_run(&[&common[..], &["--mode", "paratick"]].concat());
-        let units = |r: &Value| r["work_units"].as_f64().unwrap();
+        let amount = |r: &Value| r[per].as_f64().unwrap();
         let kicks = paratick["ticks_injected"].as_f64().unwrap() - paratick["ticks_ridden"].as_f64().unwrap();
-        // Per unit of work, since the two runs do different amounts in the same time.
         let measured =
-            measured_tickless_timer_exits(&tickless_observed) as f64 / units(&tickless) - kicks / units(&paratick);
-        let estimated = paratick["exits_saved_estimate"].as_f64().unwrap() / units(&paratick);
+            measured_tickless_timer_exits(&tickless_observed) as f64 / amount(&tickless) - kicks / amount(&paratick);
+        let estimated = paratick["exits_saved_estimate"].as_f64().unwrap() / amount(&paratick);
         assert!(measured > 0.0, "{workload}: paratick saved nothing?");
         let error = (estimated - measured).abs() / measured;
         assert!(
             error <= tolerance,
-            "{workload}: estimated {estimated:.3} vs measured {measured:.3} exits saved per work unit"
+            "{workload}: estimated {estimated:.3} vs measured {measured:.3} exits saved per {per}"
         );
     }
 }
