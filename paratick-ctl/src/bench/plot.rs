@@ -1,6 +1,6 @@
-//! SVG plots of the bench: exits per second and throughput per mode per workload (bars at
-//! the median, whiskers from min to max), and the distribution of intervals between
-//! injected ticks. Plain SVG, no dependencies.
+//! SVG plots of the bench: exits per second and throughput per mode per workload, as a
+//! percentage of the tickless guest's median (bars at the median, whiskers from min to
+//! max), and the distribution of intervals between injected ticks. Plain SVG.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -76,12 +76,15 @@ fn bar_chart(title: &str, y_label: &str, groups: &[(String, Vec<(String, Spread)
                 y(spread.max)
             );
         }
-        let _ = writeln!(
-            svg,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{group}</text>",
-            x0 + group_w * 0.4,
-            y(0.0) + 18.0
-        );
+        // A label may have two lines ("io\nVMX model").
+        for (line, text) in group.lines().enumerate() {
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{text}</text>",
+                x0 + group_w * 0.4,
+                y(0.0) + 18.0 + 14.0 * line as f64
+            );
+        }
     }
     if let Some((_, bars)) = groups.first() {
         for (b, (series, _)) in bars.iter().enumerate() {
@@ -100,24 +103,24 @@ fn bar_chart(title: &str, y_label: &str, groups: &[(String, Vec<(String, Spread)
     svg
 }
 
+/// Per workload and mode: `value` of the runs of `kind` in percent of the tickless median.
 fn per_mode(results: &Results, kind: &str, value: fn(&Record) -> f64) -> Vec<(String, Vec<(String, Spread)>)> {
+    let values = |workload: &str, mode: &str| -> Vec<f64> {
+        results.runs.iter().filter(|r| r.workload == workload && r.mode == mode && r.kind == kind).map(value).collect()
+    };
     results
         .summary
         .iter()
         .map(|w| {
+            let base = super::report::median(values(w.workload, "tickless").into_iter()).max(1e-9);
             let bars = w
                 .modes
                 .iter()
                 .map(|m| {
-                    let values: Vec<f64> = results
-                        .runs
-                        .iter()
-                        .filter(|r| r.workload == w.workload && r.mode == m.mode && r.kind == kind)
-                        .map(value)
-                        .collect();
-                    let median = super::report::median(values.iter().copied());
-                    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-                    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let percent: Vec<f64> = values(w.workload, m.mode).iter().map(|v| 100.0 * v / base).collect();
+                    let median = super::report::median(percent.iter().copied());
+                    let min = percent.iter().copied().fold(f64::INFINITY, f64::min);
+                    let max = percent.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     (m.mode.to_string(), Spread { median, min, max })
                 })
                 .collect();
@@ -127,7 +130,7 @@ fn per_mode(results: &Results, kind: &str, value: fn(&Record) -> f64) -> Vec<(St
 }
 
 fn histograms(results: &Results) -> String {
-    let mut svg = svg_start("Intervals between injected ticks (bins of 1/10 period)");
+    let mut svg = svg_start("Intervals between injected ticks: 0 to 3 periods, red = one period");
     let panels = results.tick_precision.len().max(1) as f64;
     let panel_w = (WIDTH - MARGIN) / panels;
     for (p, precision) in results.tick_precision.iter().enumerate() {
@@ -146,14 +149,18 @@ fn histograms(results: &Results) -> String {
                 if b == 10 { COLOURS[1] } else { COLOURS[2] }
             );
         }
+        let centre = x0 + (panel_w - 20.0) / 2.0;
         let _ = writeln!(
             svg,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{} Hz: effective {:.1} Hz, p50 {} µs, p99 {} µs</text>",
-            x0 + (panel_w - 20.0) / 2.0,
+            "<text x=\"{centre:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"13\">{} Hz requested</text>",
             base + 18.0,
-            precision.requested_hz,
+            precision.requested_hz
+        );
+        let _ = writeln!(
+            svg,
+            "<text x=\"{centre:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">effective {:.1} Hz, p99 {} µs</text>",
+            base + 34.0,
             precision.effective_hz,
-            precision.interval_p50_us,
             precision.interval_p99_us
         );
     }
@@ -161,22 +168,30 @@ fn histograms(results: &Results) -> String {
     svg
 }
 
+/// Modelled VMX exits per second, per workload, labelled as modelled.
+fn modelled_rate(results: &Results) -> Vec<(String, Vec<(String, Spread)>)> {
+    per_mode(results, "throughput", |r| r.modelled_vmx_exits as f64 / r.elapsed_s.max(1e-9))
+        .into_iter()
+        .map(|(workload, bars)| (format!("{workload}\nVMX model"), bars))
+        .collect()
+}
+
 /// Writes exits_per_second.svg, throughput.svg and tick_intervals.svg.
 pub fn write_all(results: &Results, dir: &Path) -> Result<()> {
+    let measured = per_mode(results, "throughput", |r| r.exits_per_s)
+        .into_iter()
+        .map(|(workload, bars)| (format!("{workload}\nmeasured"), bars));
+    let exits: Vec<_> = measured.chain(modelled_rate(results)).collect();
     let files = [
         (
             "exits_per_second.svg",
-            bar_chart(
-                "VM exits per second (measured, throughput runs)",
-                "exits/s",
-                &per_mode(results, "throughput", |r| r.exits_per_s),
-            ),
+            bar_chart("VM exits per second, measured and modelled VMX (% of tickless)", "% of tickless", &exits),
         ),
         (
             "throughput.svg",
             bar_chart(
-                "Throughput (work units per second)",
-                "units/s",
+                "Throughput (% of tickless)",
+                "% of tickless",
                 &per_mode(results, "throughput", |r| r.throughput_per_s),
             ),
         ),

@@ -318,8 +318,8 @@ pub struct TickPrecision {
     pub interval_p99_us: u32,
     /// Longest interval.
     pub interval_max_us: u32,
-    /// Intervals in bins of a tenth of the period, up to three periods (the last bin
-    /// holds everything longer).
+    /// Intervals in bins of a tenth of the period centred on its multiples (bin 10 is
+    /// the period), up to three periods (the last bin holds everything longer).
     pub histogram: Vec<u64>,
 }
 
@@ -335,7 +335,7 @@ impl TickPrecision {
         let bin = 100_000.0 / hz as f64; // a tenth of the period, in µs
         let mut histogram = vec![0u64; HISTOGRAM_BINS];
         for &interval in &intervals {
-            histogram[((interval as f64 / bin) as usize).min(HISTOGRAM_BINS - 1)] += 1;
+            histogram[((interval as f64 / bin).round() as usize).min(HISTOGRAM_BINS - 1)] += 1;
         }
         TickPrecision {
             requested_hz: hz,
