@@ -116,19 +116,27 @@ pub enum Workload {
     BadRequests = 4,
     /// Test workload: the kernel loads an empty IDT and faults (a triple fault).
     TripleFault = 5,
+    /// Test workload: a task on vCPU 0 alternates a work unit with a sleep of
+    /// [`SLEEP_WORKLOAD_MS`], so the tick's timer expiry and the idle paths' one-shot
+    /// timer for the next event are exercised.
+    Sleep = 6,
 }
+
+/// How long the `Sleep` workload's task sleeps after each work unit.
+pub const SLEEP_WORKLOAD_MS: u64 = 10;
 
 impl Workload {
     /// The workloads of the evaluation.
     pub const EVALUATED: [Workload; 3] = [Workload::Sequential, Workload::Multithreaded, Workload::Io];
     /// Every workload, the test ones included.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Sequential,
         Workload::Multithreaded,
         Workload::Io,
         Workload::Crash,
         Workload::BadRequests,
         Workload::TripleFault,
+        Workload::Sleep,
     ];
 
     /// Decodes [`BootInfo::workload`].
@@ -140,6 +148,7 @@ impl Workload {
             3 => Some(Workload::Crash),
             4 => Some(Workload::BadRequests),
             5 => Some(Workload::TripleFault),
+            6 => Some(Workload::Sleep),
             _ => None,
         }
     }
@@ -153,6 +162,7 @@ impl Workload {
             Workload::Crash => "crash",
             Workload::BadRequests => "bad-requests",
             Workload::TripleFault => "triple-fault",
+            Workload::Sleep => "sleep",
         }
     }
 }

@@ -16,7 +16,7 @@ use paratick_common::guest::{
 
 use crate::arch::{self, TrapFrame, USER_CODE_SELECTOR, USER_DATA_SELECTOR, USER_RFLAGS};
 use crate::tick::{self, TickState};
-use crate::user::{self, TaskParams, BLOCK_SECTORS, SYS_BARRIER, SYS_EXIT, SYS_READ_BLOCK};
+use crate::user::{self, TaskParams, BLOCK_SECTORS, SYS_BARRIER, SYS_EXIT, SYS_READ_BLOCK, SYS_SLEEP};
 use crate::{apic, console};
 
 /// Ticks a task runs before another runnable task of its vCPU gets the CPU.
@@ -28,6 +28,7 @@ const RUNNING: u32 = 2;
 const BLOCKED_BARRIER: u32 = 3;
 const BLOCKED_IO: u32 = 4;
 const DONE: u32 = 5;
+const SLEEPING: u32 = 6;
 /// No task.
 const NONE: usize = usize::MAX;
 /// Where block buffers start in the I/O area (requests come first).
@@ -48,6 +49,8 @@ unsafe impl<T> Sync for PerVcpu<T> {}
 struct Task {
     state: AtomicU32,
     vcpu: AtomicU32,
+    /// TSC at which a sleeping task wakes (read by its own vCPU's ticks).
+    wake_tsc: AtomicU64,
     frame: PerVcpu<TrapFrame>,
     params: InitOnce<TaskParams>,
 }
@@ -85,6 +88,7 @@ static BARRIER: AtomicU64 = AtomicU64::new(0);
 const NEW_TASK: Task = Task {
     state: AtomicU32::new(UNUSED),
     vcpu: AtomicU32::new(0),
+    wake_tsc: AtomicU64::new(0),
     frame: PerVcpu(UnsafeCell::new(TrapFrame {
         r15: 0,
         r14: 0,
@@ -229,7 +233,7 @@ pub fn init(boot_info: *const BootInfo) {
 
     let vcpus = info.vcpus as usize;
     let tasks = match workload {
-        Workload::Sequential | Workload::BadRequests | Workload::Crash | Workload::TripleFault => 1,
+        Workload::Sequential | Workload::BadRequests | Workload::Crash | Workload::TripleFault | Workload::Sleep => 1,
         Workload::Multithreaded => 2 * vcpus,
         Workload::Io => vcpus,
     };
@@ -327,7 +331,7 @@ fn switch_away(vcpu: usize, frame: &mut TrapFrame, new_state: u32) {
 
 /// The idle loop: halts until a task of this vCPU is runnable, then enters it.
 fn idle(vcpu: usize) -> ! {
-    tick::on_idle(vcpu, &mut cpu(vcpu).tick);
+    tick::on_idle(vcpu, &mut cpu(vcpu).tick, next_timer_event(vcpu));
     loop {
         if let Some(task) = pick_next(vcpu) {
             tick::on_busy(vcpu, &mut cpu(vcpu).tick);
@@ -352,6 +356,7 @@ extern "C" fn trap_entry(frame: &mut TrapFrame) {
         v if v == LAPIC_TIMER_VECTOR as u64 || v == PARATICK_TICK_VECTOR as u64 => {
             apic::eoi();
             tick::on_tick(vcpu, &mut cpu(vcpu).tick, !from_user);
+            expire_sleepers(vcpu);
             if from_user {
                 account_run_time(vcpu);
                 let cpu = cpu(vcpu);
@@ -407,6 +412,12 @@ fn system_call(vcpu: usize, frame: &mut TrapFrame) {
             switch_away(vcpu, frame, DONE);
         }
         SYS_BARRIER => arrive_at_barrier(vcpu, frame),
+        SYS_SLEEP => {
+            let wake = arch::rdtsc() + frame.rdi.saturating_mul(boot().tsc_khz);
+            TASKS[task].wake_tsc.store(wake, Ordering::Relaxed);
+            frame.rax = 0;
+            switch_away(vcpu, frame, SLEEPING);
+        }
         SYS_READ_BLOCK => {
             let request = request_of(task);
             let block = BlockRequest {
@@ -430,6 +441,31 @@ fn system_call(vcpu: usize, frame: &mut TrapFrame) {
         }
         other => panic!("task {task} on vCPU {vcpu}: unknown system call {other}"),
     }
+}
+
+/// Wakes this vCPU's sleeping tasks whose time has come (every tick does this).
+pub fn expire_sleepers(vcpu: usize) {
+    let now = arch::rdtsc();
+    let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
+    for task in TASKS.iter().take(count) {
+        if task.vcpu.load(Ordering::Relaxed) as usize == vcpu
+            && task.state.load(Ordering::Acquire) == SLEEPING
+            && task.wake_tsc.load(Ordering::Relaxed) <= now
+        {
+            task.state.store(RUNNABLE, Ordering::Release);
+        }
+    }
+}
+
+/// When this vCPU's next sleeping task wakes, if any: the idle path's next timer event.
+fn next_timer_event(vcpu: usize) -> Option<u64> {
+    let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
+    TASKS
+        .iter()
+        .take(count)
+        .filter(|t| t.vcpu.load(Ordering::Relaxed) as usize == vcpu && t.state.load(Ordering::Acquire) == SLEEPING)
+        .map(|t| t.wake_tsc.load(Ordering::Relaxed))
+        .min()
 }
 
 /// Completes the finished block requests of this vCPU's tasks.

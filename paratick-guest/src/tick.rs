@@ -18,14 +18,17 @@ use crate::kernel::{boot, counters, BootExt};
 pub struct TickState {
     /// Next TSC deadline (tickless).
     next_deadline: u64,
-    /// Whether the tickless timer is disarmed.
+    /// Whether the tickless tick is stopped (the timer disarmed, or armed only for the
+    /// next timer event).
     stopped: bool,
+    /// Whether the paratick idle path has put the LVT timer in TSC-deadline mode.
+    deadline_mode: bool,
 }
 
 impl TickState {
     /// A vCPU's state before `start`.
     pub const fn new() -> TickState {
-        TickState { next_deadline: 0, stopped: true }
+        TickState { next_deadline: 0, stopped: true, deadline_mode: false }
     }
 }
 
@@ -101,12 +104,36 @@ pub fn on_busy(vcpu: usize, state: &mut TickState) {
     }
 }
 
-/// The vCPU has nothing to run. No task sleeps on a timer in our workloads, so the
-/// tickless idle path has no next event to arm: it stops the tick.
-pub fn on_idle(vcpu: usize, state: &mut TickState) {
-    if boot().mode() == TickMode::Tickless && !state.stopped {
-        apic::set_tsc_deadline(0);
-        counters(vcpu).timer_writes += 1;
-        state.stopped = true;
+/// The vCPU has nothing to run; `next_event` is when its next sleeping task wakes.
+/// Periodic: the tick goes on (and wakes the sleeper). Tickless: the tick stops, and the
+/// timer is armed for the next event or disarmed (Linux NO_HZ_IDLE). Paratick: the host
+/// sends a halted vCPU no ticks, so the idle path arms a one-shot timer for the next
+/// event, as the authors' kernel does; it never programs the timer while busy.
+pub fn on_idle(vcpu: usize, state: &mut TickState, next_event: Option<u64>) {
+    let counters = counters(vcpu);
+    match (boot().mode(), next_event) {
+        (TickMode::Periodic, _) => {}
+        (TickMode::Tickless, Some(event)) => {
+            apic::set_tsc_deadline(event);
+            counters.timer_writes += 1;
+            state.stopped = true;
+        }
+        (TickMode::Tickless, None) => {
+            if !state.stopped {
+                apic::set_tsc_deadline(0);
+                counters.timer_writes += 1;
+                state.stopped = true;
+            }
+        }
+        (TickMode::Paratick, Some(event)) => {
+            if !state.deadline_mode {
+                apic::use_tsc_deadline(LAPIC_TIMER_VECTOR);
+                counters.timer_writes += 1;
+                state.deadline_mode = true;
+            }
+            apic::set_tsc_deadline(event);
+            counters.timer_writes += 1;
+        }
+        (TickMode::Paratick, None) => {}
     }
 }

@@ -6,7 +6,7 @@
 use core::arch::asm;
 use core::hint::black_box;
 
-use paratick_common::guest::{Workload, SECTOR_SIZE};
+use paratick_common::guest::{Workload, SECTOR_SIZE, SLEEP_WORKLOAD_MS};
 
 use crate::arch::rdtsc;
 
@@ -16,6 +16,8 @@ pub const SYS_EXIT: u64 = 0;
 pub const SYS_BARRIER: u64 = 1;
 /// Read one block into the task's buffer; returns the request status.
 pub const SYS_READ_BLOCK: u64 = 2;
+/// Sleep for the given number of milliseconds (woken by a tick after the time passed).
+pub const SYS_SLEEP: u64 = 3;
 
 /// Sectors per block read.
 pub const BLOCK_SECTORS: u32 = 8;
@@ -99,6 +101,10 @@ pub extern "C" fn task_main(params: &'static TaskParams, workload: u64) -> ! {
                 }
             })
         }
+        Some(Workload::Sleep) => run(params, |u| {
+            work_unit(u ^ params.index);
+            syscall(SYS_SLEEP, SLEEP_WORKLOAD_MS);
+        }),
         Some(Workload::Crash | Workload::TripleFault) | None => {
             // SAFETY: deliberately executes an invalid instruction: the crash test.
             unsafe { asm!("ud2", options(noreturn)) }

@@ -346,3 +346,25 @@ fn the_exits_saved_estimate_matches_a_measured_tickless_paratick_pair() {
         );
     }
 }
+
+#[test]
+fn sleeping_tasks_are_woken_by_their_timer_in_every_mode() {
+    let _lock = one_vm_at_a_time();
+    for mode in TickMode::ALL {
+        let r = run(mode, Workload::Sleep, 1, 1.0);
+        let what = mode.name();
+        // Each unit is a short burst of work and a 10 ms sleep: a task woken late by
+        // more than a tick period (or never) shows here.
+        assert!((70..=100).contains(&r.work_units), "{what}: {} sleeps of 10 ms in 1 s", r.work_units);
+        assert!((237..=263).contains(&r.guest_jiffies), "{what}: {} jiffies", r.guest_jiffies);
+        match mode {
+            // The idle path arms a one-shot timer for each sleeper (and sets the LVT
+            // timer up once): nothing else programs the timer.
+            TickMode::Paratick => assert_eq!(r.guest_timer_writes, r.work_units + 1, "{what}"),
+            // At least one deadline per sleep: the next event, then the tick again.
+            TickMode::Tickless => assert!(r.guest_timer_writes > 2 * r.work_units, "{what}: {}", r.guest_timer_writes),
+            // The periodic tick wakes the sleepers; it was set up once.
+            TickMode::Periodic => assert_eq!(r.guest_timer_writes, 3, "{what}"),
+        }
+    }
+}
