@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use paratick_common::guest::{
-    kernel_stack_top, BootInfo, GuestResults, GuestStatus, TickMode, VcpuCounters, Workload, BOOT_GDT_ADDR,
-    BOOT_INFO_ADDR, BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR,
-    SECTOR_SIZE,
+    kernel_stack_top, BootInfo, GuestResults, GuestStatus, VcpuCounters, Workload, BOOT_GDT_ADDR, BOOT_INFO_ADDR,
+    BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR, SECTOR_SIZE,
 };
 use serde::Serialize;
 
@@ -86,7 +85,8 @@ pub struct Counters {
 
 impl Counters {
     /// VM exits this VM avoided compared with a tickless guest doing the same work, as
-    /// estimated from its own counters (meaningful for paratick guests; see README):
+    /// estimated from its own counters (see README); 0 for a guest that never asked the
+    /// host for ticks (periodic and tickless guests):
     ///
     /// `2 × busy ticks + 2 × halts − (ticks injected − ticks ridden)`
     ///
@@ -96,6 +96,9 @@ impl Counters {
     /// kick unless it rode on an exit that happened anyway. EOIs cost the same in both.
     /// With APICv a posted tick costs no exit, so on such hosts this underestimates.
     pub fn exits_saved_estimate(&self) -> u64 {
+        if self.tick_requests == 0 {
+            return 0;
+        }
         let busy_ticks = self.guest_ticks.total.saturating_sub(self.guest_idle_ticks.total);
         let halts = self.kvm_stats.get("halt_exits").copied().unwrap_or(0);
         let kicks = self.ticks_injected.saturating_sub(self.ticks_ridden);
@@ -136,7 +139,7 @@ pub struct RunReport {
     pub context_switches: u64,
     /// Block requests completed.
     pub block_requests: u64,
-    /// VM exits avoided versus a tickless guest, estimated (paratick guests; else 0).
+    /// VM exits avoided versus a tickless guest, estimated (0 unless the guest asked for ticks).
     pub exits_saved_estimate: u64,
     /// Intervals between delivered ticks, in µs, all vCPUs (not in the JSON: large).
     #[serde(skip)]
@@ -319,9 +322,7 @@ impl Vm {
 
     /// Where the VM is. A VM past its deadline is failed from now on.
     pub fn status(&self) -> VmStatus {
-        if self.started.elapsed() >= self.config.deadline {
-            self.shared.end(Outcome::Failed(VmError::Deadline { seconds: self.config.deadline.as_secs_f64() }));
-        }
+        self.end_if_past_deadline();
         match &*self.shared.outcome.lock().expect("outcome lock") {
             None => VmStatus::Running,
             Some(Outcome::Finished) => VmStatus::Finished,
@@ -375,18 +376,21 @@ impl Vm {
     /// and reports.
     pub fn wait(self) -> Result<RunReport, VmError> {
         let deadline = self.started + self.config.deadline;
-        {
-            let mut outcome = self.shared.outcome.lock().expect("outcome lock");
-            while outcome.is_none() {
-                let now = Instant::now();
-                if now >= deadline {
-                    *outcome = Some(Outcome::Failed(VmError::Deadline { seconds: self.config.deadline.as_secs_f64() }));
-                    break;
-                }
-                outcome = self.shared.ended.wait_timeout(outcome, deadline - now).expect("outcome lock").0;
-            }
+        let mut outcome = self.shared.outcome.lock().expect("outcome lock");
+        while outcome.is_none() && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            outcome = self.shared.ended.wait_timeout(outcome, left).expect("outcome lock").0;
         }
+        drop(outcome);
+        self.end_if_past_deadline();
         self.finish()
+    }
+
+    /// A VM still running past its deadline has failed (ending it stops its threads).
+    fn end_if_past_deadline(&self) {
+        if self.started.elapsed() >= self.config.deadline {
+            self.shared.end(Outcome::Failed(VmError::Deadline { seconds: self.config.deadline.as_secs_f64() }));
+        }
     }
 
     /// Stops the VM now and reports what it did so far.
@@ -448,11 +452,7 @@ impl Vm {
             guest_timer_writes: guest.iter().map(|c| c.timer_writes).sum(),
             context_switches: guest.iter().map(|c| c.context_switches).sum(),
             block_requests: self.block_counters.completed.load(Ordering::Relaxed),
-            exits_saved_estimate: if self.config.mode == TickMode::Paratick {
-                counters.exits_saved_estimate()
-            } else {
-                0
-            },
+            exits_saved_estimate: counters.exits_saved_estimate(),
             tick_intervals_us: self.ticks.vcpus.iter().flat_map(|t| t.intervals_us()).collect(),
             counters,
         })
@@ -569,4 +569,29 @@ fn setup_vcpu(vm: &VmFd, cpuid: &kvm_bindings::CpuId, index: usize, entry: u64) 
     // all directly in 64-bit mode instead.
     vcpu.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(VmError::kvm("KVM_SET_MP_STATE"))?;
     Ok(vcpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(tick_requests: u64) -> Counters {
+        Counters {
+            guest_ticks: TickCounts::from(vec![500]),
+            guest_idle_ticks: TickCounts::from(vec![100]),
+            ticks_injected: 500,
+            ticks_ridden: 50,
+            tick_requests,
+            kvm_stats: BTreeMap::from([("halt_exits".to_string(), 30)]),
+            ..Counters::default()
+        }
+    }
+
+    #[test]
+    fn exits_saved_follow_the_documented_formula_for_guests_that_ask_for_ticks() {
+        // 2 x (500 - 100) busy ticks + 2 x 30 halts - (500 - 50) kicks
+        assert_eq!(counters(1).exits_saved_estimate(), 800 + 60 - 450);
+        // A guest that never asked for ticks (periodic, tickless) saves nothing this way.
+        assert_eq!(counters(0).exits_saved_estimate(), 0);
+    }
 }

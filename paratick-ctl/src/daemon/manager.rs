@@ -379,8 +379,7 @@ impl Manager {
         }
         metrics.feed.feed(&metrics.ticks_injected, &[&name], counters.ticks_injected);
         metrics.feed.feed(&metrics.guest_ticks, &[&name], counters.guest_ticks.total);
-        let saved = if managed.config.mode == TickMode::Paratick { counters.exits_saved_estimate() } else { 0 };
-        metrics.feed.feed(&metrics.exits_saved, &[&name], saved);
+        metrics.feed.feed(&metrics.exits_saved, &[&name], counters.exits_saved_estimate());
         metrics.vcpus_halted.with_label_values(&[&name]).set(vm.halted_vcpus() as f64);
         match observed {
             Some(observed) => {
@@ -479,9 +478,6 @@ fn vm_info(managed: &ManagedVm) -> VmInfo {
         configured_hz: managed.config.operator_hz,
         effective_hz: managed.effective_hz,
         exits_per_s: managed.exits_per_s,
-        exits_saved: match (managed.config.mode, counters) {
-            (TickMode::Paratick, Some(c)) => c.exits_saved_estimate(),
-            _ => 0,
-        },
+        exits_saved: counters.map_or(0, Counters::exits_saved_estimate),
     }
 }
