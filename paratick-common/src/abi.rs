@@ -48,6 +48,135 @@ impl TickRequest {
     }
 }
 
+/// Port the guest writes the guest-physical address of a vCPU's [`TickPage`] to (32-bit,
+/// page-aligned), once per vCPU at boot. From then on the guest tells the host through
+/// that page, with no exit, whether the vCPU is idle and whether it needs its scheduler
+/// tick; the host reads the page before every tick it would send.
+pub const PARATICK_PAGE_PORT: u16 = 0x0c5c;
+
+/// Lowest housekeeping tick rate (see [`TickPage::housekeeping_hz`]).
+pub const HOUSEKEEPING_RATE_MIN_HZ: u32 = 1;
+
+/// Housekeeping tick rate of our guest unless configured otherwise: the residual tick
+/// Linux keeps on a NO_HZ_FULL CPU.
+pub const HOUSEKEEPING_RATE_DEFAULT_HZ: u32 = 1;
+
+/// Size of a tick page: one page per vCPU, so that no two vCPUs share a cache line.
+pub const TICK_PAGE_SIZE: u64 = 0x1000;
+
+/// [`TickPage::version`] of this ABI.
+pub const TICK_PAGE_VERSION: u32 = 1;
+
+/// [`TickPage::host_flags`]: the host delivers ticks with the vCPU's own LAPIC timer,
+/// which it programs itself; the guest must leave the timer registers alone.
+pub const HOST_FLAG_LAPIC_TIMER: u32 = 1;
+
+/// The page a vCPU shares with the host (at the address written to
+/// [`PARATICK_PAGE_PORT`]). Every field is a naturally aligned integer, written by one
+/// side only and read with plain atomic loads by the other, so neither side ever needs
+/// a lock or an exit to read it.
+///
+/// The host's rule for a vCPU that registered a page (see `paratick_vmm`'s injector):
+/// no tick while `idle` is set; ticks at the scheduler rate (the guest's request, or the
+/// operator's) while `contended` is set, the first one period after the contention
+/// began (the `contention_epoch` tells a new episode from an ongoing one); otherwise
+/// ticks at `housekeeping_hz`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickPage {
+    /// Guest: [`TICK_PAGE_VERSION`]; the host ignores a page of another version.
+    pub version: u32,
+    /// Guest: 1 while the vCPU is idle (set before it halts, cleared when it has work).
+    pub idle: u32,
+    /// Guest: runnable tasks on this vCPU, the running one included.
+    pub runnable: u32,
+    /// Guest: 1 while the vCPU needs its scheduler tick (two or more runnable tasks, or a
+    /// sleeper whose wake-up the tick must catch).
+    pub contended: u32,
+    /// Guest: incremented each time `contended` goes from 0 to 1.
+    pub contention_epoch: u32,
+    /// Guest: tick rate while not contended (timekeeping and accounting only), in Hz.
+    pub housekeeping_hz: u32,
+    /// Host: `HOST_FLAG_*` bits, written when the page is registered.
+    pub host_flags: u32,
+    /// Guest: ticks handled on this vCPU (the host may compare with what it sent).
+    pub ticks: u32,
+}
+
+/// Byte offsets of the [`TickPage`] fields, for the side that reads them atomically.
+pub mod tick_page {
+    /// `version`.
+    pub const VERSION: u64 = 0;
+    /// `idle`.
+    pub const IDLE: u64 = 4;
+    /// `runnable`.
+    pub const RUNNABLE: u64 = 8;
+    /// `contended`.
+    pub const CONTENDED: u64 = 12;
+    /// `contention_epoch`.
+    pub const CONTENTION_EPOCH: u64 = 16;
+    /// `housekeeping_hz`.
+    pub const HOUSEKEEPING_HZ: u64 = 20;
+    /// `host_flags`.
+    pub const HOST_FLAGS: u64 = 24;
+    /// `ticks`.
+    pub const TICKS: u64 = 28;
+}
+
+const _: () = {
+    assert!(core::mem::offset_of!(TickPage, idle) as u64 == tick_page::IDLE);
+    assert!(core::mem::offset_of!(TickPage, runnable) as u64 == tick_page::RUNNABLE);
+    assert!(core::mem::offset_of!(TickPage, contended) as u64 == tick_page::CONTENDED);
+    assert!(core::mem::offset_of!(TickPage, contention_epoch) as u64 == tick_page::CONTENTION_EPOCH);
+    assert!(core::mem::offset_of!(TickPage, housekeeping_hz) as u64 == tick_page::HOUSEKEEPING_HZ);
+    assert!(core::mem::offset_of!(TickPage, host_flags) as u64 == tick_page::HOST_FLAGS);
+    assert!(core::mem::offset_of!(TickPage, ticks) as u64 == tick_page::TICKS);
+    assert!(core::mem::size_of::<TickPage>() as u64 <= TICK_PAGE_SIZE);
+};
+
+/// Why the host refuses a tick page registration (the guest then keeps fixed-rate ticks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TickPageError {
+    /// The address is not page-aligned.
+    Unaligned,
+    /// The page is not inside guest memory (or is page 0).
+    OutsideMemory,
+    /// The page holds another ABI version.
+    Version(u32),
+}
+
+impl core::fmt::Display for TickPageError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TickPageError::Unaligned => write!(f, "not page-aligned"),
+            TickPageError::OutsideMemory => write!(f, "not a page of guest memory"),
+            TickPageError::Version(v) => write!(f, "ABI version {v}, not {TICK_PAGE_VERSION}"),
+        }
+    }
+}
+
+/// Checks the address of a tick page registration (as written to
+/// [`PARATICK_PAGE_PORT`]) against the guest's memory size; the host reads the page's
+/// `version` only once the address passed.
+pub const fn check_tick_page_address(gpa: u64, memory_size: u64) -> Result<u64, TickPageError> {
+    if !gpa.is_multiple_of(TICK_PAGE_SIZE) {
+        Err(TickPageError::Unaligned)
+    } else if gpa == 0 || gpa > memory_size || memory_size - gpa < TICK_PAGE_SIZE {
+        Err(TickPageError::OutsideMemory)
+    } else {
+        Ok(gpa)
+    }
+}
+
+/// Checks the `version` a registered tick page holds.
+pub const fn check_tick_page_version(version: u32) -> Result<(), TickPageError> {
+    if version == TICK_PAGE_VERSION {
+        Ok(())
+    } else {
+        Err(TickPageError::Version(version))
+    }
+}
+
 /// Interrupt vector of the LAPIC timer, the same one Linux uses (`LOCAL_TIMER_VECTOR`),
 /// assumed by the observer for guests whose LVT timer programming it has not seen.
 pub const LAPIC_TIMER_VECTOR: u8 = 0xec;
@@ -89,6 +218,8 @@ pub mod apic_reg {
     pub const LVTT: u32 = 0x320;
     /// Timer initial count: writing it (re)arms the timer in one-shot/periodic mode.
     pub const TMICT: u32 = 0x380;
+    /// Timer current count: the time left to the next expiry.
+    pub const TMCCT: u32 = 0x390;
     /// Timer divide configuration.
     pub const TDCR: u32 = 0x3e0;
     /// Mask of the vector bits in an LVT register.
@@ -107,6 +238,19 @@ mod tests {
         assert_eq!(msr::X2APIC_TDCR, 0x83e);
         assert_eq!(msr::X2APIC_ICR, 0x830);
         assert_eq!(msr::X2APIC_SPIV, 0x80f);
+    }
+
+    #[test]
+    fn tick_page_registrations_must_be_an_aligned_page_of_guest_memory_of_this_version() {
+        let size = 64 << 20;
+        assert_eq!(check_tick_page_address(0x2_0000, size), Ok(0x2_0000));
+        assert_eq!(check_tick_page_address(0x2_0004, size), Err(TickPageError::Unaligned));
+        assert_eq!(check_tick_page_address(0, size), Err(TickPageError::OutsideMemory));
+        assert_eq!(check_tick_page_address(size, size), Err(TickPageError::OutsideMemory));
+        assert_eq!(check_tick_page_address(!0xfff, size), Err(TickPageError::OutsideMemory));
+        assert_eq!(check_tick_page_address(size - TICK_PAGE_SIZE, size), Ok(size - TICK_PAGE_SIZE));
+        assert_eq!(check_tick_page_version(TICK_PAGE_VERSION), Ok(()));
+        assert_eq!(check_tick_page_version(7), Err(TickPageError::Version(7)));
     }
 
     #[test]

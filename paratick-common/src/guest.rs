@@ -35,6 +35,13 @@ pub const USER_STACKS_ADDR: u64 = 0x50_0000;
 pub const USER_STACK_SIZE: u64 = 0x8000;
 /// Buffers and request descriptors of the block device.
 pub const IO_AREA_ADDR: u64 = 0x80_0000;
+/// The vCPUs' tick pages (`abi::TickPage`): vCPU `i`'s at `+ i * TICK_PAGE_SIZE`.
+pub const TICK_PAGES_ADDR: u64 = 0x2_0000;
+
+/// Guest-physical address of vCPU `index`'s tick page.
+pub const fn tick_page_addr(index: usize) -> u64 {
+    TICK_PAGES_ADDR + index as u64 * crate::abi::TICK_PAGE_SIZE
+}
 
 /// Top of vCPU `index`'s kernel stack (the stack grows down from here).
 pub const fn kernel_stack_top(index: usize) -> u64 {
@@ -72,13 +79,27 @@ pub enum TickMode {
     Periodic = 0,
     /// One-shot TSC-deadline timer re-armed every tick while busy, stopped while idle.
     Tickless = 1,
-    /// Ticks injected by the host at the rate the guest requests.
+    /// Ticks from the host: the guest asks for its rate once, then says through its
+    /// tick page when a vCPU is idle (no ticks) and when it needs its scheduler tick (two
+    /// or more runnable tasks); otherwise it gets only the housekeeping rate.
     Paratick = 2,
+    /// Linux NO_HZ_FULL: like `Tickless`, and the tick also stops while one task is
+    /// runnable, but for a residual tick of [`RESIDUAL_TICK_HZ`] (and the next sleeper).
+    TicklessFull = 3,
+    /// No timer at all: no tick, no timer writes (a sleeper's wake-up is the only timer
+    /// event, armed on idle). Tasks switch only when they block. The floor against which
+    /// the timer's cost is measured.
+    NoTimer = 4,
 }
+
+/// The residual tick rate of a `TicklessFull` vCPU with one runnable task (Linux keeps
+/// one tick a second for timekeeping and accounting on a NO_HZ_FULL CPU).
+pub const RESIDUAL_TICK_HZ: u64 = 1;
 
 impl TickMode {
     /// All modes.
-    pub const ALL: [TickMode; 3] = [TickMode::Periodic, TickMode::Tickless, TickMode::Paratick];
+    pub const ALL: [TickMode; 5] =
+        [TickMode::Periodic, TickMode::Tickless, TickMode::Paratick, TickMode::TicklessFull, TickMode::NoTimer];
 
     /// Decodes [`BootInfo::tick_mode`].
     pub const fn from_u32(value: u32) -> Option<TickMode> {
@@ -86,6 +107,8 @@ impl TickMode {
             0 => Some(TickMode::Periodic),
             1 => Some(TickMode::Tickless),
             2 => Some(TickMode::Paratick),
+            3 => Some(TickMode::TicklessFull),
+            4 => Some(TickMode::NoTimer),
             _ => None,
         }
     }
@@ -96,6 +119,8 @@ impl TickMode {
             TickMode::Periodic => "periodic",
             TickMode::Tickless => "tickless",
             TickMode::Paratick => "paratick",
+            TickMode::TicklessFull => "tickless-full",
+            TickMode::NoTimer => "no-timer",
         }
     }
 }
@@ -112,7 +137,9 @@ pub enum Workload {
     Io = 2,
     /// Test workload: a user task executes an invalid instruction (the guest panics).
     Crash = 3,
-    /// Test workload: like `Sequential`, but the guest first sends malformed tick requests.
+    /// Test workload: like `Contended` (two tasks on vCPU 0, so it needs its scheduler
+    /// tick), but the guest first sends malformed tick requests and tick page
+    /// registrations.
     BadRequests = 4,
     /// Test workload: the kernel loads an empty IDT and faults (a triple fault).
     TripleFault = 5,
@@ -120,6 +147,13 @@ pub enum Workload {
     /// [`SLEEP_WORKLOAD_MS`], so the tick's timer expiry and the idle paths' one-shot
     /// timer for the next event are exercised.
     Sleep = 6,
+    /// Test workload: two CPU-bound tasks on vCPU 0 that never block, so that vCPU always
+    /// has two runnable tasks (and needs its scheduler tick); the other vCPUs stay idle.
+    Contended = 7,
+    /// Test workload: on vCPU 0, a task that sleeps like `Sleep`'s (its work units are
+    /// the ones reported) beside a CPU-bound task: a sleeper whose timer must fire while
+    /// the vCPU is busy with one runnable task.
+    SleepBeside = 8,
 }
 
 /// How long the `Sleep` workload's task sleeps after each work unit.
@@ -129,7 +163,7 @@ impl Workload {
     /// The workloads of the evaluation.
     pub const EVALUATED: [Workload; 3] = [Workload::Sequential, Workload::Multithreaded, Workload::Io];
     /// Every workload, the test ones included.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Sequential,
         Workload::Multithreaded,
         Workload::Io,
@@ -137,6 +171,8 @@ impl Workload {
         Workload::BadRequests,
         Workload::TripleFault,
         Workload::Sleep,
+        Workload::Contended,
+        Workload::SleepBeside,
     ];
 
     /// Decodes [`BootInfo::workload`].
@@ -149,6 +185,8 @@ impl Workload {
             4 => Some(Workload::BadRequests),
             5 => Some(Workload::TripleFault),
             6 => Some(Workload::Sleep),
+            7 => Some(Workload::Contended),
+            8 => Some(Workload::SleepBeside),
             _ => None,
         }
     }
@@ -163,6 +201,8 @@ impl Workload {
             Workload::BadRequests => "bad-requests",
             Workload::TripleFault => "triple-fault",
             Workload::Sleep => "sleep",
+            Workload::Contended => "contended",
+            Workload::SleepBeside => "sleep-beside",
         }
     }
 }
@@ -171,6 +211,10 @@ impl Workload {
 /// nonsense is not possible on a port, so these are the out-of-range rates (too low,
 /// too high, absurd) the host must clamp and count.
 pub const BAD_TICK_REQUESTS: [u32; 3] = [1, 1_000_000, u32::MAX];
+
+/// Tick page addresses the `BadRequests` workload registers before its real one, each
+/// refused by the host: not page-aligned, not guest memory, page 0.
+pub const BAD_TICK_PAGES: [u32; 3] = [TICK_PAGES_ADDR as u32 + 4, 0xfff0_0000, 0];
 
 /// What the VMM tells the guest at boot (at [`BOOT_INFO_ADDR`]).
 #[repr(C)]
@@ -194,6 +238,11 @@ pub struct BootInfo {
     pub hz: u32,
     /// Sectors of the block device.
     pub disk_sectors: u64,
+    /// Paratick: the tick rate a vCPU asks for while it does not need its scheduler tick
+    /// (`abi::TickPage::housekeeping_hz`), in Hz.
+    pub housekeeping_hz: u32,
+    /// Unused; keeps the structure's size a multiple of 8.
+    pub reserved: u32,
 }
 
 /// `GuestResults::status` values.
@@ -240,7 +289,16 @@ pub struct VcpuCounters {
     pub work_units: u64,
     /// TSC cycles tasks ran on this vCPU (accounted at ticks and task switches).
     pub run_tsc: u64,
+    /// Intervals between consecutive ticks that found a task running, in bins of
+    /// 1/[`TICK_INTERVAL_BINS_PER_PERIOD`] of the tick period (the last bin holds the
+    /// longer ones): the precision of the tick as the guest sees it, however delivered.
+    pub tick_intervals: [u32; TICK_INTERVAL_BINS],
 }
+
+/// Bins per tick period of [`VcpuCounters::tick_intervals`].
+pub const TICK_INTERVAL_BINS_PER_PERIOD: u64 = 8;
+/// Number of bins of [`VcpuCounters::tick_intervals`] (four periods).
+pub const TICK_INTERVAL_BINS: usize = 32;
 
 /// Length of [`GuestResults::panic_message`].
 pub const PANIC_MESSAGE_LEN: usize = 120;
@@ -307,6 +365,8 @@ const _: () = {
     assert!(kernel_stack_top(MAX_VCPUS - 1) <= USER_STACKS_ADDR);
     assert!(USER_STACKS_ADDR + MAX_TASKS as u64 * USER_STACK_SIZE <= IO_AREA_ADDR);
     assert!(IO_AREA_ADDR < GUEST_MEMORY_SIZE && GUEST_MEMORY_SIZE <= 1 << 30);
+    assert!(RESULTS_ADDR + core::mem::size_of::<GuestResults>() as u64 <= TICK_PAGES_ADDR);
+    assert!(tick_page_addr(MAX_VCPUS) <= KERNEL_LOAD_ADDR);
 };
 
 #[cfg(test)]
@@ -321,7 +381,7 @@ mod tests {
         for w in Workload::ALL {
             assert_eq!(Workload::from_u32(w as u32), Some(w));
         }
-        assert_eq!(TickMode::from_u32(3), None);
+        assert_eq!(TickMode::from_u32(5), None);
         assert_eq!(GuestStatus::from_u32(2), Some(GuestStatus::Panicked));
     }
 }

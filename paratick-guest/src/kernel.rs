@@ -15,7 +15,7 @@ use paratick_common::guest::{
 };
 
 use crate::arch::{self, TrapFrame, USER_CODE_SELECTOR, USER_DATA_SELECTOR, USER_RFLAGS};
-use crate::tick::{self, TickState};
+use crate::tick::{self, Load, TickState};
 use crate::user::{self, TaskParams, BLOCK_SECTORS, SYS_BARRIER, SYS_EXIT, SYS_READ_BLOCK, SYS_SLEEP};
 use crate::{apic, console};
 
@@ -74,10 +74,18 @@ static BOOT: InitOnce<BootInfo> = InitOnce(UnsafeCell::new(BootInfo {
     workload: 0,
     hz: 0,
     disk_sectors: 0,
+    housekeeping_hz: 0,
+    reserved: 0,
 }));
 static TASK_COUNT: AtomicU32 = AtomicU32::new(0);
 static LIVE_TASKS: AtomicU32 = AtomicU32::new(0);
 static PANICKED: AtomicBool = AtomicBool::new(false);
+/// Runnable (or running) tasks per vCPU, kept at every state change so that the tick
+/// learns the vCPU's load without scanning the tasks (every CPL0 instruction is
+/// emulated on PVM hosts).
+static RUNNABLE_ON: [AtomicU32; MAX_VCPUS] = [const { AtomicU32::new(0) }; MAX_VCPUS];
+/// Sleeping tasks per vCPU.
+static SLEEPERS_ON: [AtomicU32; MAX_VCPUS] = [const { AtomicU32::new(0) }; MAX_VCPUS];
 /// Barrier: participants (live tasks) in the high half, arrivals in the low half, so
 /// that one atomic update decides who is last.
 static BARRIER: AtomicU64 = AtomicU64::new(0);
@@ -169,6 +177,21 @@ pub fn jiffies() -> &'static AtomicU64 {
     unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*results()).jiffies)) }
 }
 
+/// Marks `task` runnable (from blocked or sleeping); any vCPU may do this.
+fn make_runnable(task: &Task) {
+    task.state.store(RUNNABLE, Ordering::Release);
+    RUNNABLE_ON[task.vcpu.load(Ordering::Relaxed) as usize].fetch_add(1, Ordering::AcqRel);
+}
+
+/// This vCPU's load, as the tick needs it.
+fn load(vcpu: usize) -> Load {
+    let next_sleeper = match SLEEPERS_ON[vcpu].load(Ordering::Acquire) {
+        0 => None,
+        _ => next_timer_event(vcpu),
+    };
+    Load { runnable: RUNNABLE_ON[vcpu].load(Ordering::Acquire), next_sleeper }
+}
+
 /// Adds the current task's run time up to now to this vCPU's account.
 fn account_run_time(vcpu: usize) {
     let now = arch::rdtsc();
@@ -220,6 +243,9 @@ pub fn init(boot_info: *const BootInfo) {
     if workload == Workload::Io && info.disk_sectors < BLOCK_SECTORS as u64 {
         panic!("the I/O workload needs a disk");
     }
+    if mode == TickMode::Paratick && !(1..=info.hz).contains(&info.housekeeping_hz) {
+        panic!("bad boot information: housekeeping rate {} Hz (1 to {} Hz)", info.housekeeping_hz, info.hz);
+    }
     // SAFETY: see InitOnce: nobody reads BOOT before INIT_DONE.
     unsafe { *BOOT.0.get() = info };
     let _ = writeln!(
@@ -233,10 +259,14 @@ pub fn init(boot_info: *const BootInfo) {
 
     let vcpus = info.vcpus as usize;
     let tasks = match workload {
-        Workload::Sequential | Workload::BadRequests | Workload::Crash | Workload::TripleFault | Workload::Sleep => 1,
+        Workload::Sequential | Workload::Crash | Workload::TripleFault | Workload::Sleep => 1,
         Workload::Multithreaded => 2 * vcpus,
         Workload::Io => vcpus,
+        Workload::Contended | Workload::BadRequests | Workload::SleepBeside => 2,
     };
+    // These share vCPU 0.
+    let shared = matches!(workload, Workload::Contended | Workload::BadRequests | Workload::SleepBeside);
+    let home_vcpus = if shared { 1 } else { vcpus };
     let start = arch::rdtsc();
     // SAFETY: the results block is ours; the VMM zeroed it.
     unsafe { (*results()).start_tsc = start };
@@ -262,8 +292,8 @@ pub fn init(boot_info: *const BootInfo) {
         frame.rsp = USER_STACKS_ADDR + (index as u64 + 1) * USER_STACK_SIZE - 8;
         frame.rdi = task.params.0.get() as u64;
         frame.rsi = workload as u64;
-        task.vcpu.store((index % vcpus) as u32, Ordering::Relaxed);
-        task.state.store(RUNNABLE, Ordering::Relaxed);
+        task.vcpu.store((index % home_vcpus) as u32, Ordering::Relaxed);
+        make_runnable(task);
     }
     TASK_COUNT.store(tasks as u32, Ordering::Relaxed);
     LIVE_TASKS.store(tasks as u32, Ordering::Relaxed);
@@ -323,6 +353,9 @@ fn switch_away(vcpu: usize, frame: &mut TrapFrame, new_state: u32) {
     let current = cpu(vcpu).current;
     *task_frame(current) = *frame;
     TASKS[current].state.store(new_state, Ordering::Release);
+    if new_state != RUNNABLE {
+        RUNNABLE_ON[vcpu].fetch_sub(1, Ordering::AcqRel);
+    }
     match pick_next(vcpu) {
         Some(next) => dispatch(vcpu, next, frame),
         None => idle(vcpu),
@@ -334,7 +367,7 @@ fn idle(vcpu: usize) -> ! {
     tick::on_idle(vcpu, &mut cpu(vcpu).tick, next_timer_event(vcpu));
     loop {
         if let Some(task) = pick_next(vcpu) {
-            tick::on_busy(vcpu, &mut cpu(vcpu).tick);
+            tick::on_busy(vcpu, &mut cpu(vcpu).tick, load(vcpu));
             let mut frame = TrapFrame::default();
             dispatch(vcpu, task, &mut frame);
             // SAFETY: interrupts are off; the frame is a task's saved user context.
@@ -355,13 +388,15 @@ extern "C" fn trap_entry(frame: &mut TrapFrame) {
         3 if from_user => system_call(vcpu, frame),
         v if v == LAPIC_TIMER_VECTOR as u64 || v == PARATICK_TICK_VECTOR as u64 => {
             apic::eoi();
-            tick::on_tick(vcpu, &mut cpu(vcpu).tick, !from_user);
-            expire_sleepers(vcpu);
+            let woke = expire_sleepers(vcpu);
+            tick::on_tick(vcpu, &mut cpu(vcpu).tick, !from_user, load(vcpu));
             if from_user {
                 account_run_time(vcpu);
                 let cpu = cpu(vcpu);
                 cpu.slice_left = cpu.slice_left.saturating_sub(1);
-                if cpu.slice_left == 0 && pick_next(vcpu).is_some() {
+                // A sleeper that just woke runs at once (wake-up preemption), so a
+                // timer on time means a wake-up on time.
+                if (cpu.slice_left == 0 || woke) && pick_next(vcpu).is_some() {
                     switch_away(vcpu, frame, RUNNABLE);
                 } else if cpu.slice_left == 0 {
                     cpu.slice_left = SLICE_TICKS;
@@ -383,6 +418,10 @@ extern "C" fn trap_entry(frame: &mut TrapFrame) {
                 frame.error
             );
         }
+    }
+    // Back to a task (an interrupted idle loop looks for work itself).
+    if frame.is_from_user() {
+        tick::after_trap(vcpu, &mut cpu(vcpu).tick, load(vcpu));
     }
 }
 
@@ -415,6 +454,7 @@ fn system_call(vcpu: usize, frame: &mut TrapFrame) {
         SYS_SLEEP => {
             let wake = arch::rdtsc() + frame.rdi.saturating_mul(boot().tsc_khz);
             TASKS[task].wake_tsc.store(wake, Ordering::Relaxed);
+            SLEEPERS_ON[vcpu].fetch_add(1, Ordering::AcqRel);
             frame.rax = 0;
             switch_away(vcpu, frame, SLEEPING);
         }
@@ -432,6 +472,7 @@ fn system_call(vcpu: usize, frame: &mut TrapFrame) {
             unsafe { core::ptr::write_volatile(request, block) };
             // Blocked before the request is issued, so the completion always finds it.
             TASKS[task].state.store(BLOCKED_IO, Ordering::Release);
+            RUNNABLE_ON[vcpu].fetch_sub(1, Ordering::AcqRel);
             arch::outl(BLOCK_REQUEST_PORT, request as u64 as u32);
             *task_frame(task) = *frame;
             match pick_next(vcpu) {
@@ -443,8 +484,13 @@ fn system_call(vcpu: usize, frame: &mut TrapFrame) {
     }
 }
 
-/// Wakes this vCPU's sleeping tasks whose time has come (every tick does this).
-pub fn expire_sleepers(vcpu: usize) {
+/// Wakes this vCPU's sleeping tasks whose time has come (every tick does this);
+/// returns whether it woke any.
+pub fn expire_sleepers(vcpu: usize) -> bool {
+    if SLEEPERS_ON[vcpu].load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    let mut woke = false;
     let now = arch::rdtsc();
     let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
     for task in TASKS.iter().take(count) {
@@ -452,9 +498,12 @@ pub fn expire_sleepers(vcpu: usize) {
             && task.state.load(Ordering::Acquire) == SLEEPING
             && task.wake_tsc.load(Ordering::Relaxed) <= now
         {
-            task.state.store(RUNNABLE, Ordering::Release);
+            SLEEPERS_ON[vcpu].fetch_sub(1, Ordering::AcqRel);
+            make_runnable(task);
+            woke = true;
         }
     }
+    woke
 }
 
 /// When this vCPU's next sleeping task wakes, if any: the idle path's next timer event.
@@ -480,7 +529,7 @@ fn complete_io(vcpu: usize) {
         let status = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*request_of(index)).status)) };
         if status != BLOCK_STATUS_PENDING {
             task_frame(index).rax = status as u64;
-            task.state.store(RUNNABLE, Ordering::Release);
+            make_runnable(task);
         }
     }
 }
@@ -491,6 +540,7 @@ fn arrive_at_barrier(vcpu: usize, frame: &mut TrapFrame) {
     let task = cpu(vcpu).current;
     // Blocked first: a release racing with us must find the task waiting.
     TASKS[task].state.store(BLOCKED_BARRIER, Ordering::Release);
+    RUNNABLE_ON[vcpu].fetch_sub(1, Ordering::AcqRel);
     *task_frame(task) = *frame;
     let now = BARRIER.fetch_add(1, Ordering::AcqRel) + 1;
     if now & ARRIVED_MASK == now >> 32 {
@@ -517,9 +567,11 @@ fn release_barrier(vcpu: usize, observed: u64) {
     }
     let mut woken = [false; MAX_VCPUS];
     let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
-    for task in 0..count {
-        if TASKS[task].state.compare_exchange(BLOCKED_BARRIER, RUNNABLE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            woken[TASKS[task].vcpu.load(Ordering::Relaxed) as usize] = true;
+    for task in TASKS.iter().take(count) {
+        if task.state.compare_exchange(BLOCKED_BARRIER, RUNNABLE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            let home = task.vcpu.load(Ordering::Relaxed) as usize;
+            RUNNABLE_ON[home].fetch_add(1, Ordering::AcqRel);
+            woken[home] = true;
         }
     }
     for (target, woken) in woken.iter().enumerate() {
@@ -531,6 +583,8 @@ fn release_barrier(vcpu: usize, observed: u64) {
 
 /// The last task exited: the results are complete.
 fn finish() {
+    // Guest time is right at the end whatever the tick did (no-timer never ticks).
+    tick::advance_jiffies();
     // SAFETY: results block; every task has exited, so no counter changes any more
     // except ticks, which the VMM reads live anyway.
     unsafe {

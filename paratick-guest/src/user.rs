@@ -77,7 +77,7 @@ fn run(params: &TaskParams, mut step: impl FnMut(u64)) -> u64 {
 /// Entry point of every task (its first instruction at CPL3).
 pub extern "C" fn task_main(params: &'static TaskParams, workload: u64) -> ! {
     let units = match Workload::from_u32(workload as u32) {
-        Some(Workload::Sequential | Workload::BadRequests) => run(params, |u| {
+        Some(Workload::Sequential | Workload::BadRequests | Workload::Contended) => run(params, |u| {
             work_unit(u ^ params.index);
         }),
         Some(Workload::Multithreaded) => run(params, |u| {
@@ -105,6 +105,17 @@ pub extern "C" fn task_main(params: &'static TaskParams, workload: u64) -> ! {
             work_unit(u ^ params.index);
             syscall(SYS_SLEEP, SLEEP_WORKLOAD_MS);
         }),
+        Some(Workload::SleepBeside) if params.index == 0 => run(params, |u| {
+            work_unit(u);
+            syscall(SYS_SLEEP, SLEEP_WORKLOAD_MS);
+        }),
+        // The CPU-bound companion: its work is not what the workload reports.
+        Some(Workload::SleepBeside) => {
+            run(params, |u| {
+                work_unit(u ^ params.index);
+            });
+            0
+        }
         Some(Workload::Crash | Workload::TripleFault) | None => {
             // SAFETY: deliberately executes an invalid instruction: the crash test.
             unsafe { asm!("ud2", options(noreturn)) }

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use paratick_common::abi::{TICK_RATE_MAX_HZ, TICK_RATE_MIN_HZ};
+use paratick_common::abi::{
+    HOUSEKEEPING_RATE_DEFAULT_HZ, HOUSEKEEPING_RATE_MIN_HZ, TICK_RATE_MAX_HZ, TICK_RATE_MIN_HZ,
+};
 use paratick_common::guest::{TickMode, Workload, MAX_VCPUS};
 
 /// How much work the guest does.
@@ -12,6 +14,38 @@ pub enum WorkAmount {
     Seconds(f64),
     /// Do this many work units (execution-time runs).
     Units(u64),
+}
+
+/// How paratick ticks reach the guest (see the injector module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TickDelivery {
+    /// An MSI from the injector thread, which follows the guest's tick page; due ticks
+    /// ride on userspace exits where they can.
+    Msi,
+    /// The vCPU's LAPIC timer, programmed by the VMM in periodic mode at the scheduler
+    /// rate and laid on the host tick's instants.
+    LapicTimer,
+    /// Only on userspace exits that happen anyway (no injector thread, no kick).
+    Ride,
+}
+
+impl TickDelivery {
+    /// Every method.
+    pub const ALL: [TickDelivery; 3] = [TickDelivery::Msi, TickDelivery::LapicTimer, TickDelivery::Ride];
+
+    /// Name on command lines, in configuration and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TickDelivery::Msi => "msi",
+            TickDelivery::LapicTimer => "lapic-timer",
+            TickDelivery::Ride => "ride",
+        }
+    }
+}
+
+/// Parses a delivery method name.
+pub fn parse_delivery(name: &str) -> Result<TickDelivery, ConfigError> {
+    TickDelivery::ALL.into_iter().find(|d| d.name() == name).ok_or_else(|| ConfigError::Delivery(name.to_string()))
 }
 
 /// Longest run accepted, in seconds (a week: daemon VMs run long).
@@ -34,6 +68,11 @@ pub struct VmConfig {
     pub amount: WorkAmount,
     /// The operator's tick rate for the VM, if set (overrides the guest's requests).
     pub operator_hz: Option<u32>,
+    /// Paratick guests: the rate a vCPU asks for while it does not need its scheduler
+    /// tick (one runnable task, no sleeper), in Hz (1 to `hz`).
+    pub housekeeping_hz: u32,
+    /// How paratick ticks are delivered.
+    pub delivery: TickDelivery,
     /// Give up (and stop the VM) if the guest has not finished after this long.
     pub deadline: Duration,
     /// Create the VM but let its vCPUs run only at `Vm::resume` (so that the caller can
@@ -50,6 +89,17 @@ pub enum ConfigError {
     /// Guest tick rate out of range.
     #[error("hz must be {TICK_RATE_MIN_HZ} to {TICK_RATE_MAX_HZ}, not {0}")]
     Hz(u32),
+    /// Housekeeping rate out of range.
+    #[error("housekeeping_hz must be {HOUSEKEEPING_RATE_MIN_HZ} to hz ({hz}), not {value}")]
+    Housekeeping {
+        /// The value given.
+        value: u32,
+        /// The guest's tick rate.
+        hz: u32,
+    },
+    /// Unknown delivery method name.
+    #[error("unknown tick delivery {0:?}: use msi, lapic-timer or ride")]
+    Delivery(String),
     /// Operator tick rate out of range.
     #[error("the tick rate must be {TICK_RATE_MIN_HZ} to {TICK_RATE_MAX_HZ} Hz, not {0}")]
     TickRate(u32),
@@ -57,7 +107,7 @@ pub enum ConfigError {
     #[error("the work must be 1 or more units, or a duration above 0 and up to {MAX_RUN_SECONDS} s")]
     Amount,
     /// Unknown tick mode name.
-    #[error("unknown tick mode {0:?}: use periodic, tickless or paratick")]
+    #[error("unknown tick mode {0:?}: use periodic, tickless, tickless-full, paratick or no-timer")]
     Mode(String),
     /// Unknown workload name.
     #[error("unknown workload {0:?}: use sequential, multithreaded or io")]
@@ -82,6 +132,8 @@ impl VmConfig {
             workload,
             amount,
             operator_hz: None,
+            housekeeping_hz: HOUSEKEEPING_RATE_DEFAULT_HZ,
+            delivery: TickDelivery::Msi,
             deadline,
             start_paused: false,
         }
@@ -98,6 +150,9 @@ impl VmConfig {
         check_rate(self.hz).map_err(|_| ConfigError::Hz(self.hz))?;
         if let Some(hz) = self.operator_hz {
             check_rate(hz)?;
+        }
+        if !(HOUSEKEEPING_RATE_MIN_HZ..=self.hz).contains(&self.housekeeping_hz) {
+            return Err(ConfigError::Housekeeping { value: self.housekeeping_hz, hz: self.hz });
         }
         match self.amount {
             WorkAmount::Seconds(s) if s > 0.0 && s <= MAX_RUN_SECONDS => Ok(()),
@@ -146,6 +201,15 @@ mod tests {
         assert_eq!(VmConfig { amount: WorkAmount::Seconds(-1.0), ..config() }.validate(), Err(ConfigError::Amount));
         assert_eq!(VmConfig { amount: WorkAmount::Seconds(f64::NAN), ..config() }.validate(), Err(ConfigError::Amount));
         assert_eq!(VmConfig { name: " ".into(), ..config() }.validate(), Err(ConfigError::Name));
+        assert_eq!(
+            VmConfig { housekeeping_hz: 0, ..config() }.validate(),
+            Err(ConfigError::Housekeeping { value: 0, hz: 250 })
+        );
+        assert_eq!(
+            VmConfig { housekeeping_hz: 251, ..config() }.validate().unwrap_err().to_string(),
+            "housekeeping_hz must be 1 to hz (250), not 251"
+        );
+        assert_eq!(VmConfig { housekeeping_hz: 250, ..config() }.validate(), Ok(()));
         assert_eq!(ConfigError::TickRate(5000).to_string(), "the tick rate must be 10 to 4000 Hz, not 5000");
     }
 
@@ -156,7 +220,13 @@ mod tests {
         assert_eq!(parse_workload("bad-requests"), Ok(Workload::BadRequests));
         assert_eq!(
             parse_tick_mode("hz").unwrap_err().to_string(),
-            "unknown tick mode \"hz\": use periodic, tickless or paratick"
+            "unknown tick mode \"hz\": use periodic, tickless, tickless-full, paratick or no-timer"
+        );
+        assert_eq!(parse_tick_mode("no-timer"), Ok(TickMode::NoTimer));
+        assert_eq!(parse_delivery("lapic-timer"), Ok(TickDelivery::LapicTimer));
+        assert_eq!(
+            parse_delivery("irq").unwrap_err().to_string(),
+            "unknown tick delivery \"irq\": use msi, lapic-timer or ride"
         );
         assert!(parse_workload("").is_err());
     }

@@ -17,14 +17,16 @@
 
 mod block;
 mod config;
+mod host_tick;
 mod injector;
+mod lapic_timer;
 mod loader;
 mod memory;
 mod stats;
 mod vcpu;
 mod vm;
 
-pub use config::{parse_tick_mode, parse_workload, ConfigError, VmConfig, WorkAmount};
+pub use config::{parse_delivery, parse_tick_mode, parse_workload, ConfigError, TickDelivery, VmConfig, WorkAmount};
 pub use vm::{Counters, RunReport, TickCounts, Vm, VmStatus};
 
 /// Why a VM could not start, or ended badly.

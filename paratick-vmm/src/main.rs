@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use paratick_vmm::{parse_tick_mode, parse_workload, RunReport, Vm, VmConfig, WorkAmount};
+use paratick_vmm::{
+    parse_delivery, parse_tick_mode, parse_workload, RunReport, TickDelivery, Vm, VmConfig, WorkAmount,
+};
 
 /// Run Paratick guests on KVM.
 #[derive(Debug, Parser)]
@@ -27,7 +29,7 @@ struct RunArgs {
     /// Number of vCPUs (1-8).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Tick mode: periodic, tickless or paratick.
+    /// Tick mode: periodic, tickless, tickless-full, paratick or no-timer.
     #[arg(long, value_parser = |s: &str| parse_tick_mode(s).map_err(|e| e.to_string()))]
     mode: paratick_common::guest::TickMode,
     /// Guest tick rate in Hz (10-4000).
@@ -45,6 +47,12 @@ struct RunArgs {
     /// Operator tick rate (Hz), overriding the guest's requests.
     #[arg(long)]
     tick_rate: Option<u32>,
+    /// Paratick: the rate a vCPU asks for while it needs no scheduler tick (Hz, 1 to --hz).
+    #[arg(long, default_value_t = paratick_common::abi::HOUSEKEEPING_RATE_DEFAULT_HZ)]
+    housekeeping_hz: u32,
+    /// Paratick: how ticks are delivered: msi, lapic-timer or ride.
+    #[arg(long, default_value = "msi", value_parser = |s: &str| parse_delivery(s).map_err(|e| e.to_string()))]
+    delivery: TickDelivery,
     /// Stop the VM with an error if it has not finished after this long.
     #[arg(long, value_parser = humantime::parse_duration)]
     deadline: Option<Duration>,
@@ -73,6 +81,8 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let mut config = VmConfig::new("vm", args.vcpus, args.mode, args.hz, args.workload, amount);
     config.operator_hz = args.tick_rate;
+    config.housekeeping_hz = args.housekeeping_hz;
+    config.delivery = args.delivery;
     if let Some(deadline) = args.deadline {
         config.deadline = deadline;
     }
@@ -92,11 +102,12 @@ fn print_summary(r: &RunReport) {
         r.mode, r.workload, r.vcpus, r.hz, r.work_units, r.elapsed_s, r.throughput_per_s
     );
     println!(
-        "guest ticks {} (idle {}), injected {} (ridden {}), timer writes {}, KVM exits {}",
+        "guest ticks {} (idle {}), injected {} (ridden {}, skipped idle {}), timer writes {}, KVM exits {}",
         r.counters.guest_ticks.total,
         r.counters.guest_idle_ticks.total,
         r.counters.ticks_injected,
         r.counters.ticks_ridden,
+        r.counters.ticks_skipped_idle,
         r.guest_timer_writes,
         r.counters.kvm_stats.get("exits").copied().unwrap_or(0)
     );

@@ -87,6 +87,32 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Atomically loads the aligned u32 at `address` (a field the guest writes
+    /// concurrently, such as its tick page's).
+    pub fn load_u32(&self, address: u64) -> Result<u32, VmError> {
+        let offset = self.check(address, 4)?;
+        if !address.is_multiple_of(4) {
+            return Err(VmError::GuestAddress { address, len: 4 });
+        }
+        // SAFETY: in bounds and 4-byte aligned (checked); the mapping lives as long as
+        // self, and an atomic load of plain guest bytes cannot observe an invalid u32.
+        Ok(unsafe { std::sync::atomic::AtomicU32::from_ptr(self.base.add(offset).cast::<u32>()) }
+            .load(Ordering::Acquire))
+    }
+
+    /// Atomically stores `value` to the aligned u32 at `address` (a field the host
+    /// owns in a page the guest reads, such as its tick page's `host_flags`).
+    pub fn store_u32(&self, address: u64, value: u32) -> Result<(), VmError> {
+        let offset = self.check(address, 4)?;
+        if !address.is_multiple_of(4) {
+            return Err(VmError::GuestAddress { address, len: 4 });
+        }
+        // SAFETY: as `load_u32`.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.base.add(offset).cast::<u32>()) }
+            .store(value, Ordering::Release);
+        Ok(())
+    }
+
     /// Writes a plain-data value (a `#[repr(C)]` struct of integers) at `address`.
     pub fn write_obj<T: Copy>(&self, address: u64, value: &T) -> Result<(), VmError> {
         // SAFETY: T is Copy plain data; viewing it as bytes for the copy is sound.

@@ -10,11 +10,16 @@ use std::sync::{Arc, Once};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use paratick_common::abi::{TickRequest, PARATICK_REQUEST_PORT, PARATICK_TICK_VECTOR};
+use paratick_common::abi::{
+    check_tick_page_address, check_tick_page_version, tick_page, TickRequest, HOST_FLAG_LAPIC_TIMER,
+    PARATICK_PAGE_PORT, PARATICK_REQUEST_PORT, PARATICK_TICK_VECTOR,
+};
 use paratick_common::guest::{GuestStatus, BLOCK_REQUEST_PORT, CONSOLE_PORT, RESULTS_PORT};
 
-use crate::injector::{send_msi, TickControl};
-use crate::VmError;
+use crate::config::TickDelivery;
+use crate::injector::{send_msi, Decision, TickControl};
+use crate::memory::GuestMemory;
+use crate::{lapic_timer, VmError};
 
 /// Offset from SIGRTMIN of the signal that kicks vCPU threads out of KVM_RUN.
 const KICK_SIGNAL_OFFSET: libc::c_int = 0;
@@ -64,6 +69,10 @@ pub struct RequestCounters {
     pub clamped: AtomicU64,
     /// Requests that were not a 32-bit write.
     pub malformed: AtomicU64,
+    /// Tick pages registered.
+    pub pages: AtomicU64,
+    /// Tick page registrations refused (bad address, size or version).
+    pub pages_rejected: AtomicU64,
 }
 
 /// What ended a vCPU thread, or the VM.
@@ -137,36 +146,51 @@ enum Next {
     Stop,
 }
 
-/// Everything one vCPU thread owns or shares.
-pub struct VcpuThread {
+/// What the exit handler of one vCPU needs besides the exit itself.
+pub struct ExitContext {
     /// vCPU index (= APIC id).
     pub index: usize,
-    /// The vCPU.
-    pub fd: VcpuFd,
     /// The VM (for MSIs).
     pub vm: Arc<VmFd>,
     /// Shared with the VM.
     pub shared: Arc<Shared>,
     /// Tick state.
     pub ticks: Arc<TickControl>,
+    /// Guest memory (tick pages).
+    pub memory: Arc<GuestMemory>,
+    /// How ticks are delivered.
+    pub delivery: TickDelivery,
     /// Requests to the block device.
     pub block: Sender<u64>,
-    /// Console output not yet logged.
-    pub console: Vec<u8>,
     /// VM name, for logs.
     pub name: String,
 }
 
+/// Everything one vCPU thread owns or shares.
+pub struct VcpuThread {
+    fd: VcpuFd,
+    context: ExitContext,
+    /// Console output not yet logged.
+    console: Vec<u8>,
+    /// `lapic-timer` delivery: the period the LAPIC timer is programmed for.
+    programmed_period: Option<u64>,
+}
+
 impl VcpuThread {
+    /// A vCPU thread's state, before it runs.
+    pub fn new(fd: VcpuFd, context: ExitContext) -> VcpuThread {
+        VcpuThread { fd, context, console: Vec::new(), programmed_period: None }
+    }
+
     /// The thread body: runs until the VM stops; failures end the VM.
     pub fn run(mut self) {
         if let Err(error) = self.run_loop() {
-            self.shared.end(Outcome::Failed(error));
+            self.context.shared.end(Outcome::Failed(error));
         }
     }
 
     fn run_loop(&mut self) -> Result<(), VmError> {
-        self.shared.wait_for_gate();
+        self.context.shared.wait_for_gate();
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
         let result = self.run_until_stopped();
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
@@ -174,28 +198,40 @@ impl VcpuThread {
     }
 
     fn run_until_stopped(&mut self) -> Result<(), VmError> {
-        while !self.shared.stop.load(Ordering::Acquire) {
+        while !self.context.shared.stop.load(Ordering::Acquire) {
             let next = match self.fd.run() {
-                Ok(exit) => Self::handle_exit(
-                    exit,
-                    self.index,
-                    &self.shared,
-                    &self.ticks,
-                    &self.block,
-                    &mut self.console,
-                    &self.name,
-                )?,
+                Ok(exit) => Self::handle_exit(exit, &self.context, &mut self.console)?,
                 Err(e) if e.errno() == libc::EINTR => {
-                    // Kicked (or the kick raced with entry): look at the stop flag again.
+                    // Kicked (a stop, a rate change, or the kick raced with entry).
                     self.fd.set_kvm_immediate_exit(0);
+                    self.sync_lapic_timer()?;
                     continue;
                 }
                 Err(e) => return Err(VmError::Kvm { operation: "KVM_RUN", source: e }),
             };
             match next {
                 Next::Stop => break,
-                Next::Resume => self.ride_due_tick()?,
+                Next::Resume => {
+                    self.sync_lapic_timer()?;
+                    self.ride_due_tick()?;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// `lapic-timer` delivery: reprograms the LAPIC timer when the scheduler rate in
+    /// force changed (a guest request, or the operator's rate, which kicks us).
+    fn sync_lapic_timer(&mut self) -> Result<(), VmError> {
+        if self.context.delivery != TickDelivery::LapicTimer {
+            return Ok(());
+        }
+        let ticks = &self.context.ticks;
+        let wanted = ticks.period_ns(self.context.index);
+        if wanted != self.programmed_period {
+            let phase = lapic_timer::program(&self.fd, wanted, ticks)?;
+            ticks.vcpus[self.context.index].set_lapic_phase_error(phase);
+            self.programmed_period = wanted;
         }
         Ok(())
     }
@@ -203,27 +239,46 @@ impl VcpuThread {
     /// We exited to userspace anyway: a due tick is queued now and delivered on the
     /// re-entry, instead of costing a kick of its own later.
     fn ride_due_tick(&self) -> Result<(), VmError> {
-        let Some(period) = self.ticks.period_ns(self.index) else { return Ok(()) };
-        let ticks = &self.ticks.vcpus[self.index];
-        let now = self.ticks.now_ns();
-        if ticks.claim_due(now, period) {
-            send_msi(&self.vm, self.index as u32, PARATICK_TICK_VECTOR).map_err(VmError::kvm("KVM_SIGNAL_MSI"))?;
-            ticks.ridden.fetch_add(1, Ordering::Relaxed);
-            ticks.delivered(now);
+        let context = &self.context;
+        if context.delivery == TickDelivery::LapicTimer {
+            return Ok(());
+        }
+        // The vCPU is in userspace, so not halted.
+        if context.ticks.decide(context.index, &context.memory, || false)? == Decision::Deliver {
+            send_msi(&context.vm, context.index as u32, PARATICK_TICK_VECTOR)
+                .map_err(VmError::kvm("KVM_SIGNAL_MSI"))?;
+            context.ticks.vcpus[context.index].ridden.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// A guest registers its vCPU's tick page: checked, then the host's flags are
+    /// written into it and the injector follows it. A bad one is refused (and counted);
+    /// the vCPU then keeps ticks at its requested rate.
+    fn register_tick_page(context: &ExitContext, gpa: u64) -> Result<(), VmError> {
+        let (index, memory) = (context.index, &context.memory);
+        let checked = check_tick_page_address(gpa, memory.size()).and_then(|gpa| {
+            check_tick_page_version(memory.load_u32(gpa + tick_page::VERSION).unwrap_or(0)).map(|()| gpa)
+        });
+        match checked {
+            Ok(gpa) => {
+                let flags = if context.delivery == TickDelivery::LapicTimer { HOST_FLAG_LAPIC_TIMER } else { 0 };
+                memory.store_u32(gpa + tick_page::HOST_FLAGS, flags)?;
+                context.ticks.set_page(index, gpa);
+                context.shared.requests.pages.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                context.shared.requests.pages_rejected.fetch_add(1, Ordering::Relaxed);
+                log::warn!("{}: vCPU {index}: refused the tick page at {gpa:#x}: {error}", context.name);
+            }
         }
         Ok(())
     }
 
     /// The one place that decides what each exit means.
-    fn handle_exit(
-        exit: VcpuExit<'_>,
-        index: usize,
-        shared: &Shared,
-        ticks: &TickControl,
-        block: &Sender<u64>,
-        console: &mut Vec<u8>,
-        name: &str,
-    ) -> Result<Next, VmError> {
+    fn handle_exit(exit: VcpuExit<'_>, context: &ExitContext, console: &mut Vec<u8>) -> Result<Next, VmError> {
+        let ExitContext { index, shared, ticks, block, name, .. } = context;
+        let index = *index;
         let unexpected = |what: String| Err(VmError::UnexpectedExit { vcpu: index, exit: what });
         match exit {
             VcpuExit::IoOut(PARATICK_REQUEST_PORT, data) => {
@@ -242,6 +297,16 @@ impl VcpuThread {
                             log::warn!("{name}: vCPU {index}: tick request for {raw} Hz clamped to {hz} Hz");
                         }
                         ticks.set_requested_hz(index, hz);
+                    }
+                }
+                Ok(Next::Resume)
+            }
+            VcpuExit::IoOut(PARATICK_PAGE_PORT, data) => {
+                match <[u8; 4]>::try_from(data) {
+                    Ok(raw) => Self::register_tick_page(context, u32::from_le_bytes(raw) as u64)?,
+                    Err(_) => {
+                        shared.requests.pages_rejected.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("{name}: vCPU {index}: ignored a {}-byte tick page address", data.len());
                     }
                 }
                 Ok(Next::Resume)

@@ -13,18 +13,20 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use paratick_common::guest::{
-    kernel_stack_top, BootInfo, GuestResults, GuestStatus, VcpuCounters, Workload, BOOT_GDT_ADDR, BOOT_INFO_ADDR,
-    BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR, SECTOR_SIZE,
+    kernel_stack_top, BootInfo, GuestResults, GuestStatus, TickMode, VcpuCounters, Workload, BOOT_GDT_ADDR,
+    BOOT_INFO_ADDR, BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR,
+    SECTOR_SIZE, TICK_INTERVAL_BINS,
 };
 use serde::Serialize;
 
 use crate::block::{self, BlockCounters, DISK_BYTES};
-use crate::config::{check_rate, VmConfig, WorkAmount};
+use crate::config::{check_rate, TickDelivery, VmConfig, WorkAmount};
+use crate::host_tick::HostTick;
 use crate::injector::{self, TickControl};
 use crate::loader::{load_elf, GUEST_KERNEL};
 use crate::memory::GuestMemory;
 use crate::stats::VcpuStats;
-use crate::vcpu::{install_kick_handler, kick_signal, Outcome, Shared, VcpuThread};
+use crate::vcpu::{install_kick_handler, kick_signal, ExitContext, Outcome, Shared, VcpuThread};
 use crate::{ConfigError, VmError};
 
 /// Where a VM is.
@@ -61,6 +63,9 @@ pub struct Counters {
     pub guest_ticks: TickCounts,
     /// Of those, ticks that found the vCPU idle.
     pub guest_idle_ticks: TickCounts,
+    /// Seconds each vCPU ran tasks (guest TSC; accounted at ticks, system calls and
+    /// task switches, so live values trail by at most the time since the last of those).
+    pub guest_busy_s: Vec<f64>,
     /// Ticks delivered by the injector or on re-entry.
     pub ticks_injected: u64,
     /// Of those, ticks that rode on a userspace exit's re-entry.
@@ -73,12 +78,19 @@ pub struct Counters {
     pub tick_requests_clamped: u64,
     /// Requests that were not 32-bit writes (ignored).
     pub tick_requests_malformed: u64,
+    /// vCPUs whose guest registered a tick page.
+    pub tick_pages: u64,
+    /// Tick page registrations refused.
+    pub tick_pages_rejected: u64,
     /// Rate each vCPU asked for (Hz; 0 = none).
     pub requested_hz: Vec<u32>,
     /// The operator's rate, if set.
     pub operator_hz: Option<u32>,
     /// Rate in force per vCPU (Hz).
     pub effective_hz: Vec<u32>,
+    /// Intervals between busy ticks as the guest saw them, summed over vCPUs: bin `i`
+    /// counts intervals of `i / 8` to `(i + 1) / 8` tick periods (the last, longer ones).
+    pub guest_tick_intervals: Vec<u64>,
     /// Cumulative KVM statistics summed over vCPUs.
     pub kvm_stats: BTreeMap<String, u64>,
 }
@@ -88,21 +100,23 @@ impl Counters {
     /// estimated from its own counters (see README); 0 for a guest that never asked the
     /// host for ticks (periodic and tickless guests):
     ///
-    /// `2 × busy ticks + 2 × halts − (ticks injected − ticks ridden)`
+    /// `Σ over vCPUs 2 × busy seconds × scheduler rate + 2 × halts − (ticks injected −
+    /// ticks ridden)`
     ///
-    /// A tickless guest takes two exits per busy tick (the TSC-deadline write and the
-    /// timer expiry) and two per idle period (disarm on idle, re-arm on wake-up); a
-    /// paratick guest takes neither, but each tick injected into a running vCPU costs a
-    /// kick unless it rode on an exit that happened anyway. EOIs cost the same in both.
-    /// With APICv a posted tick costs no exit, so on such hosts this underestimates.
+    /// A tickless guest takes a tick per period while busy, at two exits each (on PVM:
+    /// the expiry and the injection; on VMX: the TSC-deadline write and the expiry), and
+    /// two exits per idle period (disarm on idle, re-arm on wake-up); a paratick guest
+    /// takes neither, but each tick injected into a running vCPU costs a kick unless it
+    /// rode on an exit that happened anyway. EOIs cost the same in both.
     pub fn exits_saved_estimate(&self) -> u64 {
         if self.tick_requests == 0 {
             return 0;
         }
-        let busy_ticks = self.guest_ticks.total.saturating_sub(self.guest_idle_ticks.total);
+        let tickless_busy_ticks: f64 =
+            self.guest_busy_s.iter().zip(&self.effective_hz).map(|(busy, hz)| busy * *hz as f64).sum();
         let halts = self.kvm_stats.get("halt_exits").copied().unwrap_or(0);
         let kicks = self.ticks_injected.saturating_sub(self.ticks_ridden);
-        (2 * busy_ticks + 2 * halts).saturating_sub(kicks)
+        ((2.0 * tickless_busy_ticks) as u64 + 2 * halts).saturating_sub(kicks)
     }
 }
 
@@ -141,9 +155,15 @@ pub struct RunReport {
     pub block_requests: u64,
     /// VM exits avoided versus a tickless guest, estimated (0 unless the guest asked for ticks).
     pub exits_saved_estimate: u64,
-    /// Intervals between delivered ticks, in µs, all vCPUs (not in the JSON: large).
-    #[serde(skip)]
-    pub tick_intervals_us: Vec<u32>,
+    /// How paratick ticks were delivered (`none` for guests that ask for no ticks).
+    pub delivery: &'static str,
+    /// Paratick guests' housekeeping rate.
+    pub housekeeping_hz: u32,
+    /// CPU time of the injector thread (`msi` delivery; 0 otherwise), in seconds.
+    pub injector_cpu_s: f64,
+    /// `lapic-timer` delivery: each vCPU's phase error against the host tick, in µs
+    /// (absent where the expiries could not be laid on it).
+    pub lapic_phase_error_us: Vec<Option<f64>>,
     /// The counters at the end.
     #[serde(flatten)]
     pub counters: Counters,
@@ -159,7 +179,7 @@ pub struct Vm {
     stats: Arc<Vec<VcpuStats>>,
     block_counters: Arc<BlockCounters>,
     vcpu_threads: Vec<JoinHandle<()>>,
-    injector: Option<JoinHandle<Result<(), kvm_ioctls::Error>>>,
+    injector: Option<JoinHandle<Result<(), VmError>>>,
     block: Option<JoinHandle<Result<(), VmError>>>,
     tsc_khz: u64,
     started: Instant,
@@ -205,6 +225,8 @@ impl Vm {
             workload: config.workload as u32,
             hz: config.hz,
             disk_sectors: if config.workload == Workload::Io { DISK_BYTES / SECTOR_SIZE } else { 0 },
+            housekeeping_hz: config.housekeeping_hz,
+            reserved: 0,
         };
         memory.write_obj(BOOT_INFO_ADDR, &boot)?;
 
@@ -217,7 +239,7 @@ impl Vm {
             thread_ids: Mutex::new(Vec::new()),
             gate: (Mutex::new(false), std::sync::Condvar::new()),
         });
-        let ticks = Arc::new(TickControl::new(vcpus.len(), config.operator_hz));
+        let ticks = Arc::new(TickControl::new(vcpus.len(), config.operator_hz, HostTick::of_running_kernel()));
         let block_counters = Arc::new(BlockCounters::default());
         let mut this = Vm {
             config,
@@ -236,7 +258,7 @@ impl Vm {
             wall_s: Mutex::new(None),
         };
         // From here on, a failure stops what was started (Drop).
-        let threads = vcpus.len() + 2;
+        let threads = vcpus.len() + 1 + usize::from(this.has_injector());
         this.spawn_threads(vcpus)?;
         // Every thread records its id first thing: once all have, `thread_ids` is complete.
         while this.thread_ids().len() < threads && this.vcpu_threads.iter().all(|t| !t.is_finished()) {
@@ -277,23 +299,33 @@ impl Vm {
         self.block = Some(self.spawn_vm_thread("block", move || {
             block::serve(block_rx, &mut block::new_disk(), &memory, &vm, vcpu_count, &counters)
         })?);
-        let (vm, ticks, stats) = (Arc::clone(&self.vm), Arc::clone(&self.ticks), Arc::clone(&self.stats));
-        self.injector = Some(self.spawn_vm_thread("ticks", move || injector::run(&vm, &ticks, &stats))?);
+        if self.has_injector() {
+            let (vm, ticks, stats, memory) =
+                (Arc::clone(&self.vm), Arc::clone(&self.ticks), Arc::clone(&self.stats), Arc::clone(&self.memory));
+            self.injector = Some(self.spawn_vm_thread("ticks", move || injector::run(&vm, &ticks, &memory, &stats))?);
+        }
         for (index, fd) in vcpus.into_iter().enumerate() {
-            let thread = VcpuThread {
+            let context = ExitContext {
                 index,
-                fd,
                 vm: Arc::clone(&self.vm),
                 shared: Arc::clone(&self.shared),
                 ticks: Arc::clone(&self.ticks),
+                memory: Arc::clone(&self.memory),
+                delivery: self.config.delivery,
                 block: block_tx.clone(),
-                console: Vec::new(),
                 name: self.config.name.clone(),
             };
+            let thread = VcpuThread::new(fd, context);
             let handle = self.spawn_vm_thread(&format!("vcpu{index}"), move || thread.run())?;
             self.vcpu_threads.push(handle);
         }
         Ok(())
+    }
+
+    /// Whether the VM has an injector thread: paratick guests with `msi` delivery (the
+    /// others ask for no ticks, or take them from the LAPIC timer or on exits).
+    fn has_injector(&self) -> bool {
+        self.config.mode == TickMode::Paratick && self.config.delivery == TickDelivery::Msi
     }
 
     /// The configuration.
@@ -307,6 +339,16 @@ impl Vm {
             check_rate(hz)?;
         }
         self.ticks.set_operator_hz(hz);
+        if self.config.delivery == TickDelivery::LapicTimer {
+            // The vCPU threads reprogram their LAPIC timers between two KVM_RUNs.
+            for handle in &self.vcpu_threads {
+                if !handle.is_finished() {
+                    // SAFETY: the thread is alive (not joined), so its pthread_t is valid;
+                    // the kick handler only sets immediate_exit.
+                    unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+                }
+            }
+        }
         Ok(())
     }
 
@@ -359,12 +401,18 @@ impl Vm {
         Ok(Counters {
             guest_ticks: TickCounts::from(guest.iter().map(|c| c.ticks).collect()),
             guest_idle_ticks: TickCounts::from(guest.iter().map(|c| c.idle_ticks).collect()),
+            guest_busy_s: guest.iter().map(|c| c.run_tsc as f64 / (self.tsc_khz as f64 * 1000.0)).collect(),
+            guest_tick_intervals: (0..TICK_INTERVAL_BINS)
+                .map(|bin| guest.iter().map(|c| c.tick_intervals[bin] as u64).sum())
+                .collect(),
             ticks_injected: injected + ridden,
             ticks_ridden: ridden,
             ticks_skipped_idle: sum(|t| t.skipped_idle.load(Ordering::Relaxed)),
             tick_requests: requests.received.load(Ordering::Relaxed),
             tick_requests_clamped: requests.clamped.load(Ordering::Relaxed),
             tick_requests_malformed: requests.malformed.load(Ordering::Relaxed),
+            tick_pages: requests.pages.load(Ordering::Relaxed),
+            tick_pages_rejected: requests.pages_rejected.load(Ordering::Relaxed),
             requested_hz: ticks.iter().map(|t| t.requested_hz.load(Ordering::Relaxed)).collect(),
             operator_hz: self.ticks.operator_hz(),
             effective_hz: (0..ticks.len()).map(|i| self.ticks.effective_hz(i)).collect(),
@@ -453,7 +501,15 @@ impl Vm {
             context_switches: guest.iter().map(|c| c.context_switches).sum(),
             block_requests: self.block_counters.completed.load(Ordering::Relaxed),
             exits_saved_estimate: counters.exits_saved_estimate(),
-            tick_intervals_us: self.ticks.vcpus.iter().flat_map(|t| t.intervals_us()).collect(),
+            delivery: if self.config.mode == TickMode::Paratick { self.config.delivery.name() } else { "none" },
+            housekeeping_hz: self.config.housekeeping_hz,
+            injector_cpu_s: self.ticks.injector_cpu_ns.load(Ordering::Acquire) as f64 / 1e9,
+            lapic_phase_error_us: self
+                .ticks
+                .vcpus
+                .iter()
+                .map(|t| t.lapic_phase_error().map(|ns| ns as f64 / 1000.0))
+                .collect(),
             counters,
         })
     }
@@ -488,7 +544,7 @@ impl Vm {
         }
         match injector {
             Some(Err(_)) => return Err(VmError::ThreadPanicked("tick injector".into())),
-            Some(Ok(Err(e))) => return Err(VmError::Kvm { operation: "KVM_SIGNAL_MSI", source: e }),
+            Some(Ok(Err(e))) => return Err(e),
             _ => {}
         }
         match block {
@@ -577,8 +633,8 @@ mod tests {
 
     fn counters(tick_requests: u64) -> Counters {
         Counters {
-            guest_ticks: TickCounts::from(vec![500]),
-            guest_idle_ticks: TickCounts::from(vec![100]),
+            guest_busy_s: vec![1.5, 0.5],
+            effective_hz: vec![250, 100],
             ticks_injected: 500,
             ticks_ridden: 50,
             tick_requests,
@@ -589,8 +645,8 @@ mod tests {
 
     #[test]
     fn exits_saved_follow_the_documented_formula_for_guests_that_ask_for_ticks() {
-        // 2 x (500 - 100) busy ticks + 2 x 30 halts - (500 - 50) kicks
-        assert_eq!(counters(1).exits_saved_estimate(), 800 + 60 - 450);
+        // 2 x (1.5 s x 250 Hz + 0.5 s x 100 Hz) busy ticks + 2 x 30 halts - (500 - 50) kicks
+        assert_eq!(counters(1).exits_saved_estimate(), 850 + 60 - 450);
         // A guest that never asked for ticks (periodic, tickless) saves nothing this way.
         assert_eq!(counters(0).exits_saved_estimate(), 0);
     }

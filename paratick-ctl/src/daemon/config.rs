@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use paratick_vmm::{parse_tick_mode, parse_workload, VmConfig, WorkAmount};
+use paratick_vmm::{parse_delivery, parse_tick_mode, parse_workload, VmConfig, WorkAmount};
 use serde::Deserialize;
 
 /// The default configuration, embedded in the binary.
@@ -35,6 +35,8 @@ struct RawVm {
     duration: Option<String>,
     work: Option<u64>,
     tick_rate: Option<u32>,
+    housekeeping_hz: Option<u32>,
+    delivery: Option<String>,
     autostart: Option<bool>,
 }
 
@@ -136,11 +138,18 @@ fn vm_entry(vm: RawVm, key: &dyn Fn(&str) -> String) -> Result<VmEntry, ConfigEr
     };
     let mut config = VmConfig::new(&vm.name, vm.vcpus.unwrap_or(1), mode, vm.hz.unwrap_or(250), workload, amount);
     config.operator_hz = vm.tick_rate;
+    if let Some(hz) = vm.housekeeping_hz {
+        config.housekeeping_hz = hz;
+    }
+    if let Some(delivery) = &vm.delivery {
+        config.delivery = parse_delivery(delivery).map_err(|e| value_error(key("delivery"), e))?;
+    }
     config.validate().map_err(|e| {
         let field = match e {
             paratick_vmm::ConfigError::Vcpus(_) => "vcpus",
             paratick_vmm::ConfigError::Hz(_) => "hz",
             paratick_vmm::ConfigError::TickRate(_) => "tick_rate",
+            paratick_vmm::ConfigError::Housekeeping { .. } => "housekeeping_hz",
             paratick_vmm::ConfigError::Amount => "duration",
             _ => "name",
         };
@@ -189,6 +198,19 @@ mod tests {
         assert!(error_of(&vm("hz = \"fast\"\n")).contains("invalid type"));
         assert!(error_of(&vm("").replace("paratick", "turbo")).starts_with("vm[0].mode: unknown tick mode \"turbo\""));
         assert_eq!(error_of(&format!("{}{}", vm(""), vm(""))), "vm[1].name: \"a\" is used by another VM");
+        assert_eq!(
+            error_of(&vm("housekeeping_hz = 0\n")),
+            "vm[0].housekeeping_hz: housekeeping_hz must be 1 to hz (250), not 0"
+        );
+        assert_eq!(
+            error_of(&vm("delivery = \"pigeon\"\n")),
+            "vm[0].delivery: unknown tick delivery \"pigeon\": use msi, lapic-timer or ride"
+        );
+        let config = DaemonConfig::parse(&vm("delivery = \"lapic-timer\"\nhousekeeping_hz = 10\n")).unwrap();
+        assert_eq!(
+            (config.vms[0].config.delivery, config.vms[0].config.housekeeping_hz),
+            (paratick_vmm::TickDelivery::LapicTimer, 10)
+        );
         assert_eq!(error_of(&vm("").replace("\"a\"", "\"a b\"")), "vm[0].name: use letters, digits, '-' and '_' only");
     }
 }
