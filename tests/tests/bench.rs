@@ -19,18 +19,33 @@ fn a_quick_bench_writes_complete_well_formed_results() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
     for workload in ["sequential", "multithreaded", "io"] {
-        assert!(stdout.contains(&format!("{workload:<14} paratick vs tickless: exits ")), "{stdout}");
+        for baseline in ["tickless", "tickless-full"] {
+            assert!(
+                stdout.contains(&format!("{workload:<14} paratick vs {baseline}: timer exits removed ")),
+                "{stdout}"
+            );
+        }
     }
-    // A progress line per run (stderr is not a terminal here).
-    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().filter(|l| l.starts_with('[')).count(), 23);
+    // A progress line per run (stderr is not a terminal here): 30 main runs, 5 delivery
+    // runs (the floor, tickless and three deliveries), 2 observer runs, 3 precision runs.
+    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().filter(|l| l.starts_with('[')).count(), 40);
 
     let results: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let runs = results["runs"].as_array().unwrap();
-    // 3 workloads x 3 modes x 1 repetition x (throughput, execution).
-    assert_eq!(runs.len(), 18);
+    // 3 workloads x 5 modes x 1 repetition x (throughput, execution).
+    assert_eq!(runs.len(), 30);
     for run in runs {
-        for field in ["workload", "mode", "hz", "vcpus", "exits", "throughput_per_s", "elapsed_s", "modelled_vmx_exits"]
-        {
+        for field in [
+            "workload",
+            "mode",
+            "delivery",
+            "hz",
+            "vcpus",
+            "exits",
+            "throughput_per_s",
+            "elapsed_s",
+            "modelled_vmx_exits",
+        ] {
             assert!(run.get(field).is_some(), "{field} missing from {run}");
         }
         assert!(run["throughput_per_s"].as_f64().unwrap() > 0.0, "{run}");
@@ -50,11 +65,50 @@ fn a_quick_bench_writes_complete_well_formed_results() {
     let summary = results["summary"].as_array().unwrap();
     assert_eq!(summary.len(), 3);
     for workload in summary {
-        for key in ["exits_pct", "modelled_vmx_exits_pct", "throughput_pct", "execution_time_pct"] {
-            assert!(workload["paratick_vs_tickless"][key].is_f64(), "{key} in {workload}");
-            assert!(workload["periodic_vs_tickless"][key].is_f64(), "{key} in {workload}");
+        let comparisons = workload["comparisons"].as_array().unwrap();
+        let names: Vec<&str> = comparisons.iter().map(|c| c["comparison"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            ["paratick vs tickless", "paratick vs tickless-full", "tickless-full vs tickless", "periodic vs tickless"]
+        );
+        for comparison in comparisons {
+            for key in ["exits_pct", "modelled_vmx_exits_pct", "throughput_pct", "execution_time_pct"] {
+                assert!(comparison[key].is_f64(), "{key} in {comparison}");
+            }
+            // A fraction per repetition, or null where the baseline's timer cost nothing.
+            let removed = &comparison["timer_exits_removed"];
+            if !removed.is_null() {
+                let (median, min, max) = (
+                    removed["median"].as_f64().unwrap(),
+                    removed["min"].as_f64().unwrap(),
+                    removed["max"].as_f64().unwrap(),
+                );
+                assert!(min <= median && median <= max, "{comparison}");
+            }
+            assert_eq!(
+                comparison["paper"].is_object(),
+                comparison["comparison"] == "paratick vs tickless",
+                "{comparison}"
+            );
         }
-        assert_eq!(workload["modes"].as_array().unwrap().len(), 3);
+        // The paper's baseline always costs timer exits against the floor.
+        assert!(comparisons[0]["timer_exits_removed"]["median"].is_f64(), "{workload}");
+        let modes = workload["modes"].as_array().unwrap();
+        assert_eq!(modes.len(), 5);
+        let floor = modes.iter().find(|m| m["mode"] == "no-timer").expect("the floor ran");
+        assert_eq!(floor["timer_exits"]["median"], 0.0, "the floor's own timer exits are 0 by definition");
+    }
+    let delivery = results["delivery"].as_array().unwrap();
+    let names: Vec<&str> = delivery.iter().map(|d| d["delivery"].as_str().unwrap()).collect();
+    assert_eq!(names, ["tickless", "msi", "lapic-timer", "ride"]);
+    for d in delivery {
+        assert!(d["exits_per_s"]["median"].as_f64().unwrap() > 0.0, "{d}");
+        let injector_cpu = d["injector_cpu_s_per_s"]["median"].as_f64().unwrap();
+        assert_eq!(injector_cpu > 0.0, d["delivery"] == "msi", "only msi has an injector thread: {d}");
+        if d["delivery"] != "ride" {
+            assert!(d["precision"]["effective_hz"].as_f64().unwrap() > 200.0, "{d}");
+            assert!(d["timer_exits_per_tick"]["median"].is_f64(), "{d}");
+        }
     }
     assert!(results["observer_overhead"]["ratio"].as_f64().unwrap() > 0.0);
     let precision = results["tick_precision"].as_array().unwrap();
@@ -67,20 +121,24 @@ fn a_quick_bench_writes_complete_well_formed_results() {
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     assert!(header.contains(&"workload") && header.contains(&"exits") && header.contains(&"throughput_per_s"));
-    assert_eq!(lines.clone().count(), 18);
+    assert_eq!(lines.clone().count(), 30);
     assert!(lines.all(|l| l.split(',').count() == header.len()));
 
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     for needle in [
         "| sequential | 1 | paratick vs tickless |",
+        "| io | 2 | paratick vs tickless-full |",
         "| io | 2 | periodic vs tickless |",
+        "| multithreaded | no-timer |",
         "-34% / +20% / -18%",
+        "## Tick delivery",
+        "| lapic-timer |",
         "## Observer overhead",
         "## Tick precision",
     ] {
         assert!(md.contains(needle), "{needle} missing from results.md");
     }
-    for plot in ["exits_per_second.svg", "throughput.svg", "tick_intervals.svg"] {
+    for plot in ["exits_per_second.svg", "timer_exits.svg", "throughput.svg", "tick_intervals.svg"] {
         let svg = std::fs::read_to_string(out.join(plot)).unwrap();
         assert!(
             svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\"") && svg.trim_end().ends_with("</svg>"),

@@ -1,9 +1,12 @@
 //! `paratick-ctl bench`: the paper's evaluation on our VMM and guest. Every workload runs
-//! in every tick mode at the same HZ, interleaved (rep 1: all workloads × modes, rep 2:
-//! again, …) so that drift on a noisy host hits every mode alike; throughput runs work
-//! for a fixed time, execution-time runs do a fixed amount of work (calibrated from the
-//! tickless throughput runs). The eBPF observer is on for every run and attributes each
-//! run's threads to that run. Then: the observer's overhead, and tick precision.
+//! in every tick mode at the same HZ, the no-timer floor included, interleaved (rep 1:
+//! all workloads × modes, rep 2: again, …) so that drift on a noisy host hits every mode
+//! alike; throughput runs work for a fixed time, execution-time runs do a fixed amount of
+//! work (calibrated from the tickless throughput runs), and their exits, less the
+//! floor's of the same repetition, are each mode's timer-induced exits. The eBPF
+//! observer is on for every run and attributes each run's threads to that run. Then:
+//! each way of delivering ticks where every tick is needed (the contended workload), the
+//! observer's overhead, and tick precision.
 
 mod plot;
 pub mod report;
@@ -15,10 +18,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::{TickMode, Workload};
-use paratick_vmm::{RunReport, Vm, VmConfig, WorkAmount};
+use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount};
 
 use crate::observer::{per_process, Observer, PidFilter, ProcessCounts};
-use report::{Kind, Record};
+use report::{DeliverySummary, Kind, Record, Spread};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -121,6 +124,21 @@ impl Bench<'_> {
         VmConfig::new(&name, self.options.vcpus_for(workload), mode, hz, workload, amount)
     }
 
+    /// A contended-workload run on one vCPU for `duration` (the delivery and precision
+    /// runs: the guest needs every tick).
+    fn contended(&mut self, mode: TickMode, delivery: TickDelivery, hz: u32) -> Result<RunReport> {
+        let mut config = VmConfig::new(
+            &format!("bench-contended-{}-{}", mode.name(), delivery.name()),
+            1,
+            mode,
+            hz,
+            Workload::Contended,
+            WorkAmount::Seconds(self.options.duration.as_secs_f64()),
+        );
+        config.delivery = delivery;
+        Ok(self.run_vm(config)?.0)
+    }
+
     fn record(
         &mut self,
         workload: Workload,
@@ -154,7 +172,8 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     let workloads = Workload::EVALUATED;
     let modes = TickMode::ALL;
     let main_runs = workloads.len() * modes.len() * options.reps as usize * 2;
-    let total = main_runs + 2 * options.reps as usize + PRECISION_HZ.len();
+    let delivery_runs = (TickDelivery::ALL.len() + 2) * options.reps as usize;
+    let total = main_runs + delivery_runs + 2 * options.reps as usize + PRECISION_HZ.len();
     let mut bench = Bench { options, observer: Some(observer), next_owner: 0, done: 0, total };
 
     let mut records = Vec::new();
@@ -184,6 +203,8 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
         }
     }
 
+    let delivery = deliveries(&mut bench)?;
+
     // Observer overhead: the exit-heaviest workload with and without the programs.
     let heaviest = report::heaviest_workload(&records);
     let mut with = Vec::new();
@@ -204,22 +225,60 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     }
     let overhead = report::ObserverOverhead::new(heaviest, &with, &without);
 
-    // Tick precision: injected rate and intervals at several rates.
+    // Tick precision: the guest's rate and intervals at several rates.
     let mut precision = Vec::new();
     for hz in PRECISION_HZ {
-        let config = bench.config(
-            Workload::Sequential,
-            TickMode::Paratick,
-            hz,
-            WorkAmount::Seconds(options.duration.as_secs_f64()),
-        );
-        let (report, _) = bench.run_vm(config)?;
+        let report = bench.contended(TickMode::Paratick, TickDelivery::Msi, hz)?;
         precision.push(report::TickPrecision::new(hz, &report));
         bench.progress(&format!("tick precision at {hz} Hz"));
     }
 
-    let results = report::Results::new(options, records, overhead, precision);
+    let results = report::Results::new(options, records, overhead, precision, delivery);
     results.write(&options.out)?;
     plot::write_all(&results, &options.out)?;
     Ok(results)
+}
+
+/// Every delivery method (and the guest's own tickless timer for reference) on the
+/// contended workload, each repetition against a no-timer floor of its own.
+fn deliveries(bench: &mut Bench<'_>) -> Result<Vec<DeliverySummary>> {
+    let hz = bench.options.hz;
+    let candidates: Vec<(&'static str, TickMode, TickDelivery)> =
+        std::iter::once(("tickless", TickMode::Tickless, TickDelivery::Msi))
+            .chain(TickDelivery::ALL.into_iter().map(|d| (d.name(), TickMode::Paratick, d)))
+            .collect();
+    let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); candidates.len()];
+    let mut floors = Vec::new();
+    for rep in 0..bench.options.reps {
+        floors.push(bench.contended(TickMode::NoTimer, TickDelivery::Msi, hz)?);
+        bench.progress(&format!("delivery floor rep {}", rep + 1));
+        for (index, (name, mode, delivery)) in candidates.iter().enumerate() {
+            runs[index].push(bench.contended(*mode, *delivery, hz)?);
+            bench.progress(&format!("delivery {name} rep {}", rep + 1));
+        }
+    }
+    let exits = |r: &RunReport| r.counters.kvm_stats.get("exits").copied().unwrap_or(0) as f64;
+    let per_s = |r: &RunReport| exits(r) / r.wall_s.max(1e-9);
+    Ok(candidates
+        .iter()
+        .zip(runs)
+        .map(|((name, _, _), reports)| {
+            let timer_per_tick: Vec<f64> = reports
+                .iter()
+                .zip(&floors)
+                .filter(|(r, _)| r.counters.guest_ticks.total > 0)
+                .map(|(r, floor)| (per_s(r) - per_s(floor)) * r.wall_s / r.counters.guest_ticks.total as f64)
+                .collect();
+            let cpu: Vec<f64> = reports.iter().map(|r| r.injector_cpu_s / r.wall_s.max(1e-9)).collect();
+            let all: Vec<f64> = reports.iter().map(per_s).collect();
+            let last = reports.last().expect("at least one repetition");
+            DeliverySummary {
+                delivery: name,
+                exits_per_s: Spread::of(&all),
+                timer_exits_per_tick: Spread::of_some(&timer_per_tick),
+                injector_cpu_s_per_s: Spread::of(&cpu),
+                precision: report::TickPrecision::new(hz, last),
+            }
+        })
+        .collect())
 }

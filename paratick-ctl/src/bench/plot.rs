@@ -1,18 +1,21 @@
 //! SVG plots of the bench: exits per second and throughput per mode per workload, as a
 //! percentage of the tickless guest's median (bars at the median, whiskers from min to
-//! max), and the distribution of intervals between injected ticks. Plain SVG.
+//! max), the timer-induced exits of every mode over the no-timer floor, and the
+//! distribution of intervals between the guest's ticks. Plain SVG.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use paratick_common::guest::TICK_INTERVAL_BINS_PER_PERIOD;
+
 use super::report::{Record, Results, Spread, HISTOGRAM_BINS};
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 360.0;
 const MARGIN: f64 = 60.0;
-const COLOURS: [&str; 3] = ["#7f7f7f", "#d62728", "#1f77b4"];
+const COLOURS: [&str; 5] = ["#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e"];
 
 fn svg_start(title: &str) -> String {
     format!(
@@ -130,7 +133,7 @@ fn per_mode(results: &Results, kind: &str, value: fn(&Record) -> f64) -> Vec<(St
 }
 
 fn histograms(results: &Results) -> String {
-    let mut svg = svg_start("Intervals between injected ticks: 0 to 3 periods, red = one period");
+    let mut svg = svg_start("Intervals between the guest's ticks: 0 to 4 periods, red = one period");
     let panels = results.tick_precision.len().max(1) as f64;
     let panel_w = (WIDTH - MARGIN) / panels;
     for (p, precision) in results.tick_precision.iter().enumerate() {
@@ -146,7 +149,7 @@ fn histograms(results: &Results) -> String {
                 x0 + b as f64 * bin_w,
                 base - h,
                 bin_w * 0.9,
-                if b == 10 { COLOURS[1] } else { COLOURS[2] }
+                if b as u64 == TICK_INTERVAL_BINS_PER_PERIOD { COLOURS[1] } else { COLOURS[2] }
             );
         }
         let centre = x0 + (panel_w - 20.0) / 2.0;
@@ -176,7 +179,24 @@ fn modelled_rate(results: &Results) -> Vec<(String, Vec<(String, Spread)>)> {
         .collect()
 }
 
-/// Writes exits_per_second.svg, throughput.svg and tick_intervals.svg.
+/// Timer-induced exits (exits − the no-timer floor's, same work and repetition) per
+/// workload and mode, the floor included (at 0 by definition).
+fn timer_exits(results: &Results) -> Vec<(String, Vec<(String, Spread)>)> {
+    results
+        .summary
+        .iter()
+        .map(|w| {
+            let removed = w
+                .comparison(paratick_common::guest::TickMode::Paratick, paratick_common::guest::TickMode::Tickless)
+                .and_then(|c| c.timer_exits_removed)
+                .map_or(0.0, |r| r.median);
+            let bars = w.modes.iter().map(|m| (m.mode.to_string(), m.timer_exits)).collect();
+            (format!("{}\nremoved {:.0}%", w.workload, 100.0 * removed), bars)
+        })
+        .collect()
+}
+
+/// Writes exits_per_second.svg, timer_exits.svg, throughput.svg and tick_intervals.svg.
 pub fn write_all(results: &Results, dir: &Path) -> Result<()> {
     let measured = per_mode(results, "throughput", |r| r.exits_per_s)
         .into_iter()
@@ -186,6 +206,14 @@ pub fn write_all(results: &Results, dir: &Path) -> Result<()> {
         (
             "exits_per_second.svg",
             bar_chart("VM exits per second, measured and modelled VMX (% of tickless)", "% of tickless", &exits),
+        ),
+        (
+            "timer_exits.svg",
+            bar_chart(
+                "Timer-induced exits: exits − no-timer floor, same work (paratick vs tickless: removed)",
+                "exits per run",
+                &timer_exits(results),
+            ),
         ),
         (
             "throughput.svg",
