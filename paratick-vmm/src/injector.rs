@@ -113,6 +113,9 @@ pub struct VcpuTicks {
     seen_epoch: AtomicU32,
     /// When the current contention episode was first seen.
     contention_start_ns: AtomicU64,
+    /// Consecutive polls that each found a new contention episode: the episodes are
+    /// shorter than a poll interval, so they need no tick and no fast polling.
+    fresh_episodes: AtomicU32,
     /// Ticks injected by the injector thread.
     pub injected: AtomicU64,
     /// Ticks that rode on a userspace exit's re-entry.
@@ -132,6 +135,7 @@ impl Default for VcpuTicks {
             last_tick_ns: AtomicU64::new(0),
             seen_epoch: AtomicU32::new(0),
             contention_start_ns: AtomicU64::new(NO_CONTENTION),
+            fresh_episodes: AtomicU32::new(0),
             injected: AtomicU64::new(0),
             ridden: AtomicU64::new(0),
             skipped_idle: AtomicU64::new(0),
@@ -179,6 +183,7 @@ impl VcpuTicks {
             None => Decision::Deliver,
             Some(view) if view.idle => {
                 self.contention_start_ns.store(NO_CONTENTION, Ordering::Release);
+                self.fresh_episodes.store(0, Ordering::Release);
                 if due(scheduler_period_ns) {
                     Decision::SkipIdle
                 } else {
@@ -190,8 +195,10 @@ impl VcpuTicks {
                 let start = self.contention_start_ns.load(Ordering::Acquire);
                 if episode_changed || start == NO_CONTENTION {
                     self.contention_start_ns.store(now_ns, Ordering::Release);
+                    self.fresh_episodes.fetch_add(1, Ordering::AcqRel);
                     return Decision::NotDue;
                 }
+                self.fresh_episodes.store(0, Ordering::Release);
                 if now_ns + scheduler_period_ns / 8 >= start + scheduler_period_ns && due(scheduler_period_ns) {
                     Decision::Deliver
                 } else {
@@ -200,6 +207,7 @@ impl VcpuTicks {
             }
             Some(view) => {
                 self.contention_start_ns.store(NO_CONTENTION, Ordering::Release);
+                self.fresh_episodes.store(0, Ordering::Release);
                 let scheduler_hz = (1_000_000_000 / scheduler_period_ns.max(1)).max(1) as u32;
                 let housekeeping_hz = view.housekeeping_hz.clamp(HOUSEKEEPING_RATE_MIN_HZ, scheduler_hz.max(1));
                 if due(1_000_000_000 / housekeeping_hz as u64) {
@@ -211,9 +219,12 @@ impl VcpuTicks {
         }
     }
 
-    /// Whether the last decision found the vCPU in a contention episode.
-    fn is_contended(&self) -> bool {
+    /// Whether the injector should poll this vCPU at the scheduler period: the last
+    /// decision found it in a contention episode that may last (a first sighting, or one
+    /// seen again); not when two polls in a row each found a new, short one.
+    fn wants_fast_polls(&self) -> bool {
         self.contention_start_ns.load(Ordering::Acquire) != NO_CONTENTION
+            && self.fresh_episodes.load(Ordering::Acquire) <= 1
     }
 
     /// Records the phase error of the LAPIC timer's programming.
@@ -404,7 +415,7 @@ pub fn run(vm: &VmFd, control: &TickControl, memory: &GuestMemory, stats: &[Vcpu
             }
             for (index, ticks) in control.vcpus.iter().enumerate() {
                 let decision = control.decide(index, memory, || stats[index].blocking() == Some(true))?;
-                contended[index] = ticks.is_contended();
+                contended[index] = ticks.wants_fast_polls();
                 match decision {
                     Decision::Deliver => {
                         send_msi(vm, index as u32, PARATICK_TICK_VECTOR).map_err(VmError::kvm("KVM_SIGNAL_MSI"))?;
@@ -485,14 +496,24 @@ mod tests {
     }
 
     #[test]
-    fn short_contention_episodes_cost_no_tick() {
+    fn short_contention_episodes_cost_no_tick_and_no_fast_polls() {
         let ticks = VcpuTicks::default();
         ticks.restart(0);
+        // A first sighting is polled again a period later...
+        assert_eq!(ticks.decide(PERIOD, PERIOD, view(false, true, 1), || false), Decision::NotDue);
+        assert!(ticks.wants_fast_polls());
+        // ...and a new episode then means they are short: back to slow polls.
+        assert_eq!(ticks.decide(2 * PERIOD, PERIOD, view(false, true, 2), || false), Decision::NotDue);
+        assert!(!ticks.wants_fast_polls());
         // Every poll sees a new episode (the guest's tasks meet at a barrier between).
-        let ticked = (1..=250u64)
+        let ticked = (3..=250u64)
             .filter(|&i| ticks.decide(i * PERIOD, PERIOD, view(false, true, i as u32), || false) == Decision::Deliver)
             .count();
         assert_eq!(ticked, 0);
+        assert!(!ticks.wants_fast_polls());
+        // The same episode seen a period later: it lasts, so it ticks and fast polls resume.
+        assert_eq!(ticks.decide(251 * PERIOD, PERIOD, view(false, true, 250), || false), Decision::Deliver);
+        assert!(ticks.wants_fast_polls());
     }
 
     #[test]
