@@ -44,7 +44,16 @@ pub fn serve(
     counters: &BlockCounters,
 ) -> Result<(), VmError> {
     for address in requests {
-        let request: BlockRequest = memory.read_obj(address)?;
+        // A request outside guest memory has nowhere to report its status: counted,
+        // logged, and the device goes on serving the others.
+        let request: BlockRequest = match memory.read_obj(address) {
+            Ok(request) => request,
+            Err(why) => {
+                counters.rejected.fetch_add(1, Ordering::Relaxed);
+                log::warn!("block device: ignored a request at {address:#x}: {why}");
+                continue;
+            }
+        };
         let status = match transfer(&request, disk, memory) {
             Ok(()) => {
                 counters.completed.fetch_add(1, Ordering::Relaxed);
@@ -56,7 +65,11 @@ pub fn serve(
                 BLOCK_STATUS_ERROR
             }
         };
-        memory.write_obj(address + std::mem::offset_of!(BlockRequest, status) as u64, &status)?;
+        if let Err(why) = memory.write_obj(address + std::mem::offset_of!(BlockRequest, status) as u64, &status) {
+            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            log::warn!("block device: cannot complete the request at {address:#x}: {why}");
+            continue;
+        }
         if request.vcpu < vcpus {
             send_msi(vm, request.vcpu, BLOCK_COMPLETION_VECTOR).map_err(VmError::kvm("KVM_SIGNAL_MSI"))?;
         } else {

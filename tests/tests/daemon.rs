@@ -439,3 +439,56 @@ fn the_systemd_unit_verifies_cleanly() {
     // systemd-analyze exits 0 on lines it ignores: any output is a problem.
     assert!(output.stdout.is_empty() && output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[test]
+fn the_control_socket_admits_group_members_by_any_group_and_refuses_long_or_invalid_lines() {
+    let _lock = one_vm_at_a_time();
+    // No VMs: only the socket is under test.
+    let daemon = Daemon::start("socket", "socket_group = \"nogroup\"\n");
+    let ctl_as = |groups: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=users"])
+            .args(groups)
+            .arg("--")
+            .arg(workspace_binary("paratick-ctl"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["vm", "list", "--json"])
+            .output()
+            .unwrap()
+    };
+    // A member by a supplementary group passes the socket's 0660 mode and is admitted.
+    let member = ctl_as(&["--groups=nogroup"]);
+    assert!(member.status.success(), "{member:?}");
+    // A non-member does not even reach the daemon's check (the file mode refuses it).
+    let stranger = ctl_as(&["--clear-groups"]);
+    assert_eq!(stranger.status.code(), Some(1));
+    assert!(single_error_line(&stranger).contains("permission denied"), "{stranger:?}");
+
+    // A 10 MB line without a newline: refused after the limit, in one line, and the
+    // connection closed; the daemon goes on answering.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let huge = vec![b'x'; 10 << 20];
+    // The daemon closes the connection early: our write may fail, which is fine.
+    let _ = stream.write_all(&huge);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let answers: Vec<Value> = answer.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(answers.len(), 1, "{answer:?}");
+    assert!(answers[0]["error"].as_str().unwrap().starts_with("bad request: longer than "), "{answer}");
+
+    // Invalid UTF-8 and non-object JSON: an error each, and the connection stays usable.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    stream.write_all(b"{\"cmd\":\"li\xffst\"}\n[1,2]\n{\"cmd\":\"status\"}\n").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answers = String::new();
+    stream.read_to_string(&mut answers).unwrap();
+    let answers: Vec<Value> = answers.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(answers[0]["error"].as_str().unwrap().starts_with("bad request: "), "{answers:?}");
+    assert!(answers[1]["error"].as_str().unwrap().starts_with("bad request: "), "{answers:?}");
+    assert_eq!(answers[2]["ok"], true);
+    assert!(daemon.ctl(&["status"]).status.success());
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

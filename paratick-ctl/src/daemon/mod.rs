@@ -185,32 +185,73 @@ async fn serve_client(
     group_name: Option<String>,
 ) -> std::io::Result<()> {
     let credentials = stream.peer_cred()?;
-    let allowed = credentials.uid() == 0 || group.is_some_and(|gid| credentials.gid() == gid);
+    // A member of the group by a supplementary group passes the socket's 0660 mode too.
+    let in_group =
+        |gid: u32| -> std::io::Result<bool> { Ok(credentials.gid() == gid || peer_groups(&stream)?.contains(&gid)) };
+    let allowed = credentials.uid() == 0 || group.map(in_group).transpose()?.unwrap_or(false);
     let (read, mut write) = stream.into_split();
     if !allowed {
         let who = group_name.map_or_else(|| "root".to_string(), |g| format!("root or group {g}"));
         let refusal = Response::error(format!("permission denied: only {who} may control the daemon"));
         return write_response(&mut write, &refusal).await;
     }
-    let mut lines = BufReader::new(read.take(u64::MAX)).lines();
-    while let Some(line) = lines.next_line().await? {
-        let response = if line.len() > MAX_REQUEST_BYTES {
-            Response::error(format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"))
-        } else {
-            match serde_json::from_str::<Request>(&line) {
-                Err(e) => Response::error(format!("bad request: {e}")),
-                Ok(request) => {
-                    let (reply, answer) = oneshot::channel();
-                    match inbox.send(Command::Request(request, reply)) {
-                        Ok(()) => answer.await.unwrap_or_else(|_| Response::error("the daemon is stopping")),
-                        Err(_) => Response::error("the daemon is stopping"),
-                    }
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        // At most one byte past the limit is read: a longer line is refused before it
+        // costs memory, and the connection is closed (the rest of it is not a request).
+        line.clear();
+        let read = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
+            let refusal = Response::error(format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"));
+            return write_response(&mut write, &refusal).await;
+        }
+        let response = match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Response::error(format!("bad request: {e}")),
+            Ok(request) => {
+                let (reply, answer) = oneshot::channel();
+                match inbox.send(Command::Request(request, reply)) {
+                    Ok(()) => answer.await.unwrap_or_else(|_| Response::error("the daemon is stopping")),
+                    Err(_) => Response::error("the daemon is stopping"),
                 }
             }
         };
         write_response(&mut write, &response).await?;
     }
-    Ok(())
+}
+
+/// The supplementary groups of the peer of a Unix stream, as they were when it
+/// connected (`SO_PEERGROUPS`, Linux 4.13+).
+fn peer_groups(stream: &UnixStream) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of gid_t we own; the kernel writes at most
+        // `len` bytes and sets `len` to what it wrote (or needs, with ERANGE).
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ERANGE) || needed <= groups.len() {
+            return Err(error);
+        }
+        groups.resize(needed, 0);
+    }
 }
 
 async fn write_response(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
