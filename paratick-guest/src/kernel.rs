@@ -583,12 +583,15 @@ fn release_barrier(vcpu: usize, observed: u64) {
 
 /// The last task exited: the results are complete.
 fn finish() {
-    // Guest time is right at the end whatever the tick did (no-timer never ticks).
-    tick::advance_jiffies();
+    // Guest time is right at the end whatever the tick did (no-timer never ticks): from
+    // the same TSC reading as the end of the work, which may be many emulated
+    // instructions away from a later one.
+    let end = arch::rdtsc();
+    tick::advance_jiffies(end);
     // SAFETY: results block; every task has exited, so no counter changes any more
     // except ticks, which the VMM reads live anyway.
     unsafe {
-        (*results()).end_tsc = arch::rdtsc();
+        (*results()).end_tsc = end;
         core::ptr::write_volatile(core::ptr::addr_of_mut!((*results()).status), GuestStatus::Done as u32);
     }
     arch::outl(RESULTS_PORT, GuestStatus::Done as u32);

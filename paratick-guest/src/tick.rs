@@ -138,7 +138,8 @@ pub fn start(vcpu: usize, state: &mut TickState) {
 
 /// A tick arrived; `idle` says whether it interrupted the idle loop.
 pub fn on_tick(vcpu: usize, state: &mut TickState, idle: bool, load: Load) {
-    advance_jiffies();
+    let now = rdtsc();
+    advance_jiffies(now);
     let counters = counters(vcpu);
     counters.ticks += 1;
     if idle {
@@ -146,7 +147,6 @@ pub fn on_tick(vcpu: usize, state: &mut TickState, idle: bool, load: Load) {
         state.last_busy_tick = 0;
         return;
     }
-    let now = rdtsc();
     if state.last_busy_tick != 0 {
         let bin = (now - state.last_busy_tick) * TICK_INTERVAL_BINS_PER_PERIOD / period_tsc();
         counters.tick_intervals[(bin as usize).min(TICK_INTERVAL_BINS - 1)] += 1;
@@ -187,8 +187,8 @@ fn residual_deadline(previous: u64, now: u64, next_sleeper: Option<u64>) -> u64 
 
 /// Advances guest time to the TSC: jiffies are the whole tick periods since the start.
 /// Any vCPU's tick moves it; it never goes back.
-pub fn advance_jiffies() {
-    let elapsed = rdtsc().saturating_sub(crate::kernel::start_tsc());
+pub fn advance_jiffies(now: u64) {
+    let elapsed = now.saturating_sub(crate::kernel::start_tsc());
     crate::kernel::jiffies().fetch_max(elapsed / period_tsc(), core::sync::atomic::Ordering::AcqRel);
 }
 
