@@ -97,6 +97,9 @@ pub enum Decision {
     SkipIdle,
 }
 
+/// How many periods late a tick may be and still be caught up (see `claim_due`).
+const CATCH_UP_PERIODS: u64 = 4;
+
 /// No contention episode seen (`VcpuTicks::contention_start_ns`).
 const NO_CONTENTION: u64 = u64::MAX;
 
@@ -152,11 +155,11 @@ impl VcpuTicks {
         if now_ns < last + period_ns {
             return false;
         }
-        // Keep the long-run rate: the next period starts at the due time, so one tick
-        // missed by a late wake-up of the injector (up to a period more) is caught up at
-        // the next poll; later than that, the period restarts from now (no bursts).
+        // Keep the long-run rate: the next period starts at the due time, so ticks missed
+        // by a late wake-up of the injector (up to CATCH_UP_PERIODS) are caught up at the
+        // next polls; later than that, the period restarts from now.
         let due = last + period_ns;
-        let next = if now_ns - due < 2 * period_ns { due } else { now_ns };
+        let next = if now_ns - due < CATCH_UP_PERIODS * period_ns { due } else { now_ns };
         self.last_tick_ns.compare_exchange(last, next, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
@@ -368,12 +371,25 @@ impl TickControl {
             let Some(period) = self.period_ns(index) else { continue };
             let at = match ticks.page() {
                 None => ticks.next_due(period).max(now),
-                Some(_) if contended[index] => self.on_host_tick(now + period / 2, period),
+                // Behind (a late wake-up): catch up a quarter period from now.
+                Some(_) if contended[index] && ticks.next_due(period) <= now => now + period / 4,
+                Some(_) if contended[index] => self.next_contended_poll(now, period),
                 Some(_) => self.on_host_tick(now + SLOW_POLL_NS, period),
             };
             next = Some(next.map_or(at, |n| n.min(at)));
         }
         next
+    }
+
+    /// The next poll of a contended vCPU after a pass at `now`: the next host tick
+    /// instant (the pass itself ran just after one: the wake-up aims a little early), so
+    /// that a pass delayed by most of a period still polls at the very next instant; a
+    /// period later where polls cannot be laid on host ticks.
+    fn next_contended_poll(&self, now: u64, period: u64) -> u64 {
+        match self.host_tick {
+            Some(host) if host.divides(period) => self.on_host_tick(now + (period / 8).max(4 * WAKE_EARLY_NS), period),
+            _ => now + period / 2,
+        }
     }
 
     /// The first host tick instant at or after `at` (ns since start) if ticks at
@@ -452,15 +468,16 @@ mod tests {
         assert!(!ticks.claim_due(4_100_000, 4_000_000), "already claimed");
         // The next period starts at the due time (4 ms), not when it was claimed.
         assert!(ticks.claim_due(8_000_000, 4_000_000));
-        // A tick missed by a late poll (due at 12 ms, polled at 17 ms) is caught up at
-        // the next one.
-        assert!(ticks.claim_due(17_000_000, 4_000_000));
-        assert!(ticks.claim_due(17_100_000, 4_000_000), "caught up");
-        assert!(!ticks.claim_due(17_200_000, 4_000_000));
-        // More than a period late: restart from now rather than bursting.
-        assert!(ticks.claim_due(30_000_000, 4_000_000));
-        assert!(!ticks.claim_due(33_000_000, 4_000_000));
-        assert!(ticks.claim_due(34_000_000, 4_000_000));
+        // Ticks missed by a late poll (due at 12 and 16 ms, polled at 21 ms) are caught up
+        // at the next polls.
+        assert!(ticks.claim_due(21_000_000, 4_000_000));
+        assert!(ticks.claim_due(21_100_000, 4_000_000), "caught up");
+        assert!(ticks.claim_due(21_200_000, 4_000_000), "caught up");
+        assert!(!ticks.claim_due(21_300_000, 4_000_000));
+        // Four periods late or more: restart from now rather than bursting.
+        assert!(ticks.claim_due(40_000_000, 4_000_000));
+        assert!(!ticks.claim_due(43_000_000, 4_000_000));
+        assert!(ticks.claim_due(44_000_000, 4_000_000));
     }
 
     fn view(idle: bool, contended: bool, epoch: u32) -> Option<PageView> {
@@ -543,7 +560,16 @@ mod tests {
         let now = control.now_ns();
         let wake = control.next_wake(now, &[true]).unwrap();
         assert_eq!(control.monotonic_of(wake) % PERIOD, 0, "on a host tick instant");
-        assert!(wake > now && wake <= now + 2 * PERIOD, "contended: {wake} after {now}");
+        assert!(wake > now && wake <= now + PERIOD + PERIOD / 8, "contended: {wake} after {now}");
+        // A pass late by most of a period still polls at the very next instant.
+        let late =
+            control.started_monotonic_ns.div_ceil(PERIOD) * PERIOD + PERIOD * 7 / 10 - control.started_monotonic_ns;
+        control.vcpus[0].restart(late);
+        let next = control.next_wake(late, &[true]).unwrap();
+        assert_eq!(control.monotonic_of(next) - control.monotonic_of(late), PERIOD * 3 / 10, "the next instant");
+        // Behind on ticks (a pass far later than the due tick): catch up soon.
+        let behind = late + 3 * PERIOD;
+        assert_eq!(control.next_wake(behind, &[true]), Some(behind + PERIOD / 4));
         let slow = control.next_wake(now, &[false]).unwrap();
         assert_eq!(control.monotonic_of(slow) % PERIOD, 0, "on a host tick instant");
         assert!(slow >= now + SLOW_POLL_NS && slow <= now + SLOW_POLL_NS + PERIOD, "not contended: {slow} after {now}");
