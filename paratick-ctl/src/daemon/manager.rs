@@ -2,7 +2,7 @@
 //! state is shared between tasks. The async side sends it [`Command`]s; every second it
 //! samples the VMs and the observer and updates the metrics.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -446,21 +446,26 @@ impl Manager {
             .map(|(pid, counts)| (*pid, exits_of(counts)))
             .collect();
         others.sort_by_key(|(pid, exits)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
-        let mut rest: HashMap<String, u64> = HashMap::new();
         for (rank, (pid, exits)) in others.into_iter().enumerate() {
             if rank < OBSERVED_TOP_N {
                 let name = procfs::process_info(pid).map_or_else(|| "?".to_string(), |p| p.name);
                 for (reason, count) in exits {
-                    metrics.feed.feed(&metrics.observed_exits, &[&pid.to_string(), &name, &reason], count);
+                    let source = format!("{pid}/{reason}");
+                    metrics.feed.feed_from(
+                        &metrics.observed_exits,
+                        &[&pid.to_string(), &name, &reason],
+                        &source,
+                        count,
+                    );
                 }
             } else {
+                // Each process's own count feeds the group, so a process moving in or out
+                // of it adds only what it counted while in it.
                 for (reason, count) in exits {
-                    *rest.entry(reason).or_default() += count;
+                    let source = format!("{pid}/{reason}");
+                    metrics.feed.feed_from(&metrics.observed_exits, &["other", "other", &reason], &source, count);
                 }
             }
-        }
-        for (reason, count) in rest {
-            metrics.feed.feed(&metrics.observed_exits, &["other", "other", &reason], count);
         }
     }
 }

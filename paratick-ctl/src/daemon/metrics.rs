@@ -39,20 +39,28 @@ pub struct Metrics {
     pub feed: CounterFeed,
 }
 
-/// Remembers the last cumulative value fed to each counter series.
+/// Remembers the last cumulative value of each source fed to a counter, so that each
+/// feed adds only what the source counted since.
 #[derive(Default)]
 pub struct CounterFeed {
-    last: HashMap<(String, Vec<String>), u64>,
+    last: HashMap<(String, String), u64>,
 }
 
 impl CounterFeed {
-    /// Feeds a cumulative source value to a counter series.
+    /// Feeds a cumulative value to a counter series whose only source it is.
     pub fn feed(&mut self, counter: &IntCounterVec, labels: &[&str], value: u64) {
-        let series = counter.with_label_values(labels);
+        self.feed_from(counter, labels, &labels.join("\u{1f}"), value);
+    }
+
+    /// Feeds the cumulative value of `source` (e.g. one process's exits of one reason)
+    /// to the series `labels`. The increase is remembered per source, not per series: a
+    /// series that sums several sources, whose members change (`pid="other"`), gains
+    /// exactly what its members counted while they were in it.
+    pub fn feed_from(&mut self, counter: &IntCounterVec, labels: &[&str], source: &str, value: u64) {
         let name = counter.desc().first().map(|d| d.fq_name.clone()).unwrap_or_default();
-        let last = self.last.insert((name, labels.iter().map(|l| l.to_string()).collect()), value).unwrap_or(0);
+        let last = self.last.insert((name, source.to_string()), value).unwrap_or(0);
         // A lower value means the source restarted from zero: continue from there.
-        series.inc_by(if value >= last { value - last } else { value });
+        counter.with_label_values(labels).inc_by(if value >= last { value - last } else { value });
     }
 }
 
@@ -135,5 +143,28 @@ impl Metrics {
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("text encoding");
         String::from_utf8(buffer).expect("UTF-8 metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_moving_between_series_adds_only_its_increase() {
+        let counter = IntCounterVec::new(Opts::new("t_total", "test"), &["pid"]).unwrap();
+        let mut feed = CounterFeed::default();
+        // Process 7 is first in the top group, then falls into "other", then returns.
+        feed.feed_from(&counter, &["7"], "7/io", 100);
+        feed.feed_from(&counter, &["other"], "8/io", 50);
+        feed.feed_from(&counter, &["other"], "7/io", 130);
+        feed.feed_from(&counter, &["other"], "8/io", 60);
+        feed.feed_from(&counter, &["7"], "7/io", 135);
+        let value = |pid: &str| counter.with_label_values(&[pid]).get();
+        assert_eq!(value("7"), 100 + 5);
+        assert_eq!(value("other"), 50 + 30 + 10, "only the increases while in the group");
+        // A restarted source continues from its new value.
+        feed.feed_from(&counter, &["7"], "7/io", 4);
+        assert_eq!(value("7"), 109);
     }
 }

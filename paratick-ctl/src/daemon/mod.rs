@@ -178,6 +178,9 @@ async fn serve_control(
     }
 }
 
+/// How long the daemon discards what a client sends after refusing an over-long line.
+const REFUSED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn serve_client(
     stream: UnixStream,
     inbox: mpsc::Sender<Command>,
@@ -207,7 +210,18 @@ async fn serve_client(
         }
         if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
             let refusal = Response::error(format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"));
-            return write_response(&mut write, &refusal).await;
+            write_response(&mut write, &refusal).await?;
+            write.shutdown().await?;
+            // Closing with the client's data still queued would reset the connection,
+            // and the client could lose the refusal: discard the rest (in a fixed
+            // buffer, for a bounded time) first.
+            let mut sink = [0u8; 8192];
+            let drain = async {
+                while reader.read(&mut sink).await? > 0 {}
+                Ok::<(), std::io::Error>(())
+            };
+            let _ = tokio::time::timeout(REFUSED_DRAIN_TIME, drain).await;
+            return Ok(());
         }
         let response = match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
