@@ -119,6 +119,8 @@ pub struct VcpuTicks {
     /// Consecutive polls that each found a new contention episode: the episodes are
     /// shorter than a poll interval, so they need no tick and no fast polling.
     fresh_episodes: AtomicU32,
+    /// The housekeeping period the page asked for when last read (ns; 0 before).
+    housekeeping_period_ns: AtomicU64,
     /// Ticks injected by the injector thread.
     pub injected: AtomicU64,
     /// Ticks that rode on a userspace exit's re-entry.
@@ -139,6 +141,7 @@ impl Default for VcpuTicks {
             seen_epoch: AtomicU32::new(0),
             contention_start_ns: AtomicU64::new(NO_CONTENTION),
             fresh_episodes: AtomicU32::new(0),
+            housekeeping_period_ns: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             ridden: AtomicU64::new(0),
             skipped_idle: AtomicU64::new(0),
@@ -211,9 +214,11 @@ impl VcpuTicks {
             Some(view) => {
                 self.contention_start_ns.store(NO_CONTENTION, Ordering::Release);
                 self.fresh_episodes.store(0, Ordering::Release);
-                let scheduler_hz = (1_000_000_000 / scheduler_period_ns.max(1)).max(1) as u32;
-                let housekeeping_hz = view.housekeeping_hz.clamp(HOUSEKEEPING_RATE_MIN_HZ, scheduler_hz.max(1));
-                if due(1_000_000_000 / housekeeping_hz as u64) {
+                // Never faster than the scheduler rate.
+                let housekeeping_period = (1_000_000_000 / view.housekeeping_hz.max(HOUSEKEEPING_RATE_MIN_HZ) as u64)
+                    .max(scheduler_period_ns);
+                self.housekeeping_period_ns.store(housekeeping_period, Ordering::Release);
+                if due(housekeeping_period) {
                     Decision::Deliver
                 } else {
                     Decision::NotDue
@@ -374,7 +379,13 @@ impl TickControl {
                 // Behind (a late wake-up): catch up a quarter period from now.
                 Some(_) if contended[index] && ticks.next_due(period) <= now => now + period / 4,
                 Some(_) if contended[index] => self.next_contended_poll(now, period),
-                Some(_) => self.on_host_tick(now + SLOW_POLL_NS, period),
+                Some(_) => {
+                    let slow_poll = self.on_host_tick(now + SLOW_POLL_NS, period);
+                    match ticks.housekeeping_period_ns.load(Ordering::Acquire) {
+                        0 => slow_poll,
+                        housekeeping => slow_poll.min(ticks.next_due(housekeeping).max(now)),
+                    }
+                }
             };
             next = Some(next.map_or(at, |n| n.min(at)));
         }
@@ -570,9 +581,15 @@ mod tests {
         // Behind on ticks (a pass far later than the due tick): catch up soon.
         let behind = late + 3 * PERIOD;
         assert_eq!(control.next_wake(behind, &[true]), Some(behind + PERIOD / 4));
+        // Not contended, a 1 Hz housekeeping rate: the slow poll comes first.
+        control.vcpus[0].housekeeping_period_ns.store(1_000_000_000, Ordering::Release);
         let slow = control.next_wake(now, &[false]).unwrap();
         assert_eq!(control.monotonic_of(slow) % PERIOD, 0, "on a host tick instant");
         assert!(slow >= now + SLOW_POLL_NS && slow <= now + SLOW_POLL_NS + PERIOD, "not contended: {slow} after {now}");
+        // A housekeeping rate above the slow poll's is woken for at its own due times.
+        control.vcpus[0].restart(now);
+        control.vcpus[0].housekeeping_period_ns.store(PERIOD, Ordering::Release);
+        assert_eq!(control.next_wake(now, &[false]), Some(now + PERIOD));
     }
 
     #[test]

@@ -138,6 +138,12 @@ fn a_vcpu_with_one_task_takes_only_housekeeping_or_residual_ticks_under_adaptive
     ten.housekeeping_hz = 10;
     let ticks = run_with(ten).counters.guest_ticks.total;
     assert!((27..=31).contains(&ticks), "{ticks} ticks in 3 s at a 10 Hz housekeeping rate");
+    // A housekeeping rate of HZ is the paper's fixed-rate paratick (above the injector's
+    // slow poll: it wakes for each of these ticks).
+    let mut full = config(TickMode::Paratick, Workload::Sequential, 1, WorkAmount::Seconds(3.0));
+    full.housekeeping_hz = 250;
+    let ticks = run_with(full).counters.guest_ticks.total;
+    assert!((712..=788).contains(&ticks), "{ticks} ticks in 3 s at a 250 Hz housekeeping rate");
 }
 
 /// Runs `paratick-vmm run ... --json` under `paratick-ctl observe` and returns the VMM's
