@@ -342,11 +342,7 @@ impl Vm {
         if self.config.delivery == TickDelivery::LapicTimer {
             // The vCPU threads reprogram their LAPIC timers between two KVM_RUNs.
             for handle in &self.vcpu_threads {
-                if !handle.is_finished() {
-                    // SAFETY: the thread is alive (not joined), so its pthread_t is valid;
-                    // the kick handler only sets immediate_exit.
-                    unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
-                }
+                kick(handle);
             }
         }
         Ok(())
@@ -526,8 +522,7 @@ impl Vm {
             // Kick until it is out of KVM_RUN: the handler sets immediate_exit, so one
             // signal suffices unless the thread had not yet published its kvm_run.
             while !handle.is_finished() {
-                // SAFETY: the thread is alive (not joined), so its pthread_t is valid.
-                unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+                kick(&handle);
                 std::thread::sleep(Duration::from_millis(1));
             }
             let name = handle.thread().name().unwrap_or("vcpu").to_string();
@@ -560,6 +555,17 @@ impl Drop for Vm {
         if let Err(e) = self.stop_threads() {
             log::error!("{}: stopping: {e}", self.config.name);
         }
+    }
+}
+
+/// Kicks a vCPU thread out of KVM_RUN (its signal handler sets `immediate_exit`), if it
+/// has not finished.
+fn kick(handle: &JoinHandle<()>) {
+    if !handle.is_finished() {
+        // SAFETY: the handle is not joined (we borrow it), so the thread's pthread_t is
+        // still valid even if it has just finished; the kick handler only sets
+        // immediate_exit.
+        unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
     }
 }
 
