@@ -364,7 +364,7 @@ fn switch_away(vcpu: usize, frame: &mut TrapFrame, new_state: u32) {
 
 /// The idle loop: halts until a task of this vCPU is runnable, then enters it.
 fn idle(vcpu: usize) -> ! {
-    tick::on_idle(vcpu, &mut cpu(vcpu).tick, next_timer_event(vcpu));
+    tick::on_idle(vcpu, &mut cpu(vcpu).tick, load(vcpu).next_sleeper);
     loop {
         if let Some(task) = pick_next(vcpu) {
             tick::on_busy(vcpu, &mut cpu(vcpu).tick, load(vcpu));

@@ -169,13 +169,18 @@ pub fn on_tick(vcpu: usize, state: &mut TickState, idle: bool, load: Load) {
 /// the residual tick (or the next sleeper's wake-up, if sooner) when `residual`.
 fn arm_next_tick(vcpu: usize, state: &mut TickState, now: u64, residual: bool, next_sleeper: Option<u64>) {
     state.residual = residual;
-    state.next_deadline = if residual {
+    state.next_deadline = next_tick_deadline(state, now, residual, next_sleeper);
+    apic::set_tsc_deadline(state.next_deadline);
+    counters(vcpu).timer_writes += 1;
+}
+
+/// The deadline `arm_next_tick` would arm.
+fn next_tick_deadline(state: &TickState, now: u64, residual: bool, next_sleeper: Option<u64>) -> u64 {
+    if residual {
         residual_deadline(state.next_deadline, now, next_sleeper)
     } else {
         next_on_grid(state.next_deadline, now)
-    };
-    apic::set_tsc_deadline(state.next_deadline);
-    counters(vcpu).timer_writes += 1;
+    }
 }
 
 /// Tickless-full's next deadline with one runnable task: the residual tick (a grid
@@ -213,17 +218,9 @@ pub fn after_trap(vcpu: usize, state: &mut TickState, load: Load) {
         }
         TickMode::NoTimer => arm_for_sleeper(vcpu, state, load.next_sleeper),
         TickMode::TicklessFull if state.residual && !state.stopped => {
-            let now = rdtsc();
-            let deadline = if load.runnable > 1 {
-                next_on_grid(state.next_deadline, now)
-            } else {
-                residual_deadline(state.next_deadline, now, load.next_sleeper)
-            };
-            if deadline < state.next_deadline {
-                state.residual = load.runnable <= 1;
-                state.next_deadline = deadline;
-                apic::set_tsc_deadline(deadline);
-                counters(vcpu).timer_writes += 1;
+            let (now, residual) = (rdtsc(), load.runnable <= 1);
+            if next_tick_deadline(state, now, residual, load.next_sleeper) < state.next_deadline {
+                arm_next_tick(vcpu, state, now, residual, load.next_sleeper);
             }
         }
         _ => {}
