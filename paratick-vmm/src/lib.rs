@@ -17,17 +17,20 @@
 
 mod block;
 mod config;
+pub mod control;
 mod host_tick;
 mod injector;
 mod lapic_timer;
 mod loader;
 mod memory;
+mod state;
 mod stats;
 mod vcpu;
 mod vm;
 
 pub use config::{parse_delivery, parse_tick_mode, parse_workload, ConfigError, TickDelivery, VmConfig, WorkAmount};
-pub use vm::{Counters, RunReport, TickCounts, Vm, VmStatus};
+pub use state::VmState;
+pub use vm::{Counters, RunReport, TickCounts, Vm};
 
 /// Why a VM could not start, or ended badly.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,8 @@
 //! `paratick-vmm run`: runs one Paratick guest and prints what happened.
+//! `paratick-vmm serve`: runs one VM as a process of its own, with a control socket
+//! (the daemon starts one per VM, so that VMs outlive it; see `paratick_vmm::control`).
+
+mod serve;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,11 +25,25 @@ struct Cli {
 enum Command {
     /// Run one VM until its work is done and print a summary.
     Run(RunArgs),
+    /// Run one VM in this process, controlled on a socket of its own, until it ends or
+    /// is stopped (SIGTERM or a `stop` request); then record how it ended.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("amount").required(true).args(["duration", "work"]))]
 struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Print one JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What a VM runs: the same arguments for `run` and `serve`
+/// (`paratick_vmm::control::serve_args` writes them).
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("amount").required(true).args(["duration", "work"]))]
+struct VmArgs {
     /// Number of vCPUs (1-8).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
@@ -56,16 +74,35 @@ struct RunArgs {
     /// Stop the VM with an error if it has not finished after this long.
     #[arg(long, value_parser = humantime::parse_duration)]
     deadline: Option<Duration>,
-    /// Print one JSON document.
-    #[arg(long)]
-    json: bool,
+}
+
+impl VmArgs {
+    /// The VM configuration these arguments describe.
+    fn config(&self, name: &str) -> VmConfig {
+        let amount = match (self.duration, self.work) {
+            (Some(duration), None) => WorkAmount::Seconds(duration.as_secs_f64()),
+            (None, Some(units)) => WorkAmount::Units(units),
+            _ => unreachable!("clap requires exactly one of --duration and --work"),
+        };
+        let mut config = VmConfig::new(name, self.vcpus, self.mode, self.hz, self.workload, amount);
+        config.operator_hz = self.tick_rate;
+        config.housekeeping_hz = self.housekeeping_hz;
+        config.delivery = self.delivery;
+        if let Some(deadline) = self.deadline {
+            config.deadline = deadline;
+        }
+        config
+    }
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let Command::Run(args) = Cli::parse().command;
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::serve(args),
+    };
+    match result {
+        Ok(code) => code,
         Err(err) => {
             eprintln!("paratick-vmm: {err:#}");
             ExitCode::FAILURE
@@ -74,19 +111,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let amount = match (args.duration, args.work) {
-        (Some(duration), None) => WorkAmount::Seconds(duration.as_secs_f64()),
-        (None, Some(units)) => WorkAmount::Units(units),
-        _ => unreachable!("clap requires exactly one of --duration and --work"),
-    };
-    let mut config = VmConfig::new("vm", args.vcpus, args.mode, args.hz, args.workload, amount);
-    config.operator_hz = args.tick_rate;
-    config.housekeeping_hz = args.housekeeping_hz;
-    config.delivery = args.delivery;
-    if let Some(deadline) = args.deadline {
-        config.deadline = deadline;
-    }
-    let vm = Vm::start(config).context("cannot start the VM")?;
+    let vm = Vm::start(args.vm.config("vm")).context("cannot start the VM")?;
     let report = vm.wait().context("the VM failed")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -117,6 +117,11 @@ impl Shared {
         }
     }
 
+    /// Whether the vCPUs may run.
+    pub fn gate_is_open(&self) -> bool {
+        *self.gate.0.lock().expect("gate lock")
+    }
+
     /// Lets the vCPUs run.
     pub fn open_gate(&self) {
         *self.gate.0.lock().expect("gate lock") = true;

@@ -17,7 +17,7 @@ use paratick_common::guest::{
     BOOT_INFO_ADDR, BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR,
     SECTOR_SIZE, TICK_INTERVAL_BINS,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::block::{self, BlockCounters, DISK_BYTES};
 use crate::config::{check_rate, TickDelivery, VmConfig, WorkAmount};
@@ -27,22 +27,10 @@ use crate::loader::{load_elf, GUEST_KERNEL};
 use crate::memory::GuestMemory;
 use crate::stats::VcpuStats;
 use crate::vcpu::{install_kick_handler, kick_signal, ExitContext, Outcome, Shared, VcpuThread};
-use crate::{ConfigError, VmError};
-
-/// Where a VM is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmStatus {
-    /// The guest is running.
-    Running,
-    /// The guest finished its work.
-    Finished,
-    /// The VM failed (the message says why).
-    Failed(String),
-}
+use crate::{ConfigError, VmError, VmState};
 
 /// Per-vCPU values and their total.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TickCounts {
     /// Sum over vCPUs.
     pub total: u64,
@@ -57,7 +45,7 @@ impl TickCounts {
 }
 
 /// Live counters of a VM.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
     /// Ticks the guest handled.
     pub guest_ticks: TickCounts,
@@ -358,13 +346,15 @@ impl Vm {
         self.stats.iter().filter(|s| s.blocking() == Some(true)).count() as u32
     }
 
-    /// Where the VM is. A VM past its deadline is failed from now on.
-    pub fn status(&self) -> VmStatus {
+    /// Where the VM is, and why it failed if it did. A VM past its deadline is failed
+    /// from now on. (A stopped VM is consumed by [`Vm::stop`]: no one sees it here.)
+    pub fn state(&self) -> (VmState, Option<String>) {
         self.end_if_past_deadline();
         match &*self.shared.outcome.lock().expect("outcome lock") {
-            None => VmStatus::Running,
-            Some(Outcome::Finished) => VmStatus::Finished,
-            Some(Outcome::Failed(e)) => VmStatus::Failed(self.describe_failure(e)),
+            None if !self.shared.gate_is_open() => (VmState::Paused, None),
+            None => (VmState::Running, None),
+            Some(Outcome::Finished) => (VmState::Finished, None),
+            Some(Outcome::Failed(e)) => (VmState::Failed, Some(self.describe_failure(e))),
         }
     }
 

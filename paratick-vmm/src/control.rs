@@ -1,0 +1,240 @@
+//! The control protocol of a VM process (`paratick-vmm serve`), which runs one VM and
+//! answers on a Unix socket of its own, so that the VM outlives whoever started it.
+//!
+//! One request per connection, one JSON object per line each way:
+//! `{"cmd":"status"}`, `{"cmd":"set_tick_rate","hz":100}` (`null`: back to the guest's
+//! requests) and `{"cmd":"stop"}` (answered once the VM has stopped, just before the
+//! process exits). When the VM ends, however it ends, the process writes a [`VmEnd`]
+//! next to its socket, so a supervisor that was away learns how it ended.
+//!
+//! Files in the runtime directory (default [`DEFAULT_RUNTIME_DIR`]), per VM `NAME`:
+//! `NAME.sock` (the socket, mode 0600), `NAME.end.json` (the end record) and, under
+//! systemd, `NAME.env` (the unit instance's arguments, written by the daemon).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Counters, VmConfig, VmState, WorkAmount};
+
+/// Where VM processes keep their sockets and end records by default.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/paratick/vms";
+
+/// Longest request or reply line accepted.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+/// A request to a VM process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmRequest {
+    /// The VM's state and counters.
+    Status {},
+    /// Sets the operator's tick rate; `None` returns the VM to its guest's requests.
+    SetTickRate {
+        /// Rate in Hz, or null.
+        hz: Option<u32>,
+    },
+    /// Stops the VM; the process exits after answering.
+    Stop {},
+}
+
+/// A VM process's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct VmReply {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why not (one line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmProcessStatus>,
+}
+
+impl VmReply {
+    /// A success with nothing to return.
+    pub fn ok() -> VmReply {
+        VmReply { ok: true, ..VmReply::default() }
+    }
+
+    /// A failure.
+    pub fn error(message: impl Into<String>) -> VmReply {
+        VmReply { ok: false, error: Some(message.into()), ..VmReply::default() }
+    }
+}
+
+/// A running VM process as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmProcessStatus {
+    /// VM name.
+    pub name: String,
+    /// The VM process's id.
+    pub pid: u32,
+    /// The VM's state.
+    pub state: VmState,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// vCPUs halted in KVM now.
+    pub halted_vcpus: u32,
+    /// Seconds since the VM started.
+    pub uptime_s: f64,
+    /// The VM's counters.
+    pub counters: Counters,
+}
+
+/// How a VM process's VM ended, written next to its socket as it exits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmEnd {
+    /// VM name.
+    pub name: String,
+    /// The process's id.
+    pub pid: u32,
+    /// `stopped`, `finished` or `failed`.
+    pub state: VmState,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The counters at the end, where they could be read.
+    pub counters: Option<Counters>,
+}
+
+/// Why a VM process could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Nothing listens on the socket (the process is gone, or not yet up).
+    #[error("cannot connect to {}: {source}", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The exchange failed (timeout, reset).
+    #[error("talking to {}: {source}", path.display())]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The answer is not a reply.
+    #[error("bad reply from {}: {reason}", path.display())]
+    BadReply {
+        /// The socket.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// The socket of VM `name` in `runtime_dir`.
+pub fn socket_path(runtime_dir: &Path, name: &str) -> PathBuf {
+    runtime_dir.join(format!("{name}.sock"))
+}
+
+/// The end record of VM `name` in `runtime_dir`.
+pub fn end_path(runtime_dir: &Path, name: &str) -> PathBuf {
+    runtime_dir.join(format!("{name}.end.json"))
+}
+
+/// Reads the end record of VM `name`, if there is one.
+pub fn read_end(runtime_dir: &Path, name: &str) -> Option<Result<VmEnd, String>> {
+    let path = end_path(runtime_dir, name);
+    let text = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("cannot read {}: {e}", path.display()))),
+        Ok(text) => text,
+    };
+    Some(serde_json::from_str(&text).map_err(|e| format!("{} is not an end record: {e}", path.display())))
+}
+
+/// Writes an end record atomically (a reader sees all of it or none).
+pub fn write_end(runtime_dir: &Path, end: &VmEnd) -> std::io::Result<()> {
+    let path = end_path(runtime_dir, &end.name);
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, serde_json::to_vec(end).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&partial, &path)
+}
+
+/// Sends one request to the VM process listening on `socket` and reads its reply; both
+/// directions give up after `timeout`.
+pub fn request(socket: &Path, request: &VmRequest, timeout: Duration) -> Result<VmReply, ControlError> {
+    let io = |source| ControlError::Io { path: socket.to_path_buf(), source };
+    let stream =
+        UnixStream::connect(socket).map_err(|source| ControlError::Connect { path: socket.to_path_buf(), source })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(request).expect("requests serialize");
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = Vec::new();
+    let read = BufReader::new(&stream).take(MAX_LINE_BYTES as u64).read_until(b'\n', &mut answer).map_err(io)?;
+    if read == 0 {
+        return Err(ControlError::BadReply { path: socket.to_path_buf(), reason: "closed without a reply".into() });
+    }
+    serde_json::from_slice(&answer)
+        .map_err(|e| ControlError::BadReply { path: socket.to_path_buf(), reason: e.to_string() })
+}
+
+/// The arguments of `paratick-vmm serve` that run `config` (after `serve`; the runtime
+/// directory is the caller's to add).
+pub fn serve_args(config: &VmConfig) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--name",
+        &config.name,
+        "--vcpus",
+        &config.vcpus.to_string(),
+        "--mode",
+        config.mode.name(),
+        "--hz",
+        &config.hz.to_string(),
+        "--workload",
+        config.workload.name(),
+        "--housekeeping-hz",
+        &config.housekeeping_hz.to_string(),
+        "--delivery",
+        config.delivery.name(),
+        "--deadline",
+        &format!("{}ms", config.deadline.as_millis()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    match config.amount {
+        WorkAmount::Seconds(seconds) => args.extend(["--duration".into(), format!("{}ms", (seconds * 1e3).round())]),
+        WorkAmount::Units(units) => args.extend(["--work".into(), units.to_string()]),
+    }
+    if let Some(hz) = config.operator_hz {
+        args.extend(["--tick-rate".into(), hz.to_string()]);
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let json = serde_json::to_string(&VmRequest::SetTickRate { hz: Some(100) }).unwrap();
+        assert_eq!(json, r#"{"cmd":"set_tick_rate","hz":100}"#);
+        assert_eq!(serde_json::from_str::<VmRequest>(r#"{"cmd":"stop"}"#).unwrap(), VmRequest::Stop {});
+        assert!(serde_json::from_str::<VmRequest>(r#"{"cmd":"stop","now":1}"#).is_err());
+        assert_eq!(serde_json::to_string(&VmReply::ok()).unwrap(), r#"{"ok":true}"#);
+    }
+
+    #[test]
+    fn end_records_are_written_whole_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("paratick-control-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(read_end(&dir, "a").is_none());
+        let end = VmEnd { name: "a".into(), pid: 7, state: VmState::Finished, error: None, counters: None };
+        write_end(&dir, &end).unwrap();
+        assert_eq!(read_end(&dir, "a").unwrap().unwrap(), end);
+        std::fs::write(end_path(&dir, "a"), "{").unwrap();
+        assert!(read_end(&dir, "a").unwrap().unwrap_err().contains("is not an end record"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
