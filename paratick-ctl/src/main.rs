@@ -221,15 +221,16 @@ fn vm(socket: &Path, command: VmCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<16} {:<9} {:<9} {:>5} {:>9} {:>10} {:>9} {:>9} {:>12}",
-                "NAME", "STATE", "MODE", "VCPUS", "REQ HZ", "SET HZ", "EFF HZ", "EXITS/s", "EXITS SAVED"
+                "{:<16} {:<9} {:>8} {:<9} {:>5} {:>9} {:>10} {:>9} {:>9} {:>12}",
+                "NAME", "STATE", "PID", "MODE", "VCPUS", "REQ HZ", "SET HZ", "EFF HZ", "EXITS/s", "EXITS SAVED"
             );
             for vm in vms {
                 let set = vm.configured_hz.map_or_else(|| "auto".to_string(), |hz| hz.to_string());
                 println!(
-                    "{:<16} {:<9} {:<9} {:>5} {:>9} {:>10} {:>9.1} {:>9.0} {:>12}",
+                    "{:<16} {:<9} {:>8} {:<9} {:>5} {:>9} {:>10} {:>9.1} {:>9.0} {:>12}",
                     vm.name,
-                    vm.state,
+                    vm.state.name(),
+                    vm.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string()),
                     vm.mode,
                     vm.vcpus,
                     vm.requested_hz,

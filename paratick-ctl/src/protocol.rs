@@ -5,6 +5,7 @@
 //! `{"cmd":"stop","vm":"a"}`. Every response has `ok`; failures carry `error`, one line
 //! that says what to do. A failed request changes nothing.
 
+use paratick_vmm::VmState;
 use serde::{Deserialize, Serialize};
 
 /// Longest request line accepted.
@@ -42,8 +43,10 @@ pub enum Request {
 pub struct VmInfo {
     /// Name.
     pub name: String,
-    /// `running`, `finished`, `stopped` or `failed`.
-    pub state: String,
+    /// The VM process's id, while it has one.
+    pub pid: Option<u32>,
+    /// Where the VM is.
+    pub state: VmState,
     /// Why it failed.
     pub error: Option<String>,
     /// Tick mode.
@@ -81,6 +84,8 @@ pub struct DaemonStatus {
     pub backend: String,
     /// `attached`, or why the observer is unavailable.
     pub observer: String,
+    /// How VM processes are started: `systemd` (units) or `process`.
+    pub vm_launcher: String,
     /// VMs running.
     pub vms_running: usize,
     /// VMs configured.

@@ -36,19 +36,27 @@ workload = "contended"
 
 struct Daemon {
     child: Child,
+    /// Whether dropping the daemon ends its VMs and removes its directory.
+    owns_dir: bool,
     dir: PathBuf,
     socket: PathBuf,
     metrics: String,
 }
 
 impl Daemon {
-    /// Starts a daemon on `config` and waits for its systemd readiness notification,
-    /// which names the metrics address.
+    /// Starts a daemon on `config` in a new directory of its own.
     fn start(test: &str, config: &str) -> Daemon {
         let dir = std::env::temp_dir().join(format!("paratick-daemon-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("paratick.toml"), config).unwrap();
+        Daemon::start_in(dir)
+    }
+
+    /// Starts a daemon on `dir/paratick.toml` with its sockets in `dir`, and waits for
+    /// its systemd readiness notification, which names the metrics address.
+    fn start_in(dir: PathBuf) -> Daemon {
+        let _ = std::fs::remove_file(dir.join("notify.sock"));
         let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
         notify.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let socket = dir.join("control.sock");
@@ -58,7 +66,7 @@ impl Daemon {
             .args(["daemon", "--metrics-listen", "127.0.0.1:0", "--config"])
             .arg(dir.join("paratick.toml"))
             .env("NOTIFY_SOCKET", dir.join("notify.sock"))
-            .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap())
             .spawn()
             .expect("start the daemon");
         let mut message = [0u8; 1024];
@@ -68,7 +76,7 @@ impl Daemon {
         let message = String::from_utf8_lossy(&message[..len]).into_owned();
         assert!(message.starts_with("READY=1\nSTATUS=metrics on http://"), "{message}");
         let metrics = message.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
-        let daemon = Daemon { child, dir, socket, metrics };
+        let daemon = Daemon { child, owns_dir: true, dir, socket, metrics };
         // Ready means ready: both endpoints answer at once.
         assert!(daemon.scrape().iter().any(|s| s.name == "paratick_build_info"));
         assert!(daemon.ctl(&["status"]).status.success());
@@ -126,12 +134,48 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Kills the daemon (SIGKILL) and waits until it is gone; its VMs live on, and
+    /// the next daemon started in the directory answers for them.
+    fn kill(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.owns_dir = false;
+        self.dir.clone()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !self.owns_dir {
+            return;
+        }
+        for pid in vm_processes(&self.dir) {
+            // SAFETY: kill(2) of a VM process of this test's daemon.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The VM processes (`paratick-vmm serve`) of the daemon whose sockets are in `dir`.
+fn vm_processes(dir: &Path) -> Vec<u32> {
+    let runtime_dir = dir.join("vms");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let serves = args.get(1) == Some(&&b"serve"[..]);
+            let ours =
+                args.windows(2).any(|w| w[0] == b"--runtime-dir" && w[1] == runtime_dir.as_os_str().as_encoded_bytes());
+            (serves && ours).then_some(pid)
+        })
+        .collect()
 }
 
 fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -386,17 +430,117 @@ fn a_failing_vm_is_marked_failed_and_the_daemon_keeps_serving() {
 }
 
 #[test]
-fn sigterm_under_load_stops_every_vm_and_exits_0() {
+fn sigterm_under_load_stops_every_vm_process_and_exits_0() {
     let _lock = one_vm_at_a_time();
     let daemon = Daemon::start("sigterm", TWO_VMS);
     daemon.wait_for(Duration::from_secs(5), |s| metric(s, "paratick_vm_guest_ticks_total", &[("vm", "b")]) > Some(0.0));
     let pid = daemon.child.id();
     let socket = daemon.socket.clone();
-    assert!(vcpu_fds(pid) >= 2, "both VMs have their vCPU");
+    let vms = vm_processes(&daemon.dir);
+    assert_eq!(vms.len(), 2, "one process per VM");
+    assert!(vms.iter().all(|&vm| vcpu_fds(vm) == 1), "each VM process has its vCPU");
+    assert_eq!(vcpu_fds(pid), 0, "the daemon runs no vCPU of its own");
+    // Four busy threads per core beside the VMs while the daemon stops.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || while !stop.load(std::sync::atomic::Ordering::Relaxed) {})
+        })
+        .collect();
     let status = daemon.terminate();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.into_iter().for_each(|t| t.join().unwrap());
     assert_eq!(status.code(), Some(0));
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the process is gone with its threads");
+    for vm in vms {
+        assert!(!process_alive(vm), "VM process {vm} stopped with the daemon");
+    }
     assert!(!socket.exists(), "the control socket is removed");
+}
+
+/// Whether a process lives (a zombie does not).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// The guest ticks VM `name` reports on its own socket (no daemon involved).
+fn vm_guest_ticks(dir: &Path, name: &str) -> u64 {
+    let socket = paratick_vmm::control::socket_path(&dir.join("vms"), name);
+    let reply =
+        paratick_vmm::control::request(&socket, &paratick_vmm::control::VmRequest::Status {}, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("VM {name} does not answer: {e}"));
+    reply.status.expect("a status").counters.guest_ticks.total
+}
+
+fn pid_of(daemon: &Daemon, name: &str) -> u64 {
+    let vm = daemon.list().into_iter().find(|vm| vm["name"] == name).unwrap();
+    vm["pid"].as_u64().unwrap_or_else(|| panic!("VM {name} has no pid: {vm}"))
+}
+
+#[test]
+fn vms_outlive_a_killed_daemon_and_the_next_daemon_adopts_them_with_their_counters() {
+    let _lock = one_vm_at_a_time();
+    let config = format!("{CONTENDED_VM}\n[[vm]]\nname = \"b\"\nmode = \"tickless\"\nworkload = \"io\"\n");
+    let daemon = Daemon::start("adopt", &config);
+    let samples = daemon
+        .wait_for(Duration::from_secs(5), |s| metric(s, "paratick_vm_guest_ticks_total", &[("vm", "c")]) > Some(0.0));
+    let ticks_exported = value(&samples, "paratick_vm_guest_ticks_total", &[("vm", "c")]);
+    let pids = (pid_of(&daemon, "c"), pid_of(&daemon, "b"));
+    let dir = daemon.kill();
+
+    // Without a daemon, the VM keeps ticking.
+    let at_kill = vm_guest_ticks(&dir, "c");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vm_guest_ticks(&dir, "c") <= at_kill {
+        assert!(Instant::now() < deadline, "VM c stopped ticking when its daemon died");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let daemon = Daemon::start_in(dir);
+    assert_eq!((pid_of(&daemon, "c"), pid_of(&daemon, "b")), pids, "the same VM processes");
+    assert!(daemon.list().iter().all(|vm| vm["state"] == "running"), "{:?}", daemon.list());
+    let samples = daemon.wait_for(Duration::from_secs(5), |s| {
+        metric(s, "paratick_vm_guest_ticks_total", &[("vm", "c")]) > Some(ticks_exported)
+    });
+    let carried_on = value(&samples, "paratick_vm_guest_ticks_total", &[("vm", "c")]);
+    assert!(carried_on > ticks_exported, "the counter carries on: {carried_on} after {ticks_exported}");
+    // The adopted VM is controlled as before.
+    let output = daemon.ctl(&["vm", "set-tick-rate", "c", "100"]);
+    assert!(output.status.success(), "{output:?}");
+    let c = daemon.list().into_iter().find(|vm| vm["name"] == "c").unwrap();
+    assert_eq!(c["configured_hz"], 100, "{c}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+    for pid in [pids.0, pids.1] {
+        assert!(!process_alive(pid as u32), "VM process {pid} stopped with the daemon");
+    }
+}
+
+#[test]
+fn a_killed_vm_process_is_marked_failed_with_its_exit_status_and_the_others_run_on() {
+    let _lock = one_vm_at_a_time();
+    let daemon = Daemon::start("vmkill", TWO_VMS);
+    let a = pid_of(&daemon, "a");
+    // SAFETY: kill(2) of the test daemon's VM process.
+    assert_eq!(unsafe { libc::kill(a as i32, libc::SIGKILL) }, 0);
+    let samples = daemon.wait_for(Duration::from_secs(5), |s| {
+        metric(s, "paratick_vm_state", &[("vm", "a"), ("state", "failed")]) == Some(1.0)
+    });
+    assert_eq!(value(&samples, "paratick_vm_state", &[("vm", "a"), ("state", "failed")]), 1.0);
+    assert_eq!(value(&samples, "paratick_vm_state", &[("vm", "b"), ("state", "running")]), 1.0);
+    let vms = daemon.list();
+    let failed = vms.iter().find(|vm| vm["name"] == "a").unwrap();
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("VM process {a} ended without saying how")) && error.contains("SIGKILL"),
+        "{error}"
+    );
+    assert_eq!(failed["pid"], Value::Null);
+    // It starts again as a new process.
+    assert!(daemon.ctl(&["vm", "start", "a"]).status.success());
+    assert_ne!(pid_of(&daemon, "a"), a);
+    assert_eq!(daemon.terminate().code(), Some(0));
 }
 
 fn vcpu_fds(pid: u32) -> usize {
@@ -404,7 +548,7 @@ fn vcpu_fds(pid: u32) -> usize {
         .map(|fds| {
             fds.flatten()
                 .filter(|fd| {
-                    std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("anon_inode:kvm-vcpu"))
+                    std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("anon_inode:kvm-vcpu:"))
                 })
                 .count()
         })
@@ -412,26 +556,31 @@ fn vcpu_fds(pid: u32) -> usize {
 }
 
 #[test]
-fn the_systemd_unit_verifies_cleanly() {
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/paratick.service")).unwrap();
+fn the_systemd_units_verify_cleanly() {
+    let packaging = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+    let unit = std::fs::read_to_string(packaging.join("paratick.service")).unwrap();
     assert!(
         unit.contains("Type=notify") && unit.contains("Restart=on-failure") && unit.contains("ProtectSystem=strict")
     );
     assert!(
         unit.contains("NoNewPrivileges=yes") && unit.contains("CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_CHOWN")
     );
-    // Verified against the binary we built (the installed path need not exist here).
+    assert!(unit.contains("RuntimeDirectoryPreserve=restart"), "VM sockets survive a restart");
+    let vm_unit = std::fs::read_to_string(packaging.join("paratick-vm@.service")).unwrap();
+    assert!(vm_unit.contains("StopPropagatedFrom=paratick.service") && !vm_unit.contains("PartOf="));
+    // Verified against the binaries we built (the installed paths need not exist here).
     let dir = std::env::temp_dir().join(format!("paratick-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("paratick.service");
-    std::fs::write(
-        &path,
-        unit.replace("/usr/local/bin/paratick-ctl", workspace_binary("paratick-ctl").to_str().unwrap()),
-    )
-    .unwrap();
+    for (name, text) in [("paratick.service", &unit), ("paratick-vm@.service", &vm_unit)] {
+        let text = text
+            .replace("/usr/local/bin/paratick-ctl", workspace_binary("paratick-ctl").to_str().unwrap())
+            .replace("/usr/local/bin/paratick-vmm", workspace_binary("paratick-vmm").to_str().unwrap());
+        std::fs::write(dir.join(name), text).unwrap();
+    }
     let output = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .arg(dir.join("paratick.service"))
+        .arg(dir.join("paratick-vm@test.service"))
         .output()
         .expect("systemd-analyze (run `cargo xtask setup`)");
     let _ = std::fs::remove_dir_all(&dir);

@@ -168,7 +168,7 @@ fn mount_tracefs() -> Result<()> {
     run(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))
 }
 
-/// Installs the daemon under `root` (`/` for the real thing): binary, unit, and the
+/// Installs the daemon under `root` (`/` for the real thing): binaries, units, and the
 /// default configuration unless one is there already (an operator's edits are kept).
 fn install(root: &Path) -> Result<()> {
     setup()?;
@@ -187,7 +187,9 @@ fn install(root: &Path) -> Result<()> {
     for binary in ["paratick-ctl", "paratick-vmm"] {
         copy(workspace.join("target/release").join(binary), &format!("/usr/local/bin/{binary}"), 0o755)?;
     }
-    copy(workspace.join("packaging/paratick.service"), "/etc/systemd/system/paratick.service", 0o644)?;
+    for unit in ["paratick.service", "paratick-vm@.service"] {
+        copy(workspace.join("packaging").join(unit), &format!("/etc/systemd/system/{unit}"), 0o644)?;
+    }
     if root.join("etc/paratick/paratick.toml").exists() {
         eprintln!("xtask install: keeping the existing /etc/paratick/paratick.toml");
     } else {

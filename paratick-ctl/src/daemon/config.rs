@@ -4,8 +4,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use paratick_vmm::control::DEFAULT_RUNTIME_DIR as VM_UNIT_RUNTIME_DIR;
 use paratick_vmm::{parse_delivery, parse_tick_mode, parse_workload, VmConfig, WorkAmount};
 use serde::Deserialize;
+
+use super::supervisor::VmLauncher;
 
 /// The default configuration, embedded in the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../packaging/paratick.toml");
@@ -20,6 +23,7 @@ struct RawConfig {
     metrics_listen: Option<String>,
     socket: Option<PathBuf>,
     socket_group: Option<String>,
+    vm_launcher: Option<String>,
     #[serde(default, rename = "vm")]
     vms: Vec<RawVm>,
 }
@@ -49,6 +53,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// Group allowed on the control socket besides root.
     pub socket_group: Option<String>,
+    /// How VM processes are started; `None`: detected (`auto`).
+    pub vm_launcher: Option<VmLauncher>,
     /// The VMs.
     pub vms: Vec<VmEntry>,
 }
@@ -117,13 +123,34 @@ impl DaemonConfig {
             }
             vms.push(entry);
         }
-        Ok(DaemonConfig { metrics_listen, socket, socket_group: raw.socket_group, vms })
+        let vm_launcher = match raw.vm_launcher.as_deref() {
+            None | Some("auto") => None,
+            Some(name) => Some(VmLauncher::ALL.into_iter().find(|l| l.name() == name).ok_or_else(|| {
+                value_error("vm_launcher", format!("{name:?} is not a launcher: use auto, systemd or process"))
+            })?),
+        };
+        if vm_launcher == Some(VmLauncher::Systemd) && socket.parent() != Path::new(VM_UNIT_RUNTIME_DIR).parent() {
+            return Err(value_error(
+                "vm_launcher",
+                format!("systemd VM units keep their sockets in {VM_UNIT_RUNTIME_DIR}: use the default socket"),
+            ));
+        }
+        Ok(DaemonConfig { metrics_listen, socket, socket_group: raw.socket_group, vm_launcher, vms })
+    }
+
+    /// Where the VM processes keep their sockets and end records: `vms/` beside the
+    /// control socket.
+    pub fn vm_runtime_dir(&self) -> PathBuf {
+        self.socket.parent().unwrap_or(Path::new("/")).join("vms")
     }
 }
 
 fn vm_entry(vm: RawVm, key: &dyn Fn(&str) -> String) -> Result<VmEntry, ConfigError> {
-    if vm.name.is_empty() || !vm.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(value_error(key("name"), "use letters, digits, '-' and '_' only"));
+    if vm.name.is_empty()
+        || vm.name.len() > 64
+        || !vm.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(value_error(key("name"), "use 1 to 64 letters, digits, '-' and '_' only"));
     }
     let mode = parse_tick_mode(&vm.mode).map_err(|e| value_error(key("mode"), e))?;
     let workload = parse_workload(&vm.workload).map_err(|e| value_error(key("workload"), e))?;
@@ -211,6 +238,9 @@ mod tests {
             (config.vms[0].config.delivery, config.vms[0].config.housekeeping_hz),
             (paratick_vmm::TickDelivery::LapicTimer, 10)
         );
-        assert_eq!(error_of(&vm("").replace("\"a\"", "\"a b\"")), "vm[0].name: use letters, digits, '-' and '_' only");
+        assert_eq!(
+            error_of(&vm("").replace("\"a\"", "\"a b\"")),
+            "vm[0].name: use 1 to 64 letters, digits, '-' and '_' only"
+        );
     }
 }

@@ -1,6 +1,6 @@
-//! The daemon's manager: one thread owns the VMs, the observer and the metrics, so no
-//! state is shared between tasks. The async side sends it [`Command`]s; every second it
-//! samples the VMs and the observer and updates the metrics.
+//! The daemon's manager: one thread owns the VM supervision, the observer and the
+//! metrics, so no state is shared between tasks. The async side sends it [`Command`]s;
+//! every second it asks the VM processes and the observer and updates the metrics.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 
 use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::TickMode;
-use paratick_vmm::{Counters, Vm, VmConfig, VmStatus};
+use paratick_vmm::control::{VmEnd, VmProcessStatus, VmRequest};
+use paratick_vmm::{Counters, VmConfig, VmState};
 use tokio::sync::oneshot;
 
 use super::config::DaemonConfig;
 use super::metrics::Metrics;
+use super::supervisor::{Probe, Supervisor, VmLauncher, VmProcess};
 use crate::backend::Backend;
 use crate::observer::{per_process, Observer, PidFilter, ProcessCounts, TracepointState};
 use crate::procfs;
@@ -31,49 +33,53 @@ pub enum Command {
     Request(Request, oneshot::Sender<Response>),
     /// The metrics text.
     Render(oneshot::Sender<String>),
-    /// Stop every VM, then answer.
+    /// The daemon is stopping: stop the VMs if no service manager will, then answer.
     Shutdown(oneshot::Sender<()>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Running,
-    Finished,
-    Stopped,
-    Failed,
-}
-
-impl State {
-    const ALL: [State; 4] = [State::Running, State::Finished, State::Stopped, State::Failed];
-
-    fn name(self) -> &'static str {
-        match self {
-            State::Running => "running",
-            State::Finished => "finished",
-            State::Stopped => "stopped",
-            State::Failed => "failed",
-        }
-    }
 }
 
 struct ManagedVm {
     config: VmConfig,
-    /// Observer owner id of this VM's threads.
-    owner: u32,
-    vm: Option<Vm>,
-    state: State,
+    state: VmState,
     error: Option<String>,
-    /// Threads registered with the observer.
-    registered: Vec<u32>,
+    /// The VM's process while it has one.
+    process: Option<VmProcess>,
     /// The latest sample, and when it was taken.
     sample: Option<(Instant, Counters)>,
+    halted_vcpus: u32,
     effective_hz: f64,
     exits_per_s: f64,
+}
+
+impl ManagedVm {
+    fn ended(&mut self, end: VmEnd) {
+        self.process = None;
+        self.state = end.state;
+        self.error = end.error;
+        if let Some(counters) = end.counters {
+            self.sample = Some((Instant::now(), counters));
+        }
+        self.halted_vcpus = 0;
+        match &self.error {
+            Some(error) => log::error!("VM {} failed: {error}", self.config.name),
+            None => log::info!("VM {} {}", self.config.name, self.state),
+        }
+    }
+
+    fn running(&mut self, process: VmProcess, status: &VmProcessStatus) {
+        self.process = Some(process);
+        self.state = status.state;
+        self.error = status.error.clone();
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid).filter(|&pid| pid != 0)
+    }
 }
 
 /// The manager's state.
 pub struct Manager {
     vms: Vec<ManagedVm>,
+    supervisor: Supervisor,
     observer: Result<Observer, String>,
     metrics: Metrics,
     started: Instant,
@@ -81,12 +87,15 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// Loads the observer (a failure is reported, not fatal) and starts the autostart VMs.
+    /// Loads the observer (a failure is reported, not fatal), finds the VM processes
+    /// that are still running, and starts the autostart VMs that are not.
     pub fn new(config: &DaemonConfig, metrics_url: String) -> Manager {
         let observer = Observer::start(&PidFilter::All).map_err(|e| format!("{e}"));
         if let Err(e) = &observer {
             log::error!("the eBPF observer is unavailable, VMs run without it: {e}");
         }
+        let launcher = config.vm_launcher.unwrap_or_else(VmLauncher::detect);
+        let supervisor = Supervisor::new(launcher, config.vm_runtime_dir());
         let backend = Backend::of_host();
         let status = DaemonStatus {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -96,29 +105,41 @@ impl Manager {
             socket: config.socket.display().to_string(),
             backend: backend.name().into(),
             observer: observer.as_ref().map(|_| "attached".to_string()).unwrap_or_else(|e| e.clone()),
+            vm_launcher: launcher.name().into(),
             vms_running: 0,
             vms_total: config.vms.len(),
         };
         let vms = config
             .vms
             .iter()
-            .enumerate()
-            .map(|(index, entry)| ManagedVm {
+            .map(|entry| ManagedVm {
                 config: entry.config.clone(),
-                owner: SYNTHETIC_OWNER_BASE + index as u32,
-                vm: None,
-                state: State::Stopped,
+                state: VmState::Stopped,
                 error: None,
-                registered: Vec::new(),
+                process: None,
                 sample: None,
+                halted_vcpus: 0,
                 effective_hz: 0.0,
                 exits_per_s: 0.0,
             })
             .collect();
-        let mut manager = Manager { vms, observer, metrics: Metrics::new(), started: Instant::now(), status };
+        let mut manager =
+            Manager { vms, supervisor, observer, metrics: Metrics::new(), started: Instant::now(), status };
         for (index, entry) in config.vms.iter().enumerate() {
-            if entry.autostart {
-                manager.start_vm(index);
+            let managed = &mut manager.vms[index];
+            match manager.supervisor.adopt(&managed.config.name) {
+                Some(Ok((process, status))) => {
+                    log::info!("VM {} is running (pid {}): adopted", managed.config.name, process.pid);
+                    managed.running(process, &status);
+                    if let Some(hz) = status.counters.operator_hz {
+                        managed.config.operator_hz = Some(hz);
+                    }
+                }
+                // It ended while no daemon watched, or was stopped by the operator:
+                // shown as it ended, not started again.
+                Some(Err(end)) => managed.ended(end),
+                None if entry.autostart => manager.start_vm(index),
+                None => {}
             }
         }
         manager.update();
@@ -165,7 +186,7 @@ impl Manager {
         match request {
             Request::Status {} => {
                 self.status.uptime_s = self.started.elapsed().as_secs_f64();
-                self.status.vms_running = self.vms.iter().filter(|vm| vm.state == State::Running).count();
+                self.status.vms_running = self.vms.iter().filter(|vm| vm.process.is_some()).count();
                 Response { status: Some(self.status.clone()), ..Response::ok() }
             }
             Request::List {} => Response { vms: Some(self.vms.iter().map(vm_info).collect()), ..Response::ok() },
@@ -175,8 +196,8 @@ impl Manager {
             },
             Request::Start { vm } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
-                Ok(index) if self.vms[index].state == State::Running => {
-                    Response::error(format!("VM {vm} is already running"))
+                Ok(index) if self.vms[index].process.is_some() => {
+                    Response::error(format!("VM {vm} is already {}", self.vms[index].state))
                 }
                 Ok(index) => {
                     self.start_vm(index);
@@ -188,11 +209,11 @@ impl Manager {
             },
             Request::Stop { vm } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
-                Ok(index) if self.vms[index].state != State::Running => {
-                    Response::error(format!("VM {vm} is not running (it is {})", self.vms[index].state.name()))
+                Ok(index) if self.vms[index].process.is_none() => {
+                    Response::error(format!("VM {vm} is not running (it is {})", self.vms[index].state))
                 }
                 Ok(index) => {
-                    self.end_vm(index, true);
+                    self.stop_vm(index);
                     Response::ok()
                 }
             },
@@ -208,14 +229,21 @@ impl Manager {
                 managed.config.mode.name()
             ));
         }
-        let checked = match &managed.vm {
-            Some(vm) => vm.set_operator_hz(hz),
+        let checked = match &managed.process {
+            Some(_) => match self.supervisor.request(&managed.config.name, &VmRequest::SetTickRate { hz }) {
+                Ok(reply) if reply.ok => Ok(()),
+                Ok(reply) => Err(reply.error.unwrap_or_else(|| "refused".into())),
+                Err(e) => Err(format!("VM {} did not take the rate: {e}", managed.config.name)),
+            },
             None => hz.map_or(Ok(()), |hz| {
-                VmConfig { operator_hz: Some(hz), ..managed.config.clone() }.validate().map(|_| ())
+                VmConfig { operator_hz: Some(hz), ..managed.config.clone() }
+                    .validate()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }),
         };
         match checked {
-            Err(e) => Response::error(e.to_string()),
+            Err(e) => Response::error(e),
             Ok(()) => {
                 // Kept for the next start, too.
                 managed.config.operator_hz = hz;
@@ -227,84 +255,88 @@ impl Manager {
     fn start_vm(&mut self, index: usize) {
         let managed = &mut self.vms[index];
         managed.sample = None;
-        // Paused until its threads are attributed to it, so the observer sees the VM's
-        // first events (its boot-time tick request) as the VM's.
-        let config = VmConfig { start_paused: true, ..managed.config.clone() };
-        match Vm::start(config) {
-            Ok(vm) => {
-                if let Ok(observer) = &mut self.observer {
-                    match observer.attribute_threads(managed.owner, &vm.thread_ids()) {
-                        Ok(()) => managed.registered = vm.thread_ids(),
-                        Err(e) => log::warn!("observer: VM {}: {e}", managed.config.name),
-                    }
-                }
-                vm.resume();
+        managed.state = VmState::Starting;
+        match self.supervisor.start(&managed.config) {
+            Ok((process, status)) => {
                 log::info!(
-                    "VM {} started ({} vCPUs, {})",
+                    "VM {} started ({} vCPUs, {}), pid {}",
                     managed.config.name,
                     managed.config.vcpus,
-                    managed.config.mode.name()
+                    managed.config.mode.name(),
+                    process.pid
                 );
-                managed.vm = Some(vm);
-                managed.state = State::Running;
-                managed.error = None;
+                managed.running(process, &status);
             }
             Err(e) => {
                 log::error!("VM {} failed to start: {e}", managed.config.name);
-                managed.state = State::Failed;
-                managed.error = Some(e.to_string());
+                managed.state = VmState::Failed;
+                managed.error = Some(e);
             }
         }
     }
 
-    /// Stops (or collects) a VM and records how it ended.
-    fn end_vm(&mut self, index: usize, operator_stop: bool) {
+    /// Stops a VM's process and records how it ended.
+    fn stop_vm(&mut self, index: usize) {
         let managed = &mut self.vms[index];
-        let Some(vm) = managed.vm.take() else { return };
-        let result = if operator_stop { vm.stop() } else { vm.wait() };
-        if let Ok(observer) = &mut self.observer {
-            if let Err(e) = observer.forget_threads(&managed.registered) {
-                log::warn!("observer: {e}");
-            }
-        }
-        managed.registered.clear();
-        match result {
-            Ok(report) if operator_stop => {
-                managed.state = State::Stopped;
-                log::info!("VM {} stopped after {:.1} s", managed.config.name, report.wall_s);
-            }
-            Ok(report) => {
-                managed.state = State::Finished;
-                log::info!(
-                    "VM {} finished: {} work units in {:.1} s",
-                    managed.config.name,
-                    report.work_units,
-                    report.elapsed_s
-                );
-            }
-            Err(e) => {
-                log::error!("VM {} failed: {e}", managed.config.name);
-                managed.state = State::Failed;
-                managed.error = Some(e.to_string());
-            }
-        }
+        let Some(mut process) = managed.process.take() else { return };
+        managed.state = VmState::Stopping;
+        let end = self.supervisor.stop(&managed.config.name, &mut process);
+        managed.ended(end);
     }
 
     fn shut_down(&mut self) {
-        for index in 0..self.vms.len() {
-            if self.vms[index].state == State::Running {
-                self.end_vm(index, true);
-            }
+        if self.supervisor.launcher() == VmLauncher::Systemd {
+            // A stop of the service stops the VM units (StopPropagatedFrom=); a restart
+            // leaves them running for the next daemon to adopt.
+            log::info!("VMs keep running in their own units");
+            return;
+        }
+        // All at once: the daemon's stop takes as long as the slowest VM's, not the sum.
+        let supervisor = &self.supervisor;
+        let ends: Vec<(usize, VmEnd)> = std::thread::scope(|scope| {
+            let stops: Vec<_> = self
+                .vms
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(index, managed)| {
+                    let mut process = managed.process.take()?;
+                    managed.state = VmState::Stopping;
+                    let name = managed.config.name.clone();
+                    Some(scope.spawn(move || (index, supervisor.stop(&name, &mut process))))
+                })
+                .collect();
+            stops.into_iter().filter_map(|stop| stop.join().ok()).collect()
+        });
+        for (index, end) in ends {
+            self.vms[index].ended(end);
+            // Stopped with the daemon, not by the operator: the next start starts it.
+            self.supervisor.forget_end(&self.vms[index].config.name);
         }
     }
 
     /// Samples every VM and the observer, and updates the metrics.
     fn update(&mut self) {
-        for index in 0..self.vms.len() {
-            let ended = self.vms[index].vm.as_ref().is_some_and(|vm| vm.status() != VmStatus::Running);
-            if ended {
-                self.end_vm(index, false);
-            }
+        let mut statuses: Vec<Option<Box<VmProcessStatus>>> = Vec::with_capacity(self.vms.len());
+        for managed in &mut self.vms {
+            let Some(process) = &mut managed.process else {
+                statuses.push(None);
+                continue;
+            };
+            statuses.push(match self.supervisor.probe(&managed.config.name, process) {
+                Probe::Status(status) => {
+                    managed.state = status.state;
+                    managed.error = status.error.clone();
+                    Some(status)
+                }
+                Probe::Silent(why) => {
+                    log::debug!("VM {}: no answer: {why}", managed.config.name);
+                    None
+                }
+                Probe::Ended(end) => {
+                    managed.ended(*end);
+                    None
+                }
+            });
         }
         let snapshot = match &mut self.observer {
             Ok(observer) => {
@@ -319,12 +351,13 @@ impl Manager {
             }
             Err(_) => None,
         };
-        let per_owner = snapshot.as_ref().map(per_process).unwrap_or_default();
+        let per_pid = snapshot.as_ref().map(per_process).unwrap_or_default();
         let exits_traced = self.kvm_exit_traced();
-        for index in 0..self.vms.len() {
-            self.sample_vm(index, per_owner.get(&self.vms[index].owner), exits_traced);
+        for (index, status) in statuses.into_iter().enumerate() {
+            let observed = self.vms[index].pid().and_then(|pid| per_pid.get(&pid));
+            self.sample_vm(index, status.as_deref(), observed, exits_traced);
         }
-        self.update_observer_metrics(snapshot.as_ref(), &per_owner, exits_traced);
+        self.update_observer_metrics(snapshot.as_ref(), &per_pid, exits_traced);
     }
 
     /// Whether `kvm_exit` fires on this host and is attached.
@@ -338,27 +371,32 @@ impl Manager {
         }
     }
 
-    fn sample_vm(&mut self, index: usize, observed: Option<&ProcessCounts>, exits_traced: bool) {
+    fn sample_vm(
+        &mut self,
+        index: usize,
+        status: Option<&VmProcessStatus>,
+        observed: Option<&ProcessCounts>,
+        exits_traced: bool,
+    ) {
         let metrics = &mut self.metrics;
         let managed = &mut self.vms[index];
         let name = managed.config.name.clone();
-        for state in State::ALL {
+        for state in VmState::ALL {
             metrics.vm_state.with_label_values(&[&name, state.name()]).set(f64::from(u8::from(state == managed.state)));
         }
-        let Some(vm) = &managed.vm else {
-            metrics.vcpus_halted.with_label_values(&[&name]).set(0.0);
-            for source in ["requested", "effective"] {
-                metrics.tick_rate.with_label_values(&[&name, source]).set(0.0);
+        let Some(status) = status else {
+            if managed.process.is_none() {
+                metrics.vcpus_halted.with_label_values(&[&name]).set(0.0);
+                for source in ["requested", "effective"] {
+                    metrics.tick_rate.with_label_values(&[&name, source]).set(0.0);
+                }
+                managed.effective_hz = 0.0;
+                managed.exits_per_s = 0.0;
             }
             return;
         };
-        let counters = match vm.counters() {
-            Ok(counters) => counters,
-            Err(e) => {
-                log::warn!("VM {name}: reading counters: {e}");
-                return;
-            }
-        };
+        managed.halted_vcpus = status.halted_vcpus;
+        let counters = status.counters.clone();
         let now = Instant::now();
         if let Some((then, previous)) = &managed.sample {
             let seconds = now.duration_since(*then).as_secs_f64().max(1e-3);
@@ -380,7 +418,7 @@ impl Manager {
         metrics.feed.feed(&metrics.ticks_injected, &[&name], counters.ticks_injected);
         metrics.feed.feed(&metrics.guest_ticks, &[&name], counters.guest_ticks.total);
         metrics.feed.feed(&metrics.exits_saved, &[&name], counters.exits_saved_estimate());
-        metrics.vcpus_halted.with_label_values(&[&name]).set(vm.halted_vcpus() as f64);
+        metrics.vcpus_halted.with_label_values(&[&name]).set(f64::from(status.halted_vcpus));
         match observed {
             Some(observed) => {
                 for (kind, count) in &observed.tick_requests_by_kind {
@@ -429,6 +467,7 @@ impl Manager {
         // Other KVM processes: their exits by reason, where kvm_exit fires; else what
         // does fire for every exit that reaches userspace.
         let own = std::process::id();
+        let ours: Vec<u32> = self.vms.iter().filter_map(ManagedVm::pid).collect();
         let exits_of = |counts: &ProcessCounts| -> BTreeMap<String, u64> {
             if exits_traced {
                 counts.exit_reasons.clone()
@@ -442,7 +481,7 @@ impl Manager {
         };
         let mut others: Vec<(u32, BTreeMap<String, u64>)> = per_process
             .iter()
-            .filter(|(pid, _)| **pid != own && **pid < SYNTHETIC_OWNER_BASE)
+            .filter(|(pid, _)| **pid != own && !ours.contains(pid) && **pid < SYNTHETIC_OWNER_BASE)
             .map(|(pid, counts)| (*pid, exits_of(counts)))
             .collect();
         others.sort_by_key(|(pid, exits)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
@@ -474,7 +513,8 @@ fn vm_info(managed: &ManagedVm) -> VmInfo {
     let counters = managed.sample.as_ref().map(|(_, c)| c);
     VmInfo {
         name: managed.config.name.clone(),
-        state: managed.state.name().into(),
+        pid: managed.pid(),
+        state: managed.state,
         error: managed.error.clone(),
         mode: managed.config.mode.name().into(),
         vcpus: managed.config.vcpus,

@@ -5,6 +5,7 @@
 pub mod config;
 mod manager;
 mod metrics;
+mod supervisor;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -28,6 +29,10 @@ pub struct Overrides {
     /// `--socket`.
     pub socket: Option<PathBuf>,
 }
+
+/// How long the daemon takes at most to stop after SIGTERM: below the unit's
+/// `TimeoutStopSec=30s`, so that systemd never has to kill it.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_file: Option<&Path>, overrides: Overrides) -> Result<()> {
@@ -75,10 +80,20 @@ async fn serve(config: DaemonConfig) -> Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
-        _ = terminate.recv() => log::info!("SIGTERM: stopping the VMs"),
-        _ = interrupt.recv() => log::info!("SIGINT: stopping the VMs"),
+        _ = terminate.recv() => log::info!("SIGTERM: stopping"),
+        _ = interrupt.recv() => log::info!("SIGINT: stopping"),
     }
     notify_systemd("STOPPING=1");
+    // Whatever the load, and whatever a VM process or the kernel's detaching of the
+    // eBPF programs does, the daemon ends before its unit's stop timeout.
+    std::thread::Builder::new()
+        .name("stop-deadline".into())
+        .spawn(|| {
+            std::thread::sleep(SHUTDOWN_DEADLINE);
+            log::error!("not stopped within {SHUTDOWN_DEADLINE:?} of SIGTERM: exiting now");
+            std::process::exit(1);
+        })
+        .context("cannot start the stop-deadline thread")?;
     let (done, stopped) = oneshot::channel();
     if inbox.send(Command::Shutdown(done)).is_ok() {
         let _ = stopped.await;

@@ -1,0 +1,318 @@
+//! VM processes: the daemon runs each VM as a `paratick-vmm serve` process of its own,
+//! so that VMs outlive the daemon (a restart, an upgrade, a crash). This module starts
+//! them, finds running ones again when the daemon starts, asks them over their sockets
+//! (`paratick_vmm::control`) and learns how they ended.
+//!
+//! Two ways of starting them ([`VmLauncher`]):
+//! - `systemd`: each VM is an instance of the template unit `paratick-vm@.service`,
+//!   whose `StopPropagatedFrom=paratick.service` stops the VMs with the daemon's
+//!   service but not on its restart (which `PartOf=` would). The daemon writes the
+//!   instance's arguments to `NAME.env` and runs `systemctl start`.
+//! - `process`: the daemon spawns the VM process itself, in a process group of its own
+//!   (a terminal's Ctrl-C or a `kill -9` of the daemon does not reach it). Without a
+//!   service manager to stop them, the daemon stops its VMs when it is told to stop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use paratick_vmm::control::{self, ControlError, VmEnd, VmProcessStatus, VmReply, VmRequest};
+use paratick_vmm::{VmConfig, VmState};
+
+/// The template unit of VM processes under systemd.
+pub const VM_UNIT_TEMPLATE: &str = "paratick-vm@.service";
+
+/// How long a request to a VM process may take, each way.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a VM process may take to come up, or to go after a stop.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a starting or stopping VM process is looked at.
+const POLL: Duration = Duration::from_millis(20);
+
+/// How the daemon starts VM processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmLauncher {
+    /// As instances of `paratick-vm@.service`.
+    Systemd,
+    /// As processes of the daemon's own.
+    Process,
+}
+
+impl VmLauncher {
+    /// Names in the configuration (`vm_launcher`), besides `auto`.
+    pub const ALL: [VmLauncher; 2] = [VmLauncher::Systemd, VmLauncher::Process];
+
+    /// Name in the configuration and in `status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            VmLauncher::Systemd => "systemd",
+            VmLauncher::Process => "process",
+        }
+    }
+
+    /// `auto`: systemd when the daemon runs as a systemd service (systemd sets
+    /// `INVOCATION_ID` for the processes of a unit) on a host booted with systemd.
+    pub fn detect() -> VmLauncher {
+        if std::env::var_os("INVOCATION_ID").is_some() && Path::new("/run/systemd/system").is_dir() {
+            VmLauncher::Systemd
+        } else {
+            VmLauncher::Process
+        }
+    }
+}
+
+/// A VM process the daemon knows of.
+#[derive(Debug)]
+pub struct VmProcess {
+    /// Its process id.
+    pub pid: u32,
+    /// The process, when this daemon spawned it (then its exit status is known).
+    child: Option<Child>,
+}
+
+/// Where a VM process was asked and what it said.
+pub enum Probe {
+    /// It answered.
+    Status(Box<VmProcessStatus>),
+    /// It is alive but did not answer (starting, stopping, or busy): ask again later.
+    Silent(String),
+    /// It is gone; this is how it ended.
+    Ended(Box<VmEnd>),
+}
+
+/// Starts, finds and asks VM processes kept in one runtime directory.
+pub struct Supervisor {
+    launcher: VmLauncher,
+    runtime_dir: PathBuf,
+    vmm_binary: PathBuf,
+}
+
+impl Supervisor {
+    /// A supervisor of the VM processes in `runtime_dir`.
+    pub fn new(launcher: VmLauncher, runtime_dir: PathBuf) -> Supervisor {
+        // Installed side by side (xtask install), and built side by side.
+        let vmm_binary = std::env::current_exe()
+            .map(|exe| exe.with_file_name("paratick-vmm"))
+            .unwrap_or_else(|_| PathBuf::from("paratick-vmm"));
+        Supervisor { launcher, runtime_dir, vmm_binary }
+    }
+
+    /// How VMs are started.
+    pub fn launcher(&self) -> VmLauncher {
+        self.launcher
+    }
+
+    fn socket(&self, name: &str) -> PathBuf {
+        control::socket_path(&self.runtime_dir, name)
+    }
+
+    /// Sends one request to VM `name`'s process.
+    pub fn request(&self, name: &str, request: &VmRequest) -> Result<VmReply, ControlError> {
+        control::request(&self.socket(name), request, REQUEST_TIMEOUT)
+    }
+
+    /// Finds VM `name`'s process if one is running (the daemon was restarted, or
+    /// killed, while it ran), or the record of how it ended.
+    pub fn adopt(&self, name: &str) -> Option<Result<(VmProcess, Box<VmProcessStatus>), VmEnd>> {
+        match self.request(name, &VmRequest::Status {}) {
+            Ok(VmReply { status: Some(status), .. }) => {
+                Some(Ok((VmProcess { pid: status.pid, child: None }, Box::new(status))))
+            }
+            _ => {
+                // Nothing answers: a socket left by a killed process is stale.
+                let _ = std::fs::remove_file(self.socket(name));
+                match control::read_end(&self.runtime_dir, name)? {
+                    Ok(end) => Some(Err(end)),
+                    Err(e) => {
+                        log::warn!("VM {name}: {e}");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets how VM `name` ended last (so that the next daemon start starts it again).
+    pub fn forget_end(&self, name: &str) {
+        let _ = std::fs::remove_file(control::end_path(&self.runtime_dir, name));
+    }
+
+    /// Starts a process for `config` and waits until it answers.
+    pub fn start(&self, config: &VmConfig) -> Result<(VmProcess, Box<VmProcessStatus>), String> {
+        std::fs::create_dir_all(&self.runtime_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.runtime_dir.display()))?;
+        self.forget_end(&config.name);
+        let mut process = match self.launcher {
+            VmLauncher::Process => self.spawn(config)?,
+            VmLauncher::Systemd => self.start_unit(config)?,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.probe(&config.name, &mut process) {
+                Probe::Status(status) => return Ok((process, status)),
+                Probe::Ended(end) => {
+                    return Err(end.error.unwrap_or_else(|| format!("the VM process ended at once ({})", end.state)))
+                }
+                Probe::Silent(why) if Instant::now() >= deadline => {
+                    return Err(format!("the VM process did not answer within {START_TIMEOUT:?}: {why}"))
+                }
+                Probe::Silent(_) => std::thread::sleep(POLL),
+            }
+        }
+    }
+
+    fn spawn(&self, config: &VmConfig) -> Result<VmProcess, String> {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(&self.vmm_binary)
+            .arg("serve")
+            .arg("--runtime-dir")
+            .arg(&self.runtime_dir)
+            .args(control::serve_args(config))
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.vmm_binary.display()))?;
+        Ok(VmProcess { pid: child.id(), child: Some(child) })
+    }
+
+    fn unit(name: &str) -> String {
+        VM_UNIT_TEMPLATE.replace('@', &format!("@{name}"))
+    }
+
+    fn start_unit(&self, config: &VmConfig) -> Result<VmProcess, String> {
+        let env = self.runtime_dir.join(format!("{}.env", config.name));
+        // systemd splits an unquoted $VARIABLE on white space: the arguments have none
+        // (VM names are letters, digits, '-' and '_').
+        let text = format!("PARATICK_VM_ARGS={}\n", control::serve_args(config).join(" "));
+        std::fs::write(&env, text).map_err(|e| format!("cannot write {}: {e}", env.display()))?;
+        let unit = Supervisor::unit(&config.name);
+        // Blocks until the instance is ready (Type=notify) or has failed.
+        let output = Command::new("systemctl")
+            .args(["start", &unit])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run systemctl: {e}"))?;
+        if !output.status.success() {
+            let why = String::from_utf8_lossy(&output.stderr).trim().replace('\n', " ");
+            return Err(control::read_end(&self.runtime_dir, &config.name)
+                .and_then(Result::ok)
+                .and_then(|end| end.error)
+                .unwrap_or(format!("systemctl start {unit} failed: {why}")));
+        }
+        let pid = unit_property(&unit, "MainPID").and_then(|pid| pid.parse().ok()).unwrap_or(0);
+        Ok(VmProcess { pid, child: None })
+    }
+
+    /// Asks VM `name`'s process for its status, and learns how it ended if it is gone.
+    pub fn probe(&self, name: &str, process: &mut VmProcess) -> Probe {
+        match self.request(name, &VmRequest::Status {}) {
+            Ok(VmReply { status: Some(status), .. }) => {
+                process.pid = status.pid;
+                Probe::Status(Box::new(status))
+            }
+            Ok(reply) => Probe::Silent(reply.error.unwrap_or_else(|| "an empty reply".into())),
+            Err(e) => match self.exit_status(name, process) {
+                None => Probe::Silent(e.to_string()),
+                Some(how) => {
+                    let end = match control::read_end(&self.runtime_dir, name) {
+                        Some(Ok(end)) if end.pid == process.pid || process.pid == 0 => end,
+                        _ => VmEnd {
+                            name: name.to_string(),
+                            pid: process.pid,
+                            state: VmState::Failed,
+                            error: Some(format!("the VM process {} ended without saying how: {how}", process.pid)),
+                            counters: None,
+                        },
+                    };
+                    Probe::Ended(Box::new(end))
+                }
+            },
+        }
+    }
+
+    /// `None` while the process lives; else how it exited, as far as can be known.
+    fn exit_status(&self, name: &str, process: &mut VmProcess) -> Option<String> {
+        if let Some(child) = &mut process.child {
+            return match child.try_wait() {
+                Ok(None) => None,
+                Ok(Some(status)) => Some(status.to_string()),
+                Err(e) => Some(format!("unknown ({e})")),
+            };
+        }
+        if process.pid != 0 && process_alive(process.pid) {
+            return None;
+        }
+        Some(match self.launcher {
+            VmLauncher::Systemd => {
+                let unit = Supervisor::unit(name);
+                let result = unit_property(&unit, "Result").unwrap_or_else(|| "?".into());
+                let code = unit_property(&unit, "ExecMainStatus").unwrap_or_else(|| "?".into());
+                format!("{unit} result {result}, exit status {code}")
+            }
+            VmLauncher::Process => "exit status unknown (it was started by an earlier daemon)".into(),
+        })
+    }
+
+    /// Stops VM `name`'s process and returns how it ended.
+    pub fn stop(&self, name: &str, process: &mut VmProcess) -> VmEnd {
+        if let Err(e) = self.request(name, &VmRequest::Stop {}) {
+            log::warn!("VM {name}: stop request: {e}; sending SIGTERM to {}", process.pid);
+            if process.pid != 0 {
+                // SAFETY: kill has no memory effects; the pid is the VM process's.
+                unsafe { libc::kill(process.pid as libc::pid_t, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Probe::Ended(end) = self.probe(name, process) {
+                return *end;
+            }
+            if Instant::now() >= deadline {
+                if process.pid == 0 {
+                    let error = Some("the VM process did not exit after a stop, and its pid is unknown".into());
+                    return VmEnd { name: name.into(), pid: 0, state: VmState::Failed, error, counters: None };
+                }
+                log::error!("VM {name}: the process {} did not exit after a stop: killing it", process.pid);
+                // SAFETY: as above.
+                unsafe { libc::kill(process.pid as libc::pid_t, libc::SIGKILL) };
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+/// Whether a process lives (and is not a zombie).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// One property of a unit (`systemctl show --value`).
+fn unit_property(unit: &str, property: &str) -> Option<String> {
+    let output = Command::new("systemctl").args(["show", unit, "--value", "--property", property]).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_are_named_by_instance_and_processes_are_told_apart_from_zombies() {
+        assert_eq!(Supervisor::unit("web-1"), "paratick-vm@web-1.service");
+        assert!(process_alive(std::process::id()));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie, which is not alive.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+            std::thread::yield_now();
+        }
+        assert!(!process_alive(pid));
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
+}
