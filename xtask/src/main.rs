@@ -56,13 +56,20 @@ fn main() -> Result<()> {
             cargo(&run)
         }
         "lint" => lint(),
-        "install" => match rest {
-            [] => install(Path::new("/")),
-            [flag, root] if flag == "--root" => install(Path::new(root)),
-            _ => bail!("usage: cargo xtask install [--root DIR]"),
-        },
+        "install" => {
+            let (mut root, mut binaries) = (PathBuf::from("/"), None);
+            let mut flags = rest.iter();
+            while let Some(flag) = flags.next() {
+                match (flag.as_str(), flags.next()) {
+                    ("--root", Some(dir)) => root = dir.into(),
+                    ("--binaries", Some(dir)) => binaries = Some(PathBuf::from(dir)),
+                    _ => bail!("usage: cargo xtask install {INSTALL_FLAGS}"),
+                }
+            }
+            install(&root, binaries.as_deref())
+        }
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <setup|test [ARGS]|run [ARGS]|lint|install [--root DIR]>");
+            println!("usage: cargo xtask <setup|test [ARGS]|run [ARGS]|lint|install {INSTALL_FLAGS}>");
             Ok(())
         }
         other => bail!("unknown task {other:?}: use setup, test, run, lint or install"),
@@ -168,12 +175,23 @@ fn mount_tracefs() -> Result<()> {
     run(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))
 }
 
+/// `install`'s flags: `--binaries` takes already built binaries (the systemd test
+/// installs its debug build into a container's root).
+const INSTALL_FLAGS: &str = "[--root DIR] [--binaries DIR]";
+
 /// Installs the daemon under `root` (`/` for the real thing): binaries, units, and the
 /// default configuration unless one is there already (an operator's edits are kept).
-fn install(root: &Path) -> Result<()> {
-    setup()?;
-    cargo(&["build", "--release", "--package", "paratick-ctl", "--package", "paratick-vmm"])?;
+/// The binaries are built in release mode, unless `binaries` names built ones.
+fn install(root: &Path, binaries: Option<&Path>) -> Result<()> {
     let workspace = workspace_root();
+    let binaries = match binaries {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            setup()?;
+            cargo(&["build", "--release", "--package", "paratick-ctl", "--package", "paratick-vmm"])?;
+            workspace.join("target/release")
+        }
+    };
     let copy = |from: PathBuf, to: &str, mode: u32| -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let to = root.join(to.trim_start_matches('/'));
@@ -185,7 +203,7 @@ fn install(root: &Path) -> Result<()> {
         Ok(())
     };
     for binary in ["paratick-ctl", "paratick-vmm"] {
-        copy(workspace.join("target/release").join(binary), &format!("/usr/local/bin/{binary}"), 0o755)?;
+        copy(binaries.join(binary), &format!("/usr/local/bin/{binary}"), 0o755)?;
     }
     for unit in ["paratick.service", "paratick-vm@.service"] {
         copy(workspace.join("packaging").join(unit), &format!("/etc/systemd/system/{unit}"), 0o644)?;

@@ -288,7 +288,7 @@ impl Manager {
         if self.supervisor.launcher() == VmLauncher::Systemd {
             // A stop of the service stops the VM units (StopPropagatedFrom=); a restart
             // leaves them running for the next daemon to adopt.
-            log::info!("VMs keep running in their own units");
+            log::info!("VM units are left to systemd: they stop with this service, and outlive its restart");
             return;
         }
         // All at once: the daemon's stop takes as long as the slowest VM's, not the sum.
