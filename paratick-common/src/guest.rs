@@ -154,7 +154,16 @@ pub enum Workload {
     /// the ones reported) beside a CPU-bound task: a sleeper whose timer must fire while
     /// the vCPU is busy with one runnable task.
     SleepBeside = 8,
+    /// Test workload: vCPU 0's kernel sends the VMM random input, seeded by the work
+    /// amount: [`FUZZ_OPERATIONS`] random writes of random widths to the VMM's paratick
+    /// and block ports (tick requests, tick page and block request addresses), then one
+    /// random port write or read, MMIO write or MSR write, which the VMM has no device
+    /// for (or which faults). The VMM must end such a VM with a one-line error.
+    Fuzz = 9,
 }
+
+/// How many random writes to the VMM's own ports the `Fuzz` workload makes.
+pub const FUZZ_OPERATIONS: u32 = 2000;
 
 /// How long the `Sleep` workload's task sleeps after each work unit.
 pub const SLEEP_WORKLOAD_MS: u64 = 10;
@@ -163,7 +172,7 @@ impl Workload {
     /// The workloads of the evaluation.
     pub const EVALUATED: [Workload; 3] = [Workload::Sequential, Workload::Multithreaded, Workload::Io];
     /// Every workload, the test ones included.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Sequential,
         Workload::Multithreaded,
         Workload::Io,
@@ -173,6 +182,7 @@ impl Workload {
         Workload::Sleep,
         Workload::Contended,
         Workload::SleepBeside,
+        Workload::Fuzz,
     ];
 
     /// Decodes [`BootInfo::workload`].
@@ -187,6 +197,7 @@ impl Workload {
             6 => Some(Workload::Sleep),
             7 => Some(Workload::Contended),
             8 => Some(Workload::SleepBeside),
+            9 => Some(Workload::Fuzz),
             _ => None,
         }
     }
@@ -203,6 +214,7 @@ impl Workload {
             Workload::Sleep => "sleep",
             Workload::Contended => "contended",
             Workload::SleepBeside => "sleep-beside",
+            Workload::Fuzz => "fuzz",
         }
     }
 }

@@ -288,6 +288,20 @@ pub fn outb(port: u16, value: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
+/// Writes a 16-bit value to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as `outb`.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
 /// Writes a 32-bit value to an I/O port.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as `outb`.

@@ -259,7 +259,7 @@ pub fn init(boot_info: *const BootInfo) {
 
     let vcpus = info.vcpus as usize;
     let tasks = match workload {
-        Workload::Sequential | Workload::Crash | Workload::TripleFault | Workload::Sleep => 1,
+        Workload::Sequential | Workload::Crash | Workload::TripleFault | Workload::Sleep | Workload::Fuzz => 1,
         Workload::Multithreaded => 2 * vcpus,
         Workload::Io => vcpus,
         Workload::Contended | Workload::BadRequests | Workload::SleepBeside => 2,
@@ -318,6 +318,9 @@ pub fn run(vcpu: usize) -> ! {
         arch::triple_fault();
     }
     tick::start(vcpu, &mut cpu(vcpu).tick);
+    if vcpu == 0 && boot().work() == Workload::Fuzz {
+        crate::fuzz::run(boot().work_units);
+    }
     idle(vcpu)
 }
 

@@ -9,6 +9,7 @@
 mod apic;
 mod arch;
 mod console;
+mod fuzz;
 mod kernel;
 mod tick;
 mod user;

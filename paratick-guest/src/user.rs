@@ -77,7 +77,7 @@ fn run(params: &TaskParams, mut step: impl FnMut(u64)) -> u64 {
 /// Entry point of every task (its first instruction at CPL3).
 pub extern "C" fn task_main(params: &'static TaskParams, workload: u64) -> ! {
     let units = match Workload::from_u32(workload as u32) {
-        Some(Workload::Sequential | Workload::BadRequests | Workload::Contended) => run(params, |u| {
+        Some(Workload::Sequential | Workload::BadRequests | Workload::Contended | Workload::Fuzz) => run(params, |u| {
             work_unit(u ^ params.index);
         }),
         Some(Workload::Multithreaded) => run(params, |u| {

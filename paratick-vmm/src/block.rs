@@ -13,6 +13,7 @@ use paratick_common::guest::{
     SECTOR_SIZE,
 };
 
+use crate::guest_input::GuestWarnings;
 use crate::injector::send_msi;
 use crate::memory::GuestMemory;
 use crate::VmError;
@@ -42,6 +43,7 @@ pub fn serve(
     vm: &VmFd,
     vcpus: u32,
     counters: &BlockCounters,
+    warnings: &GuestWarnings,
 ) -> Result<(), VmError> {
     for address in requests {
         // A request outside guest memory has nowhere to report its status: counted,
@@ -50,7 +52,7 @@ pub fn serve(
             Ok(request) => request,
             Err(why) => {
                 counters.rejected.fetch_add(1, Ordering::Relaxed);
-                log::warn!("block device: ignored a request at {address:#x}: {why}");
+                warnings.warn(format_args!("block device: ignored a request at {address:#x}: {why}"));
                 continue;
             }
         };
@@ -61,19 +63,22 @@ pub fn serve(
             }
             Err(why) => {
                 counters.rejected.fetch_add(1, Ordering::Relaxed);
-                log::warn!("block device: rejected request at {address:#x}: {why}");
+                warnings.warn(format_args!("block device: rejected request at {address:#x}: {why}"));
                 BLOCK_STATUS_ERROR
             }
         };
         if let Err(why) = memory.write_obj(address + std::mem::offset_of!(BlockRequest, status) as u64, &status) {
             counters.rejected.fetch_add(1, Ordering::Relaxed);
-            log::warn!("block device: cannot complete the request at {address:#x}: {why}");
+            warnings.warn(format_args!("block device: cannot complete the request at {address:#x}: {why}"));
             continue;
         }
         if request.vcpu < vcpus {
             send_msi(vm, request.vcpu, BLOCK_COMPLETION_VECTOR).map_err(VmError::kvm("KVM_SIGNAL_MSI"))?;
         } else {
-            log::warn!("block device: request at {address:#x} names vCPU {}, which does not exist", request.vcpu);
+            warnings.warn(format_args!(
+                "block device: request at {address:#x} names vCPU {}, which does not exist",
+                request.vcpu
+            ));
         }
     }
     Ok(())

@@ -18,6 +18,7 @@
 mod block;
 mod config;
 pub mod control;
+mod guest_input;
 mod host_tick;
 mod injector;
 mod lapic_timer;

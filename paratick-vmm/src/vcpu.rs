@@ -16,7 +16,9 @@ use paratick_common::abi::{
 };
 use paratick_common::guest::{GuestStatus, BLOCK_REQUEST_PORT, CONSOLE_PORT, RESULTS_PORT};
 
+use crate::block::BlockCounters;
 use crate::config::TickDelivery;
+use crate::guest_input::GuestWarnings;
 use crate::injector::{send_msi, Decision, TickControl};
 use crate::memory::GuestMemory;
 use crate::{lapic_timer, VmError};
@@ -87,6 +89,8 @@ pub enum Outcome {
 /// State the vCPU threads share with the VM.
 #[derive(Debug)]
 pub struct Shared {
+    /// Bad guest input, logged up to a budget.
+    pub warnings: GuestWarnings,
     /// Set to stop every thread.
     pub stop: AtomicBool,
     /// How the VM ended (first report wins).
@@ -167,6 +171,8 @@ pub struct ExitContext {
     pub delivery: TickDelivery,
     /// Requests to the block device.
     pub block: Sender<u64>,
+    /// The block device's counters (malformed requests are refused here).
+    pub block_counters: Arc<BlockCounters>,
     /// VM name, for logs.
     pub name: String,
 }
@@ -274,7 +280,7 @@ impl VcpuThread {
             }
             Err(error) => {
                 context.shared.requests.pages_rejected.fetch_add(1, Ordering::Relaxed);
-                log::warn!("{}: vCPU {index}: refused the tick page at {gpa:#x}: {error}", context.name);
+                context.shared.warnings.warn(format_args!("vCPU {index}: refused the tick page at {gpa:#x}: {error}"));
             }
         }
         Ok(())
@@ -289,7 +295,10 @@ impl VcpuThread {
             VcpuExit::IoOut(PARATICK_REQUEST_PORT, data) => {
                 let Ok(raw) = <[u8; 4]>::try_from(data) else {
                     shared.requests.malformed.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("{name}: vCPU {index}: ignored a {}-byte tick request (must be 32-bit)", data.len());
+                    shared.warnings.warn(format_args!(
+                        "vCPU {index}: ignored a {}-byte tick request (must be 32-bit)",
+                        data.len()
+                    ));
                     return Ok(Next::Resume);
                 };
                 let raw = u32::from_le_bytes(raw);
@@ -299,7 +308,9 @@ impl VcpuThread {
                     TickRequest::Rate { hz, clamped } => {
                         if clamped {
                             shared.requests.clamped.fetch_add(1, Ordering::Relaxed);
-                            log::warn!("{name}: vCPU {index}: tick request for {raw} Hz clamped to {hz} Hz");
+                            shared
+                                .warnings
+                                .warn(format_args!("vCPU {index}: tick request for {raw} Hz clamped to {hz} Hz"));
                         }
                         ticks.set_requested_hz(index, hz);
                     }
@@ -311,7 +322,9 @@ impl VcpuThread {
                     Ok(raw) => Self::register_tick_page(context, u32::from_le_bytes(raw) as u64)?,
                     Err(_) => {
                         shared.requests.pages_rejected.fetch_add(1, Ordering::Relaxed);
-                        log::warn!("{name}: vCPU {index}: ignored a {}-byte tick page address", data.len());
+                        shared
+                            .warnings
+                            .warn(format_args!("vCPU {index}: ignored a {}-byte tick page address", data.len()));
                     }
                 }
                 Ok(Next::Resume)
@@ -328,7 +341,12 @@ impl VcpuThread {
             }
             VcpuExit::IoOut(BLOCK_REQUEST_PORT, data) => {
                 let Ok(raw) = <[u8; 4]>::try_from(data) else {
-                    return unexpected(format!("{}-byte block request", data.len()));
+                    context.block_counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    shared.warnings.warn(format_args!(
+                        "vCPU {index}: ignored a {}-byte block request (must be 32-bit)",
+                        data.len()
+                    ));
+                    return Ok(Next::Resume);
                 };
                 // The device thread is gone only when the VM is stopping.
                 let _ = block.send(u32::from_le_bytes(raw) as u64);

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::block::{self, BlockCounters, DISK_BYTES};
 use crate::config::{check_rate, TickDelivery, VmConfig, WorkAmount};
+use crate::guest_input::GuestWarnings;
 use crate::host_tick::HostTick;
 use crate::injector::{self, TickControl};
 use crate::loader::{load_elf, GUEST_KERNEL};
@@ -220,6 +221,7 @@ impl Vm {
 
         let stats = Arc::new(vcpus.iter().map(VcpuStats::open).collect::<Result<Vec<_>, _>>()?);
         let shared = Arc::new(Shared {
+            warnings: GuestWarnings::new(&config.name),
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
             ended: std::sync::Condvar::new(),
@@ -283,9 +285,10 @@ impl Vm {
     fn spawn_threads(&mut self, vcpus: Vec<VcpuFd>) -> Result<(), VmError> {
         let (block_tx, block_rx) = mpsc::channel();
         let (memory, vm, counters) = (Arc::clone(&self.memory), Arc::clone(&self.vm), Arc::clone(&self.block_counters));
+        let shared = Arc::clone(&self.shared);
         let vcpu_count = self.config.vcpus;
         self.block = Some(self.spawn_vm_thread("block", move || {
-            block::serve(block_rx, &mut block::new_disk(), &memory, &vm, vcpu_count, &counters)
+            block::serve(block_rx, &mut block::new_disk(), &memory, &vm, vcpu_count, &counters, &shared.warnings)
         })?);
         if self.has_injector() {
             let (vm, ticks, stats, memory) =
@@ -301,6 +304,7 @@ impl Vm {
                 memory: Arc::clone(&self.memory),
                 delivery: self.config.delivery,
                 block: block_tx.clone(),
+                block_counters: Arc::clone(&self.block_counters),
                 name: self.config.name.clone(),
             };
             let thread = VcpuThread::new(fd, context);

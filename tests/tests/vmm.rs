@@ -321,6 +321,32 @@ fn vmm(args: &[&str]) -> std::process::Output {
     Command::new(workspace_binary("paratick-vmm")).args(args).output().expect("run paratick-vmm")
 }
 
+/// The `fuzz` guest sends the VMM random input: random widths and values on its own
+/// ports, then one access the VMM has no device for. Whatever the seed, the VMM does
+/// not panic; the VM ends with one line of error, and the guest cannot flood the log.
+#[test]
+fn random_guest_input_never_panics_the_vmm_and_ends_in_one_line_at_worst() {
+    let _lock = one_vm_at_a_time();
+    let mut endings = std::collections::BTreeSet::new();
+    for seed in 1..=24 {
+        let seed = seed.to_string();
+        let output = vmm(&["run", "--mode", "paratick", "--workload", "fuzz", "--work", &seed, "--deadline", "30s"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked at"), "seed {seed}: the VMM panicked:\n{stderr}");
+        assert!(matches!(output.status.code(), Some(0 | 1)), "seed {seed}: {:?}\n{stderr}", output.status);
+        let warnings = stderr.lines().filter(|l| l.contains(" WARN ")).count();
+        assert!(warnings <= 21, "seed {seed}: {warnings} warnings: the guest floods the log");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("paratick-vmm: ")).collect();
+        if output.status.code() == Some(1) {
+            assert_eq!(errors.len(), 1, "seed {seed}: one line of error:\n{stderr}");
+            let ending = errors[0].trim_start_matches("paratick-vmm: the VM failed: ");
+            endings.insert(ending.split(&[':', '['][..]).take(2).collect::<String>());
+        }
+    }
+    // The random accesses at the end reach the VMM in more than one way.
+    assert!(endings.len() >= 2, "{endings:?}");
+}
+
 #[test]
 fn the_cli_prints_the_documented_json_and_rejects_bad_input() {
     let _lock = one_vm_at_a_time();
