@@ -56,11 +56,26 @@ impl Daemon {
     /// Starts a daemon on `dir/paratick.toml` with its sockets in `dir`, and waits for
     /// its systemd readiness notification, which names the metrics address.
     fn start_in(dir: PathBuf) -> Daemon {
+        Daemon::start_wrapped(dir, &[])
+    }
+
+    /// Like `start_in`, with the daemon run by `wrapper` (a command that ends by
+    /// exec'ing its arguments, so the child is still the daemon).
+    fn start_wrapped(dir: PathBuf, wrapper: &[&str]) -> Daemon {
         let _ = std::fs::remove_file(dir.join("notify.sock"));
         let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
         notify.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let socket = dir.join("control.sock");
-        let child = Command::new(workspace_binary("paratick-ctl"))
+        let ctl = workspace_binary("paratick-ctl");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&ctl);
+                command
+            }
+            None => Command::new(&ctl),
+        };
+        let child = command
             .arg("--socket")
             .arg(&socket)
             .args(["daemon", "--metrics-listen", "127.0.0.1:0", "--config"])
@@ -85,7 +100,7 @@ impl Daemon {
 
     fn scrape_text(&self) -> String {
         let mut stream = TcpStream::connect(&self.metrics).expect("connect to the metrics endpoint");
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
@@ -344,15 +359,19 @@ fn every_bad_request_gets_one_line_and_changes_nothing() {
 
     // Malformed protocol lines get an error answer; the connection stays usable.
     let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
-    stream.write_all(b"{\"cmd\":\"reboot\"}\nnot json\n{\"cmd\":\"list\"}\n").unwrap();
+    stream
+        .write_all(b"{\"cmd\":\"reboot\"}\nnot json\n[1,2]\n{\"cmd\":\"set_tick_rate\",\"vm\":\"a\",\"hz\":\"fast\"}\n{\"cmd\":\"list\"}\n")
+        .unwrap();
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut answers = String::new();
     stream.read_to_string(&mut answers).unwrap();
     let answers: Vec<Value> = answers.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(answers.len(), 3);
+    assert_eq!(answers.len(), 5);
     assert!(answers[0]["error"].as_str().unwrap().starts_with("bad request: unknown variant `reboot`"));
     assert!(answers[1]["error"].as_str().unwrap().starts_with("bad request: "));
-    assert_eq!(answers[2]["ok"], true);
+    assert!(answers[2]["error"].as_str().unwrap().starts_with("bad request: invalid type"), "{}", answers[2]);
+    assert!(answers[3]["error"].as_str().unwrap().starts_with("bad request: invalid type: string \"fast\""));
+    assert_eq!(answers[4]["ok"], true);
 
     // Permission: the socket is 0660 root; an unprivileged user is told what to do.
     let output = Command::new("setpriv")
@@ -639,5 +658,145 @@ fn the_control_socket_admits_group_members_by_any_group_and_refuses_long_or_inva
     assert!(answers[1]["error"].as_str().unwrap().starts_with("bad request: "), "{answers:?}");
     assert_eq!(answers[2]["ok"], true);
     assert!(daemon.ctl(&["status"]).status.success());
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// Sends one request line on a new connection and returns the answer line.
+fn control_exchange(socket: &Path, request: &[u8]) -> Value {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+#[test]
+fn the_control_socket_serves_200_concurrent_clients_beside_a_silent_one() {
+    let _lock = one_vm_at_a_time();
+    let daemon = Daemon::start("concurrent", TWO_VMS);
+    // Connects and never sends anything.
+    let silent = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let socket = daemon.socket.clone();
+    let clients: Vec<_> = (0..200)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || control_exchange(&socket, b"{\"cmd\":\"list\"}\n"))
+        })
+        .collect();
+    for client in clients {
+        let answer = client.join().unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+        assert_eq!(answer["vms"].as_array().unwrap().len(), 2);
+    }
+    drop(silent);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// Sends raw bytes to the metrics endpoint and reads until the server closes.
+fn metrics_exchange(address: &str, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn the_metrics_endpoint_serves_100_concurrent_scrapes_beside_a_slow_client_and_garbage() {
+    let _lock = one_vm_at_a_time();
+    let daemon = Daemon::start("scrapes", TWO_VMS);
+    // A client that sends a byte a second.
+    let mut slow = TcpStream::connect(&daemon.metrics).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let trickle = {
+        let mut slow = slow.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for byte in b"GET /metrics HTTP/1.1\r\n" {
+                if slow.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let address = daemon.metrics.clone();
+    let scrapes: Vec<_> = (0..100)
+        .map(|_| {
+            let address = address.clone();
+            std::thread::spawn(move || {
+                metrics_exchange(&address, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            })
+        })
+        .collect();
+    for scrape in scrapes {
+        let response = scrape.join().unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        let samples = parse_metrics(body).expect("valid metrics");
+        assert!(samples.iter().any(|s| s.name == "paratick_vm_state"));
+    }
+    // HEAD: the headers of a GET, no body.
+    let head = metrics_exchange(&address, b"HEAD /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 OK") && head.ends_with("\r\n\r\n"), "{head:?}");
+    assert!(head.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    // Garbage, other methods and paths: refused, and the server goes on.
+    let garbage = metrics_exchange(&address, b"\x16\x03\x01\x00\xa5 garbage\r\n\r\n");
+    assert!(garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"), "{garbage:?}");
+    let post = metrics_exchange(
+        &address,
+        b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    let other = metrics_exchange(&address, b"GET /admin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    assert!(daemon.scrape().iter().any(|s| s.name == "paratick_build_info"));
+    // The slow client is cut off at the header timeout, long before it is done.
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    assert!(!trickle.is_finished(), "cut off before it sent its request line");
+    drop(slow);
+    trickle.join().unwrap();
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_to_start_and_leaves_the_first_alone() {
+    let _lock = one_vm_at_a_time();
+    let daemon = Daemon::start("second", TWO_VMS);
+    let output = Command::new(workspace_binary("paratick-ctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["daemon", "--metrics-listen", "127.0.0.1:0", "--config"])
+        .arg(daemon.dir.join("paratick.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(single_error_line(&output).contains("another daemon is listening on"), "{output:?}");
+    assert!(daemon.ctl(&["status"]).status.success(), "the first daemon's socket is intact");
+    assert_eq!(daemon.list().len(), 2);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn without_tracefs_the_vms_run_and_the_observer_is_down_with_its_reason_logged_once() {
+    let _lock = one_vm_at_a_time();
+    let dir = std::env::temp_dir().join(format!("paratick-daemon-notracefs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("paratick.toml"), CONTENDED_VM).unwrap();
+    // A mount namespace of its own, where tracefs (and debugfs's copy) are empty.
+    let hide = "mount -t tmpfs none /sys/kernel/tracing && mount -t tmpfs none /sys/kernel/debug && exec \"$@\"";
+    let daemon =
+        Daemon::start_wrapped(dir, &["unshare", "--mount", "--propagation", "private", "sh", "-c", hide, "sh"]);
+    let samples = daemon
+        .wait_for(Duration::from_secs(5), |s| metric(s, "paratick_vm_guest_ticks_total", &[("vm", "c")]) > Some(0.0));
+    assert_eq!(value(&samples, "paratick_observer_up", &[]), 0.0);
+    assert_eq!(value(&samples, "paratick_vm_state", &[("vm", "c"), ("state", "running")]), 1.0);
+    assert!(value(&samples, "paratick_vm_guest_ticks_total", &[("vm", "c")]) > 0.0, "the VM runs and ticks");
+    let log = std::fs::read_to_string(daemon.dir.join("daemon.log")).unwrap();
+    let reasons: Vec<&str> = log.lines().filter(|l| l.contains("observer is unavailable")).collect();
+    assert_eq!(reasons.len(), 1, "{log}");
     assert_eq!(daemon.terminate().code(), Some(0));
 }

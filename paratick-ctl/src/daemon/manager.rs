@@ -186,7 +186,7 @@ impl Manager {
         match request {
             Request::Status {} => {
                 self.status.uptime_s = self.started.elapsed().as_secs_f64();
-                self.status.vms_running = self.vms.iter().filter(|vm| vm.process.is_some()).count();
+                self.status.vms_running = self.vms.iter().filter(|vm| vm.state == VmState::Running).count();
                 Response { status: Some(self.status.clone()), ..Response::ok() }
             }
             Request::List {} => Response { vms: Some(self.vms.iter().map(vm_info).collect()), ..Response::ok() },
@@ -196,10 +196,12 @@ impl Manager {
             },
             Request::Start { vm } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
-                Ok(index) if self.vms[index].process.is_some() => {
+                Ok(index) if self.vms[index].process.is_some() && !self.vms[index].state.is_final() => {
                     Response::error(format!("VM {vm} is already {}", self.vms[index].state))
                 }
                 Ok(index) => {
+                    // A VM that has just ended may still have its process, on its way out.
+                    self.stop_vm(index);
                     self.start_vm(index);
                     match &self.vms[index].error {
                         Some(error) => Response::error(format!("VM {vm} failed to start: {error}")),
@@ -209,7 +211,7 @@ impl Manager {
             },
             Request::Stop { vm } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
-                Ok(index) if self.vms[index].process.is_none() => {
+                Ok(index) if self.vms[index].process.is_none() || !self.vms[index].state.can_stop() => {
                     Response::error(format!("VM {vm} is not running (it is {})", self.vms[index].state))
                 }
                 Ok(index) => {

@@ -137,41 +137,66 @@ fn bind_control_socket(path: &Path, group: Option<u32>) -> Result<UnixListener> 
     Ok(listener)
 }
 
-/// Minimal HTTP/1.1 for Prometheus: `GET /metrics`, one response per connection.
+/// How long a metrics client may take to send its request's headers: a client that
+/// trickles bytes (or sends none) is cut off, and never holds up the others.
+const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Prometheus's endpoint: `GET` or `HEAD /metrics`, each connection served on its own.
 async fn serve_metrics(listener: TcpListener, inbox: mpsc::Sender<Command>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: back off rather than spin.
+                log::warn!("metrics: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let inbox = inbox.clone();
         tokio::spawn(async move {
-            let mut request = Vec::new();
-            let mut buffer = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => request.extend_from_slice(&buffer[..n]),
-                }
+            let service = hyper::service::service_fn(move |request| metrics_response(request, inbox.clone()));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                log::debug!("metrics connection: {e}");
             }
-            let line = String::from_utf8_lossy(&request);
-            let mut parts = line.split_whitespace();
-            let (status, content_type, body) = match (parts.next(), parts.next()) {
-                (Some("GET"), Some(path)) if path == "/metrics" || path.starts_with("/metrics?") => {
-                    let (reply, rendered) = oneshot::channel();
-                    let body = match inbox.send(Command::Render(reply)) {
-                        Ok(()) => rendered.await.unwrap_or_default(),
-                        Err(_) => String::new(),
-                    };
-                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
-                }
-                (Some("GET"), _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
         });
+    }
+}
+
+type MetricsBody = http_body_util::Full<hyper::body::Bytes>;
+
+async fn metrics_response(
+    request: hyper::Request<hyper::body::Incoming>,
+    inbox: mpsc::Sender<Command>,
+) -> Result<hyper::Response<MetricsBody>, std::convert::Infallible> {
+    use hyper::{Method, StatusCode};
+    let reply = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut response = hyper::Response::new(MetricsBody::from(body));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+        Ok(response)
+    };
+    if request.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into());
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET or HEAD only\n".into());
+    }
+    // hyper leaves the body out of a HEAD response (Content-Length is kept).
+    let (answer, rendered) = oneshot::channel();
+    let body = match inbox.send(Command::Render(answer)) {
+        Ok(()) => rendered.await.ok(),
+        Err(_) => None,
+    };
+    match body {
+        Some(body) => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
+        None => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the daemon is stopping\n".into()),
     }
 }
 
