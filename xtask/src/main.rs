@@ -4,13 +4,16 @@
 //! - `test`   setup, build every binary, run every test (the README's test command)
 //! - `run`    setup, build, run the main job (the README's run command)
 //! - `lint`   rustfmt and clippy, including the eBPF crate and guest for their targets
-//! - `install [--root DIR]`  the daemon's binary, systemd unit and default config
+//! - `install [--root DIR] [--binaries DIR]`  the binaries, systemd units and default config
+//! - `soak [--vms N] [--minutes M]`  the daemon with N VMs for M minutes; docs/reliability.md
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+
+mod soak;
 
 /// Debian packages the project needs, and why.
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -56,6 +59,20 @@ fn main() -> Result<()> {
             cargo(&run)
         }
         "lint" => lint(),
+        "soak" => {
+            let (mut vms, mut minutes) = (16, 10.0);
+            let mut flags = rest.iter();
+            while let Some(flag) = flags.next() {
+                match (flag.as_str(), flags.next().map(|v| v.parse::<f64>())) {
+                    ("--vms", Some(Ok(n))) if (1.0..=64.0).contains(&n) && n.fract() == 0.0 => vms = n as usize,
+                    ("--minutes", Some(Ok(m))) if m > 0.0 => minutes = m,
+                    _ => bail!("usage: cargo xtask soak [--vms 1-64] [--minutes M]"),
+                }
+            }
+            setup()?;
+            cargo(&["build", "--release", "--package", "paratick-ctl", "--package", "paratick-vmm"])?;
+            soak::soak(&workspace_root(), vms, minutes)
+        }
         "install" => {
             let (mut root, mut binaries) = (PathBuf::from("/"), None);
             let mut flags = rest.iter();
@@ -69,10 +86,10 @@ fn main() -> Result<()> {
             install(&root, binaries.as_deref())
         }
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <setup|test [ARGS]|run [ARGS]|lint|install {INSTALL_FLAGS}>");
+            println!("usage: cargo xtask <setup|test [ARGS]|run [ARGS]|lint|install {INSTALL_FLAGS}|soak [--vms N] [--minutes M]>");
             Ok(())
         }
-        other => bail!("unknown task {other:?}: use setup, test, run, lint or install"),
+        other => bail!("unknown task {other:?}: use setup, test, run, lint, install or soak"),
     }
 }
 

@@ -213,6 +213,17 @@ mod tests {
             "metrics_listen: \"localhost\" is not an address:port"
         );
         assert_eq!(error_of("socket = \"x.sock\"\n"), "socket: must be an absolute path");
+        assert_eq!(
+            error_of("vm_launcher = \"docker\"\n"),
+            "vm_launcher: \"docker\" is not a launcher: use auto, systemd or process"
+        );
+        assert_eq!(
+            error_of("vm_launcher = \"systemd\"\nsocket = \"/tmp/p.sock\"\n"),
+            "vm_launcher: systemd VM units keep their sockets in /run/paratick/vms: use the default socket"
+        );
+        let config = DaemonConfig::parse("vm_launcher = \"process\"\nsocket = \"/tmp/x/p.sock\"\n").unwrap();
+        assert_eq!((config.vm_launcher, config.vm_runtime_dir()), (Some(VmLauncher::Process), "/tmp/x/vms".into()));
+        assert_eq!(DaemonConfig::parse("vm_launcher = \"auto\"\n").unwrap().vm_launcher, None);
         let vm = |extra: &str| format!("[[vm]]\nname = \"a\"\nmode = \"paratick\"\nworkload = \"io\"\n{extra}");
         assert_eq!(error_of(&vm("hz = 5\n")), "vm[0].hz: hz must be 10 to 4000, not 5");
         assert_eq!(error_of(&vm("vcpus = 0\n")), "vm[0].vcpus: vcpus must be 1 to 8, not 0");
