@@ -235,10 +235,14 @@ pub enum DropReason {
     FieldReadFailed = 3,
     /// The vCPU-threads map was full, so a vCPU thread is not counted.
     VcpuThreadsFull = 4,
+    /// The KVM-counters map was full, so a vCPU's counters are not copied.
+    KvmCountersFull = 5,
+    /// A KVM counter could not be read from `struct kvm_vcpu`.
+    KvmCounterReadFailed = 6,
 }
 
 /// Number of [`DropReason`]s.
-pub const DROP_REASON_COUNT: u32 = 5;
+pub const DROP_REASON_COUNT: u32 = 7;
 
 impl DropReason {
     /// All reasons, by index.
@@ -248,6 +252,8 @@ impl DropReason {
         DropReason::TimerVectorsFull,
         DropReason::FieldReadFailed,
         DropReason::VcpuThreadsFull,
+        DropReason::KvmCountersFull,
+        DropReason::KvmCounterReadFailed,
     ];
 
     /// Stable name for reports and metric labels.
@@ -258,6 +264,8 @@ impl DropReason {
             DropReason::TimerVectorsFull => "timer_vectors_full",
             DropReason::FieldReadFailed => "field_read_failed",
             DropReason::VcpuThreadsFull => "vcpu_threads_full",
+            DropReason::KvmCountersFull => "kvm_counters_full",
+            DropReason::KvmCounterReadFailed => "kvm_counter_read_failed",
         }
     }
 }

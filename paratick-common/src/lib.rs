@@ -13,3 +13,4 @@ pub mod classify;
 pub mod event;
 pub mod exit_reason;
 pub mod guest;
+pub mod kvm_counters;

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod bench;
 pub mod client;
 pub mod daemon;
+pub mod model;
 pub mod observer;
 pub mod procfs;
 pub mod protocol;

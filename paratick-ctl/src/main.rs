@@ -13,11 +13,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use paratick_ctl::observer::report::{render_table, CommandReport, ObserveReport, Row, VmReport};
+use paratick_ctl::model::{ModelBackend, TimerModel};
+use paratick_ctl::observer::report::{
+    render_table, render_timer_reports, CommandReport, ObserveReport, Row, TimerReport, VmReport,
+};
+use paratick_ctl::observer::{kvm_stats, plot};
 use paratick_ctl::observer::{per_process, Observer, PidFilter, ProcessCounts};
 use paratick_ctl::procfs::{self, ProcessInfo};
 use paratick_ctl::protocol::Request;
 use paratick_ctl::{client, daemon};
+use paratick_vmm::kvm_stats::KvmExitCounts;
 
 /// Paratick: paravirtualized scheduler ticks for KVM guests.
 #[derive(Debug, Parser)]
@@ -130,6 +135,16 @@ struct ObserveArgs {
     /// Write the final report to FILE instead of stdout (which the command may use).
     #[arg(short, long, value_name = "FILE")]
     output: Option<std::path::PathBuf>,
+    /// Print the timer-overhead report of every VM when stopping.
+    #[arg(long)]
+    report: bool,
+    /// Write an SVG per VM into DIR: its exits per second by category over time.
+    #[arg(long, value_name = "DIR")]
+    svg: Option<std::path::PathBuf>,
+    /// The exits model (calibrated by `paratick-ctl bench`); its backend's defaults
+    /// where the file is missing.
+    #[arg(long, value_name = "FILE", default_value = paratick_ctl::model::DEFAULT_MODEL_FILE)]
+    model: std::path::PathBuf,
     /// Run COMMAND (after attaching), watch its process tree, stop when it exits.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -221,13 +236,23 @@ fn vm(socket: &Path, command: VmCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<16} {:<9} {:>8} {:<9} {:>5} {:>9} {:>10} {:>9} {:>9} {:>12}",
-                "NAME", "STATE", "PID", "MODE", "VCPUS", "REQ HZ", "SET HZ", "EFF HZ", "EXITS/s", "EXITS SAVED"
+                "{:<16} {:<9} {:>8} {:<13} {:>5} {:>7} {:>7} {:>7} {:>7} {:>9} {:>12}",
+                "NAME",
+                "STATE",
+                "PID",
+                "MODE",
+                "VCPUS",
+                "REQ HZ",
+                "SET HZ",
+                "EFF HZ",
+                "OBS HZ",
+                "EXITS/s",
+                "SAVED (PROJ)"
             );
             for vm in vms {
                 let set = vm.configured_hz.map_or_else(|| "auto".to_string(), |hz| hz.to_string());
                 println!(
-                    "{:<16} {:<9} {:>8} {:<9} {:>5} {:>9} {:>10} {:>9.1} {:>9.0} {:>12}",
+                    "{:<16} {:<9} {:>8} {:<13} {:>5} {:>7} {:>7} {:>7.1} {:>7.1} {:>9.0} {:>12}",
                     vm.name,
                     vm.state.name(),
                     vm.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string()),
@@ -236,6 +261,7 @@ fn vm(socket: &Path, command: VmCommand) -> Result<ExitCode> {
                     vm.requested_hz,
                     set,
                     vm.effective_hz,
+                    vm.observed_hz,
                     vm.exits_per_s,
                     vm.exits_saved
                 );
@@ -256,6 +282,10 @@ fn vm(socket: &Path, command: VmCommand) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The counts at the end of the live table's last interval: when, the observer's per
+/// process, KVM's per process.
+type Interval = (Instant, BTreeMap<u32, ProcessCounts>, BTreeMap<u32, KvmExitCounts>);
 
 /// How often `observe` reads the maps and /proc, so that short-lived VMs are still named.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -287,6 +317,20 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
         PidFilter::Pids { pids, follow_forks: !args.command.is_empty() }
     };
     let mut observer = Observer::start(&filter).context("cannot start the eBPF observer")?;
+    let (model, model_problem) = TimerModel::load(&args.model, ModelBackend::of_host());
+    if let Some(problem) = &model_problem {
+        log::warn!("{problem}");
+    }
+    // KVM's own counts: the eBPF copies, else debugfs.
+    let ebpf_counters = observer.kvm_counters_state().is_ok();
+    let kvm_stats_problem = if ebpf_counters { None } else { kvm_stats::ensure_debugfs().err() };
+    if let Some(problem) = &kvm_stats_problem {
+        log::warn!("KVM's exit counts are unavailable: {problem}");
+    }
+    let mut kvm = kvm_stats::KvmStatsTracker::default();
+    let own_start = procfs::start_ticks(own_pid).unwrap_or(0);
+    let mut lifetimes: HashMap<u32, (Instant, Instant)> = HashMap::new();
+    let mut series: BTreeMap<u32, Vec<plot::ExitSample>> = BTreeMap::new();
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -301,7 +345,7 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
     };
 
     let mut known: HashMap<u32, ProcessInfo> = HashMap::new();
-    let mut previous: Option<(Instant, BTreeMap<u32, ProcessCounts>)> = None;
+    let mut previous: Option<Interval> = None;
     let mut next_table = started + args.interval;
     let live_table = !args.json;
     let clear_screen = std::io::stdout().is_terminal();
@@ -315,7 +359,24 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
         let snapshot = observer.snapshot()?;
         remember(&mut known, snapshot.pids().into_iter().filter(|&p| p != own_pid));
         let now = Instant::now();
-        if live_table && now >= next_table {
+        if kvm_stats_problem.is_none() {
+            let counters = if ebpf_counters { Some(observer.kvm_counters()?) } else { None };
+            let mut pids: BTreeSet<u32> = known.iter().filter(|(_, i)| i.is_kvm()).map(|(p, _)| *p).collect();
+            pids.extend(&args.pids);
+            if let Some(counters) = &counters {
+                pids.extend(counters.keys().filter(|&&p| p != own_pid));
+            }
+            let none = BTreeMap::new();
+            for pid in pids {
+                let new_in_window = procfs::start_ticks(pid).is_some_and(|start| start >= own_start);
+                kvm.sample(pid, new_in_window, counters.as_ref().map(|c| c.get(&pid).unwrap_or(&none)));
+                if procfs::process_info(pid).is_some() {
+                    lifetimes.entry(pid).and_modify(|(_, last)| *last = now).or_insert((now, now));
+                }
+            }
+        }
+        let sample_interval = live_table || args.svg.is_some();
+        if sample_interval && now >= next_table {
             let per_pid = per_process(&snapshot);
             let mut pids: BTreeSet<u32> = per_pid.keys().copied().filter(|&p| p != own_pid).collect();
             if matches!(filter, PidFilter::All) {
@@ -323,24 +384,49 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
             }
             pids.extend(&args.pids);
             remember(&mut known, pids.iter().copied());
-            let (since, before) = match &previous {
-                Some((at, counts)) => (now.duration_since(*at), Some(counts)),
-                None => (now.duration_since(started), None),
+            let (since, before, kvm_before) = match &previous {
+                Some((at, counts, kvm_counts)) => (now.duration_since(*at), Some(counts), Some(kvm_counts)),
+                None => (now.duration_since(started), None, None),
             };
             let empty = ProcessCounts::default();
+            let seconds = since.as_secs_f64().max(1e-3);
+            let mut kvm_now = BTreeMap::new();
             let rows: Vec<Row> = pids
                 .iter()
                 .map(|pid| {
-                    Row::new(
+                    let counts = per_pid.get(pid).unwrap_or(&empty);
+                    let before_counts = before.and_then(|b| b.get(pid));
+                    let row = Row::new(
                         *pid,
                         known.get(pid),
-                        per_pid.get(pid).unwrap_or(&empty),
-                        before.and_then(|b| b.get(pid)),
-                        since.as_secs_f64(),
+                        counts,
+                        before_counts,
+                        seconds,
                         observer.backend().traces_every_exit(),
-                    )
+                    );
+                    let Some(total) = kvm.report(*pid).map(|r| r.total) else { return row };
+                    kvm_now.insert(*pid, total);
+                    let exits = total.since(kvm_before.and_then(|k| k.get(pid)).copied().unwrap_or_default());
+                    let timer = TimerReport::new(
+                        &counts.since(before_counts.unwrap_or(&empty)),
+                        Some(exits.exits),
+                        0.0,
+                        &model,
+                    );
+                    series.entry(*pid).or_default().push(plot::ExitSample::new(
+                        now.duration_since(started).as_secs_f64(),
+                        seconds,
+                        &exits,
+                        timer.timer_exits,
+                    ));
+                    row.with_kvm_exits(exits.exits, seconds, &timer)
                 })
                 .collect();
+            previous = Some((now, per_pid, kvm_now));
+            next_table = now + args.interval;
+            if !live_table {
+                continue;
+            }
             let mut out = std::io::stdout().lock();
             if clear_screen {
                 write!(out, "\x1b[H\x1b[2J")?;
@@ -353,8 +439,6 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
             )?;
             out.write_all(render_table(&rows).as_bytes())?;
             writeln!(out)?;
-            previous = Some((now, per_pid));
-            next_table = now + args.interval;
         }
         let timed_out = args.duration.is_some_and(|d| now.duration_since(started) >= d);
         if child_done || timed_out || stop.load(Ordering::Relaxed) {
@@ -381,10 +465,54 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
     for pid in &args.pids {
         per_pid.entry(*pid).or_default();
     }
-    let vms: Vec<VmReport> =
-        per_pid.into_iter().map(|(pid, counts)| VmReport::new(pid, known.get(&pid), counts)).collect();
+    // A last sample: the final counts of VMs whose process has just exited (the
+    // eBPF programs copied them as its last KVM_RUN returned).
+    if ebpf_counters {
+        let counters = observer.kvm_counters()?;
+        for (&pid, vcpus) in &counters {
+            if pid != own_pid {
+                let new_in_window =
+                    lifetimes.contains_key(&pid) && procfs::start_ticks(pid).is_none_or(|start| start >= own_start);
+                kvm.sample(pid, new_in_window, Some(vcpus));
+            }
+        }
+    }
+    let vms: Vec<VmReport> = per_pid
+        .into_iter()
+        .map(|(pid, counts)| {
+            let mut vm = VmReport::new(pid, known.get(&pid), counts);
+            vm.kvm_stats = kvm.report(pid);
+            let lifetime_s = lifetimes.get(&pid).map_or(duration_s, |(first, last)| {
+                (last.duration_since(*first) + POLL_INTERVAL).as_secs_f64().min(duration_s)
+            });
+            let busy_s = (lifetime_s * f64::from(vm.vcpus.max(1)) - vm.counts.halted_ns as f64 / 1e9).max(0.0);
+            let exits = vm.kvm_stats.as_ref().map(|k| k.total.exits);
+            vm.timer = Some(TimerReport::new(&vm.counts, exits, busy_s, &model));
+            vm
+        })
+        .collect();
+    if let Some(dir) = &args.svg {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (pid, samples) in &series {
+            let name = known.get(pid).map_or("?", |i| i.name.as_str());
+            let path = dir.join(format!("vm-{pid}.svg"));
+            std::fs::write(&path, plot::exits_over_time(&format!("{name} (pid {pid}): exits per second"), samples))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    if args.report {
+        let text = render_timer_reports(&vms, &model);
+        // Stdout is the JSON document's when it has no file of its own.
+        if args.json && args.output.is_none() {
+            eprint!("{text}");
+        } else {
+            print!("{text}");
+        }
+    }
     if args.json {
         let report = ObserveReport {
+            timer_model: model.clone(),
+            timer_model_problem: model_problem.clone(),
             backend: observer.backend().name(),
             tracepoints: observer.tracepoints().iter().map(|(name, state)| (*name, state.describe())).collect(),
             drops: snapshot.drops_by_name(),

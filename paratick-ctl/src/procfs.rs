@@ -59,6 +59,14 @@ pub fn process_info(pid: u32) -> Option<ProcessInfo> {
     Some(ProcessInfo { pid, name, cmdline, vms, vcpus })
 }
 
+/// When process `pid` started, in clock ticks since boot (`/proc/PID/stat` field 22).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_dir(pid).join("stat")).ok()?;
+    // The fields after the command name (which may contain spaces) in parentheses:
+    // state is field 3, so starttime (22) is the 20th.
+    stat.rsplit_once(") ")?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// All processes that own a KVM VM right now.
 pub fn kvm_processes() -> Vec<ProcessInfo> {
     let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };

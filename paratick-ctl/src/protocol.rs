@@ -61,9 +61,15 @@ pub struct VmInfo {
     pub configured_hz: Option<u32>,
     /// Ticks injected per second per ticking vCPU over the last interval.
     pub effective_hz: f64,
+    /// Timer interrupts the guest took per second of busy vCPU time (the host's view,
+    /// for every mode: a tickless guest's own rate).
+    pub observed_hz: f64,
     /// VM exits per second over the last interval (KVM stats).
     pub exits_per_s: f64,
-    /// Estimated exits saved versus a tickless guest, so far.
+    /// VM exits since the VM started (KVM stats; the last count of a VM that ended).
+    pub exits: u64,
+    /// Exits saved versus a tickless guest so far: a projection by the exits model of
+    /// this host (see `paratick_vm_exits_saved_projected_total`).
     pub exits_saved: u64,
 }
 

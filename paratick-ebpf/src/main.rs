@@ -10,16 +10,20 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use paratick_common::event::{
     summarize, DropReason, EventKey, EventKind, EventStats, ExitStart, FieldSlot, ObserverConfig, TracepointLayout,
     VcpuThread, DROP_REASON_COUNT, EVENT_MAP_CAPACITY, FORK_LAYOUT_INDEX, LAYOUT_COUNT, MAX_FIELDS,
     PROCESS_MAP_CAPACITY, THREAD_OWNER_CAPACITY, VCPU_THREAD_CAPACITY,
+};
+use paratick_common::kvm_counters::{
+    KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, KVM_COUNTERS, KVM_COUNTERS_MIN_INTERVAL_NS, KVM_VCPU_CAPACITY,
 };
 
 /// Event counts, per CPU so that the hot path takes no lock.
@@ -244,8 +248,114 @@ fn read_slot(ctx: &TracePointContext, slot: FieldSlot) -> Result<u64, i64> {
     }
 }
 
+/// Where KVM's counters are in `struct kvm_vcpu`; written by userspace.
+#[map]
+static KVM_LAYOUT: Array<KvmCounterLayout> = Array::with_max_entries(1, 0);
+
+/// KVM's own counters of every vCPU, as last copied.
+#[map]
+static KVM_VCPU_COUNTERS: HashMap<KvmVcpuKey, KvmVcpuCounters> = HashMap::with_max_entries(KVM_VCPU_CAPACITY, 0);
+
+/// The vCPU each thread last ran (thread id → `struct kvm_vcpu *`), learnt from the
+/// raw tracepoints that carry the vCPU; the ones that do not (a KVM_RUN's return, a
+/// wake-up) look it up. LRU: threads come and go.
+#[map]
+static THREAD_VCPUS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(VCPU_THREAD_CAPACITY, 0);
+
+/// Raw tracepoint programs (BPF_PROG_TYPE_RAW_TRACEPOINT: the arguments of the
+/// tracepoint call, pointers included) that keep KVM's own counters copied. Where the
+/// kernel has kprobes or BPF trampolines, probes on KVM_RUN would do; this works on
+/// hosts with neither (such as PVM hosts).
+macro_rules! kvm_counter_programs {
+    ($($program:ident => $handler:expr),+ $(,)?) => {$(
+        #[no_mangle]
+        #[link_section = "raw_tracepoint"]
+        pub fn $program(ctx: *mut core::ffi::c_void) -> i32 {
+            $handler(&RawTracePointContext::new(ctx));
+            0
+        }
+    )+};
+}
+
+kvm_counter_programs! {
+    // kvm_emulate_insn(vcpu, failed) and kvm_page_fault(vcpu, address, error): the vCPU.
+    kvm_counters_emulate_insn => |ctx: &RawTracePointContext| vcpu_seen(ctx, ctx.arg::<u64>(0)),
+    kvm_counters_page_fault => |ctx: &RawTracePointContext| vcpu_seen(ctx, ctx.arg::<u64>(0)),
+    // kvm_eoi(apic, vector): the vCPU is the LAPIC's.
+    kvm_counters_eoi => |ctx: &RawTracePointContext| {
+        if let Some(layout) = KVM_LAYOUT.get(0) {
+            let apic: u64 = ctx.arg(0);
+            // SAFETY: bpf_probe_read_kernel fails rather than faults; the offset of
+            // `vcpu` in `struct kvm_lapic` is from this kernel's BTF.
+            if let Ok(vcpu) = unsafe { bpf_probe_read_kernel((apic + layout.lapic_vcpu_offset as u64) as *const u64) } {
+                vcpu_seen(ctx, vcpu);
+            }
+        }
+    },
+    // kvm_userspace_exit(reason, errno): KVM_RUN returns to the VMM, after the
+    // accounting of its last exit.
+    kvm_counters_userspace_exit => |ctx: &RawTracePointContext| thread_vcpu_copy(ctx, false),
+    // kvm_vcpu_wakeup(ns, waited, valid): a halt ended.
+    kvm_counters_vcpu_wakeup => |ctx: &RawTracePointContext| thread_vcpu_copy(ctx, true),
+}
+
 #[inline(always)]
-fn count_drop(ctx: &TracePointContext, reason: DropReason) {
+fn vcpu_seen(ctx: &RawTracePointContext, vcpu: u64) {
+    let _ = THREAD_VCPUS.insert(&(bpf_get_current_pid_tgid() as u32), &vcpu, 0);
+    copy_kvm_counters(ctx, vcpu, true);
+}
+
+#[inline(always)]
+fn thread_vcpu_copy(ctx: &RawTracePointContext, rate_limited: bool) {
+    // SAFETY: a plain u64 value of this thread's own entry.
+    if let Some(&vcpu) = unsafe { THREAD_VCPUS.get(&(bpf_get_current_pid_tgid() as u32)) } {
+        copy_kvm_counters(ctx, vcpu, rate_limited);
+    }
+}
+
+#[inline(always)]
+fn copy_kvm_counters<C: EbpfContext>(ctx: &C, vcpu: u64, rate_limited: bool) {
+    let Some(layout) = KVM_LAYOUT.get(0) else { return };
+    let tgid = current_tgid();
+    if layout.ready == 0 || !is_tracked(tgid) {
+        return;
+    }
+    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails rather than
+    // faulting; the address is the probed function's vcpu argument plus an offset that
+    // userspace took from this kernel's BTF.
+    let Ok(vcpu_id) = (unsafe { bpf_probe_read_kernel((vcpu + layout.vcpu_id_offset as u64) as *const u32) }) else {
+        count_drop(ctx, DropReason::KvmCounterReadFailed);
+        return;
+    };
+    let key = KvmVcpuKey { tgid, vcpu_id };
+    let now = now_ns();
+    if rate_limited {
+        // SAFETY: a plain value of this map.
+        if let Some(last) = unsafe { KVM_VCPU_COUNTERS.get(&key) } {
+            if now.wrapping_sub(last.copied_ns) < KVM_COUNTERS_MIN_INTERVAL_NS {
+                return;
+            }
+        }
+    }
+    let mut counters = KvmVcpuCounters { copied_ns: now, values: [0; KVM_COUNTERS] };
+    for i in 0..KVM_COUNTERS {
+        let address = (vcpu + layout.offsets[i] as u64) as *const u64;
+        // SAFETY: as above.
+        match unsafe { bpf_probe_read_kernel(address) } {
+            Ok(value) => counters.values[i] = value,
+            Err(_) => {
+                count_drop(ctx, DropReason::KvmCounterReadFailed);
+                return;
+            }
+        }
+    }
+    if KVM_VCPU_COUNTERS.insert(&key, &counters, 0).is_err() {
+        count_drop(ctx, DropReason::KvmCountersFull);
+    }
+}
+
+#[inline(always)]
+fn count_drop<C: EbpfContext>(ctx: &C, reason: DropReason) {
     if let Some(drops) = DROPS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU array slot of this CPU.
         let previous = unsafe {

@@ -21,11 +21,12 @@ pub mod control;
 mod guest_input;
 mod host_tick;
 mod injector;
+pub mod kvm_stats;
 mod lapic_timer;
 mod loader;
 mod memory;
 mod state;
-mod stats;
+pub mod stats;
 mod vcpu;
 mod vm;
 

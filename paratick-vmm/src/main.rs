@@ -134,6 +134,6 @@ fn print_summary(r: &RunReport) {
         r.counters.ticks_ridden,
         r.counters.ticks_skipped_idle,
         r.guest_timer_writes,
-        r.counters.kvm_stats.get("exits").copied().unwrap_or(0)
+        r.counters.kvm_stats.exits
     );
 }

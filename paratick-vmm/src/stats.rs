@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
 use kvm_bindings::{kvm_stats_desc, kvm_stats_header, KVM_STATS_TYPE_MASK};
 use kvm_ioctls::VcpuFd;
 
+use crate::kvm_stats::KvmExitCounts;
 use crate::VmError;
 
 /// `KVM_GET_STATS_FD`: `_IO(KVMIO, 0xce)`.
@@ -33,21 +34,53 @@ pub struct VcpuStats {
     file: File,
     stats: Vec<Stat>,
     blocking: Option<usize>,
+    /// Where the values start in the file (descriptor offsets are from here, and are
+    /// offsets in the kernel's `struct kvm_vcpu_stat`).
+    data_offset: u64,
 }
 
 impl VcpuStats {
     /// Opens the stats file of a vCPU and reads its descriptors.
     pub fn open(vcpu: &VcpuFd) -> Result<VcpuStats, VmError> {
-        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd (or -1) that we own.
+        // SAFETY: the vCPU fd is open for as long as `vcpu` is borrowed.
+        VcpuStats::open_fd(unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) })
+    }
+
+    /// Opens the stats file of any KVM vCPU file descriptor (another VMM's, obtained
+    /// with `pidfd_getfd`, say).
+    pub fn open_fd(vcpu: BorrowedFd<'_>) -> Result<VcpuStats, VmError> {
+        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd (or -1) that we
+        // own; on a descriptor that is not a vCPU it fails with ENOTTY.
         let fd = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_STATS_FD, 0) };
         if fd < 0 {
             return Err(VmError::Stats(std::io::Error::last_os_error()));
         }
         // SAFETY: fd is a fresh descriptor returned to us above; File takes ownership.
         let file = unsafe { File::from_raw_fd(fd) };
-        let stats = parse(&file)?;
+        let (stats, data_offset) = parse(&file)?;
         let blocking = stats.iter().position(|s| s.name == "blocking");
-        Ok(VcpuStats { file, stats, blocking })
+        Ok(VcpuStats { file, stats, blocking, data_offset })
+    }
+
+    /// The stats file of a vCPU of a throwaway VM of this process: the descriptors (names,
+    /// and offsets in `struct kvm_vcpu_stat`) are the same for every vCPU of the kernel.
+    pub fn of_this_kernel() -> Result<VcpuStats, VmError> {
+        let kvm = kvm_ioctls::Kvm::new().map_err(VmError::kvm("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+        let vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+        VcpuStats::open(&vcpu)
+    }
+
+    /// Offsets in the kernel's `struct kvm_vcpu_stat` of the named single-valued
+    /// statistics (`None` for a name this kernel lacks).
+    pub fn offsets_in_kvm_vcpu_stat(&self, names: &[&str]) -> Vec<Option<u32>> {
+        names
+            .iter()
+            .map(|name| {
+                let stat = self.stats.iter().find(|s| s.name == *name && s.values == 1)?;
+                u32::try_from(stat.offset - self.data_offset).ok()
+            })
+            .collect()
     }
 
     /// Every single-valued statistic by name (histograms are summed over buckets).
@@ -63,9 +96,12 @@ impl VcpuStats {
         Ok(out)
     }
 
-    /// Names of the cumulative statistics (those that make sense summed over vCPUs).
-    pub fn cumulative_names(&self) -> impl Iterator<Item = &str> {
-        self.stats.iter().filter(|s| s.cumulative).map(|s| s.name.as_str())
+    /// The exit statistics.
+    pub fn exit_counts(&self) -> Result<KvmExitCounts, VmError> {
+        let values = self.read_all()?;
+        Ok(KvmExitCounts::from_named(|name| {
+            self.stats.iter().any(|s| s.name == name && s.cumulative).then(|| values[name])
+        }))
     }
 
     /// Whether the vCPU is halted in KVM right now; `None` if this kernel lacks the stat.
@@ -81,7 +117,7 @@ impl VcpuStats {
     }
 }
 
-fn parse(file: &File) -> Result<Vec<Stat>, VmError> {
+fn parse(file: &File) -> Result<(Vec<Stat>, u64), VmError> {
     let mut raw = [0u8; std::mem::size_of::<kvm_stats_header>()];
     file.read_exact_at(&mut raw, 0).map_err(VmError::Stats)?;
     // SAFETY: kvm_stats_header is plain integers; any bytes are a valid value.
@@ -104,5 +140,5 @@ fn parse(file: &File) -> Result<Vec<Stat>, VmError> {
             cumulative: flags & KVM_STATS_TYPE_MASK == kvm_bindings::KVM_STATS_TYPE_CUMULATIVE,
         });
     }
-    Ok(stats)
+    Ok((stats, header.data_offset as u64))
 }

@@ -182,8 +182,9 @@ fn the_live_table_shows_a_row_for_the_running_guest() {
         .lines()
         .find(|line| line.split_whitespace().nth(1) == Some("kvm-count-guest"))
         .unwrap_or_else(|| panic!("no row for the guest in {stdout}"));
-    let userspace_exits_per_s: f64 = row.split_whitespace().nth(6).unwrap().parse().unwrap();
-    assert!(userspace_exits_per_s > 0.0, "{row}");
+    let column = |n: usize| -> f64 { row.split_whitespace().nth(n).unwrap().parse().unwrap() };
+    // EXITS/s is KVM's own count (the eBPF copy of its counters), on every backend.
+    assert!(column(3) > 0.0 && column(7) > 0.0, "{row}");
 }
 
 #[test]

@@ -26,7 +26,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("linux-perf", "perf stat: the independent reference in tests"),
     ("bpftool", "inspecting loaded BPF programs"),
     ("prometheus", "promtool and a real Prometheus server for the metrics tests"),
-    ("systemd", "systemd-analyze, to verify the service unit"),
+    ("systemd", "systemd-analyze, to verify the service units, and systemd 252 as PID 1 in the tests"),
+    ("qemu-system-x86", "a real third-party VMM: the observer's tests run kvm-unit-tests kernels under QEMU"),
 ];
 
 /// The rustup name under which Debian's toolchain is linked (aya-build runs

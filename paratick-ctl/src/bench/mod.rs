@@ -20,6 +20,7 @@ use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::{TickMode, Workload};
 use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount};
 
+use crate::model::{ModelBackend, TimerModel};
 use crate::observer::{per_process, Observer, PidFilter, ProcessCounts};
 use report::{DeliverySummary, Kind, Record, Spread};
 
@@ -71,6 +72,9 @@ const PRECISION_HZ: [u32; 3] = [100, 250, 1000];
 
 struct Bench<'a> {
     options: &'a BenchOptions,
+    /// The exits model the records' exits-saved figures use: the default of this
+    /// host's backend (the bench calibrates its own at the end).
+    model: TimerModel,
     observer: Option<Observer>,
     next_owner: u32,
     done: usize,
@@ -150,7 +154,7 @@ impl Bench<'_> {
         let config = self.config(workload, mode, self.options.hz, amount);
         let (report, observed) = self.run_vm(config)?;
         let observed = observed.context("the observer is not attached")?;
-        let record = Record::new(workload, mode, kind, rep, &report, &observed);
+        let record = Record::new(workload, mode, kind, rep, &report, &observed, &self.model);
         self.progress(&format!(
             "{} {} {} rep {}: {:.0} units/s",
             kind.name(),
@@ -174,7 +178,8 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     let main_runs = workloads.len() * modes.len() * options.reps as usize * 2;
     let delivery_runs = (TickDelivery::ALL.len() + 2) * options.reps as usize;
     let total = main_runs + delivery_runs + 2 * options.reps as usize + PRECISION_HZ.len();
-    let mut bench = Bench { options, observer: Some(observer), next_owner: 0, done: 0, total };
+    let model = TimerModel::default_for(ModelBackend::of_host());
+    let mut bench = Bench { options, model, observer: Some(observer), next_owner: 0, done: 0, total };
 
     let mut records = Vec::new();
     for rep in 0..options.reps {
@@ -257,7 +262,7 @@ fn deliveries(bench: &mut Bench<'_>) -> Result<Vec<DeliverySummary>> {
             bench.progress(&format!("delivery {name} rep {}", rep + 1));
         }
     }
-    let exits = |r: &RunReport| r.counters.kvm_stats.get("exits").copied().unwrap_or(0) as f64;
+    let exits = |r: &RunReport| r.counters.kvm_stats.exits as f64;
     let per_s = |r: &RunReport| exits(r) / r.wall_s.max(1e-9);
     Ok(candidates
         .iter()

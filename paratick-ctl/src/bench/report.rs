@@ -17,6 +17,7 @@ use paratick_vmm::{RunReport, TickDelivery};
 use serde::Serialize;
 
 use super::BenchOptions;
+use crate::model::TimerModel;
 use crate::observer::ProcessCounts;
 
 /// The paper's results against a tickless guest (ICPP 2021, Table/Figures): VM exits,
@@ -112,7 +113,7 @@ pub struct Record {
     pub userspace_exits: u64,
     /// Instructions KVM emulated (KVM stats; CPL0 guest code on PVM).
     pub insn_emulation: u64,
-    /// Estimated exits saved (paratick runs).
+    /// Exits saved against a tickless guest, by the exits model (paratick runs).
     pub exits_saved_estimate: u64,
 }
 
@@ -130,7 +131,7 @@ pub fn modelled_vmx_exits(mode: TickMode, report: &RunReport, observed: &Process
     } else {
         observed.timer_interrupts
     };
-    let halts = report.counters.kvm_stats.get("halt_exits").copied().unwrap_or(0);
+    let halts = report.counters.kvm_stats.halt_exits;
     observed.event("kvm_msr_write") + observed.event("kvm_pio") + observed.event("kvm_mmio") + halts + timer_exits
 }
 
@@ -143,8 +144,9 @@ impl Record {
         rep: u32,
         report: &RunReport,
         observed: &ProcessCounts,
+        model: &TimerModel,
     ) -> Record {
-        let stat = |name: &str| report.counters.kvm_stats.get(name).copied().unwrap_or(0);
+        let stats = &report.counters.kvm_stats;
         let by_kind = |kind: &str| observed.tick_requests_by_kind.get(kind).copied().unwrap_or(0);
         Record {
             workload: workload.name(),
@@ -154,8 +156,8 @@ impl Record {
             rep,
             hz: report.hz,
             vcpus: report.vcpus,
-            exits: stat("exits"),
-            exits_per_s: stat("exits") as f64 / report.wall_s.max(1e-9),
+            exits: stats.exits,
+            exits_per_s: stats.exits as f64 / report.wall_s.max(1e-9),
             modelled_vmx_exits: modelled_vmx_exits(mode, report, observed),
             throughput_per_s: report.throughput_per_s,
             elapsed_s: report.elapsed_s,
@@ -171,10 +173,10 @@ impl Record {
             msr_writes: observed.event("kvm_msr_write"),
             port_io: observed.event("kvm_pio"),
             mmio: observed.event("kvm_mmio"),
-            halt_exits: stat("halt_exits"),
+            halt_exits: stats.halt_exits,
             userspace_exits: observed.event("kvm_userspace_exit"),
-            insn_emulation: stat("insn_emulation"),
-            exits_saved_estimate: report.exits_saved_estimate,
+            insn_emulation: stats.insn_emulation,
+            exits_saved_estimate: model.exits_saved(&report.counters),
         }
     }
 }

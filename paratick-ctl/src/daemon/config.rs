@@ -24,6 +24,7 @@ struct RawConfig {
     socket: Option<PathBuf>,
     socket_group: Option<String>,
     vm_launcher: Option<String>,
+    timer_model: Option<PathBuf>,
     #[serde(default, rename = "vm")]
     vms: Vec<RawVm>,
 }
@@ -55,6 +56,8 @@ pub struct DaemonConfig {
     pub socket_group: Option<String>,
     /// How VM processes are started; `None`: detected (`auto`).
     pub vm_launcher: Option<VmLauncher>,
+    /// The calibrated exits model (written by `bench`), if there is one.
+    pub timer_model: PathBuf,
     /// The VMs.
     pub vms: Vec<VmEntry>,
 }
@@ -135,7 +138,8 @@ impl DaemonConfig {
                 format!("systemd VM units keep their sockets in {VM_UNIT_RUNTIME_DIR}: use the default socket"),
             ));
         }
-        Ok(DaemonConfig { metrics_listen, socket, socket_group: raw.socket_group, vm_launcher, vms })
+        let timer_model = raw.timer_model.unwrap_or_else(|| PathBuf::from(crate::model::DEFAULT_MODEL_FILE));
+        Ok(DaemonConfig { metrics_listen, socket, socket_group: raw.socket_group, vm_launcher, timer_model, vms })
     }
 
     /// Where the VM processes keep their sockets and end records: `vms/` beside the

@@ -16,6 +16,7 @@ use super::config::DaemonConfig;
 use super::metrics::Metrics;
 use super::supervisor::{Probe, Supervisor, VmLauncher, VmProcess};
 use crate::backend::Backend;
+use crate::model::{ModelBackend, TimerModel};
 use crate::observer::{per_process, Observer, PidFilter, ProcessCounts, TracepointState};
 use crate::procfs;
 use crate::protocol::{DaemonStatus, Request, Response, VmInfo};
@@ -24,8 +25,6 @@ use crate::protocol::{DaemonStatus, Request, Response, VmInfo};
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// How many KVM processes of others get their own metric series.
 const OBSERVED_TOP_N: usize = 10;
-/// KVM per-vCPU exit statistics exported as exit reasons where `kvm_exit` does not fire.
-const EXIT_STATS: [&str; 6] = ["halt_exits", "irq_exits", "irq_window_exits", "io_exits", "mmio_exits", "signal_exits"];
 
 /// What the async side asks of the manager.
 pub enum Command {
@@ -47,6 +46,10 @@ struct ManagedVm {
     sample: Option<(Instant, Counters)>,
     halted_vcpus: u32,
     effective_hz: f64,
+    /// Timer interrupts per second of busy vCPU time, and the sample it is measured
+    /// from (timer interrupts, busy seconds).
+    observed_hz: f64,
+    observed_sample: Option<(u64, f64)>,
     exits_per_s: f64,
 }
 
@@ -79,6 +82,8 @@ impl ManagedVm {
 /// The manager's state.
 pub struct Manager {
     vms: Vec<ManagedVm>,
+    /// The exits model of this host (exits saved).
+    model: TimerModel,
     supervisor: Supervisor,
     observer: Result<Observer, String>,
     metrics: Metrics,
@@ -120,11 +125,18 @@ impl Manager {
                 sample: None,
                 halted_vcpus: 0,
                 effective_hz: 0.0,
+                observed_hz: 0.0,
+                observed_sample: None,
                 exits_per_s: 0.0,
             })
             .collect();
+        let (model, problem) = TimerModel::load(&config.timer_model, ModelBackend::of_host());
+        if let Some(problem) = problem {
+            log::warn!("{problem}");
+        }
+        log::info!("exits model: {} ({}, {})", model.backend, model.source, config.timer_model.display());
         let mut manager =
-            Manager { vms, supervisor, observer, metrics: Metrics::new(), started: Instant::now(), status };
+            Manager { vms, model, supervisor, observer, metrics: Metrics::new(), started: Instant::now(), status };
         for (index, entry) in config.vms.iter().enumerate() {
             let managed = &mut manager.vms[index];
             match manager.supervisor.adopt(&managed.config.name) {
@@ -189,7 +201,9 @@ impl Manager {
                 self.status.vms_running = self.vms.iter().filter(|vm| vm.state == VmState::Running).count();
                 Response { status: Some(self.status.clone()), ..Response::ok() }
             }
-            Request::List {} => Response { vms: Some(self.vms.iter().map(vm_info).collect()), ..Response::ok() },
+            Request::List {} => {
+                Response { vms: Some(self.vms.iter().map(|vm| vm_info(vm, &self.model)).collect()), ..Response::ok() }
+            }
             Request::SetTickRate { vm, hz } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
                 Ok(index) => self.set_tick_rate(index, hz),
@@ -389,10 +403,12 @@ impl Manager {
         let Some(status) = status else {
             if managed.process.is_none() {
                 metrics.vcpus_halted.with_label_values(&[&name]).set(0.0);
-                for source in ["requested", "effective"] {
+                for source in ["requested", "effective", "observed"] {
                     metrics.tick_rate.with_label_values(&[&name, source]).set(0.0);
                 }
                 managed.effective_hz = 0.0;
+                managed.observed_hz = 0.0;
+                managed.observed_sample = None;
                 managed.exits_per_s = 0.0;
             }
             return;
@@ -400,12 +416,26 @@ impl Manager {
         managed.halted_vcpus = status.halted_vcpus;
         let counters = status.counters.clone();
         let now = Instant::now();
+        // Timer interrupts as the host sees them (the observer), else the ticks the guest
+        // counted; per second of busy vCPU time.
+        let timer_interrupts = observed.map_or(counters.guest_ticks.total, |o| o.timer_interrupts);
+        let busy_s: f64 = counters.guest_busy_s.iter().sum();
+        if let Some((interrupts_before, busy_before)) = managed.observed_sample {
+            let busy = busy_s - busy_before;
+            if busy > 0.05 {
+                managed.observed_hz = timer_interrupts.saturating_sub(interrupts_before) as f64 / busy;
+                managed.observed_sample = Some((timer_interrupts, busy_s));
+            }
+        } else {
+            managed.observed_sample = Some((timer_interrupts, busy_s));
+        }
+        metrics.tick_rate.with_label_values(&[&name, "observed"]).set(managed.observed_hz);
         if let Some((then, previous)) = &managed.sample {
             let seconds = now.duration_since(*then).as_secs_f64().max(1e-3);
             let ticking = counters.effective_hz.iter().filter(|&&hz| hz > 0).count().max(1) as f64;
             managed.effective_hz =
                 counters.ticks_injected.saturating_sub(previous.ticks_injected) as f64 / seconds / ticking;
-            let exits = |c: &Counters| c.kvm_stats.get("exits").copied().unwrap_or(0);
+            let exits = |c: &Counters| c.kvm_stats.exits;
             managed.exits_per_s = exits(&counters).saturating_sub(exits(previous)) as f64 / seconds;
         }
         let requested = counters.requested_hz.iter().copied().max().unwrap_or(0);
@@ -419,7 +449,7 @@ impl Manager {
         }
         metrics.feed.feed(&metrics.ticks_injected, &[&name], counters.ticks_injected);
         metrics.feed.feed(&metrics.guest_ticks, &[&name], counters.guest_ticks.total);
-        metrics.feed.feed(&metrics.exits_saved, &[&name], counters.exits_saved_estimate());
+        metrics.feed.feed(&metrics.exits_saved, &[&name], self.model.exits_saved(&counters));
         metrics.vcpus_halted.with_label_values(&[&name]).set(f64::from(status.halted_vcpus));
         match observed {
             Some(observed) => {
@@ -434,14 +464,9 @@ impl Manager {
                 metrics.feed.feed(&metrics.exits, &[&name, reason], *count);
             }
         } else {
-            let total = counters.kvm_stats.get("exits").copied().unwrap_or(0);
-            let mut named = 0;
-            for stat in EXIT_STATS {
-                let count = counters.kvm_stats.get(stat).copied().unwrap_or(0);
-                named += count;
+            for (stat, count) in counters.kvm_stats.by_category() {
                 metrics.feed.feed(&metrics.exits, &[&name, stat], count);
             }
-            metrics.feed.feed(&metrics.exits, &[&name, "other_exits"], total.saturating_sub(named));
         }
         managed.sample = Some((now, counters));
     }
@@ -511,7 +536,7 @@ impl Manager {
     }
 }
 
-fn vm_info(managed: &ManagedVm) -> VmInfo {
+fn vm_info(managed: &ManagedVm, model: &TimerModel) -> VmInfo {
     let counters = managed.sample.as_ref().map(|(_, c)| c);
     VmInfo {
         name: managed.config.name.clone(),
@@ -524,7 +549,9 @@ fn vm_info(managed: &ManagedVm) -> VmInfo {
         requested_hz: counters.and_then(|c| c.requested_hz.iter().copied().max()).unwrap_or(0),
         configured_hz: managed.config.operator_hz,
         effective_hz: managed.effective_hz,
+        observed_hz: managed.observed_hz,
         exits_per_s: managed.exits_per_s,
-        exits_saved: counters.map_or(0, Counters::exits_saved_estimate),
+        exits: counters.map_or(0, |c| c.kvm_stats.exits),
+        exits_saved: counters.map_or(0, |c| model.exits_saved(c)),
     }
 }

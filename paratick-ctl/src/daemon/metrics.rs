@@ -89,7 +89,7 @@ impl Metrics {
             tick_rate: gauge(
                 &registry,
                 "paratick_vm_tick_rate_hertz",
-                "Tick rate: requested by the guest, configured by the operator, effective (injected per ticking vCPU over the last interval).",
+                "Tick rate: requested by the guest, configured by the operator, effective (injected per ticking vCPU over the last interval), observed (timer interrupts per second of busy vCPU time, any mode).",
                 &["vm", "source"],
             ),
             ticks_injected: counter(&registry, "paratick_vm_ticks_injected_total", "Ticks injected into the VM.", &["vm"]),
@@ -108,8 +108,8 @@ impl Metrics {
             ),
             exits_saved: counter(
                 &registry,
-                "paratick_vm_exits_saved_total",
-                "Estimated VM exits avoided versus a tickless guest doing the same work (see README).",
+                "paratick_vm_exits_saved_projected_total",
+                "Projection, not a measurement: VM exits a tickless guest doing the same work would have taken beyond this paratick VM's, by the exits model of this host's backend (calibrated by paratick-ctl bench where it ran, else its defaults; see README).",
                 &["vm"],
             ),
             vcpus_halted: gauge(&registry, "paratick_vm_vcpus_halted", "vCPUs halted in KVM right now.", &["vm"]),

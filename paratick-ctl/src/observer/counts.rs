@@ -73,6 +73,25 @@ impl ProcessCounts {
     pub fn exits(&self) -> u64 {
         self.event(EventKind::KvmExit.tracepoint())
     }
+
+    /// What was counted since `earlier` (a snapshot of the same process).
+    pub fn since(&self, earlier: &ProcessCounts) -> ProcessCounts {
+        fn map_since<K: Ord + Clone>(now: &BTreeMap<K, u64>, earlier: &BTreeMap<K, u64>) -> BTreeMap<K, u64> {
+            now.iter().map(|(k, n)| (k.clone(), n.saturating_sub(earlier.get(k).copied().unwrap_or(0)))).collect()
+        }
+        ProcessCounts {
+            events: map_since(&self.events, &earlier.events),
+            exit_reasons: map_since(&self.exit_reasons, &earlier.exit_reasons),
+            exit_time_ns: self.exit_time_ns.saturating_sub(earlier.exit_time_ns),
+            userspace_exit_reasons: map_since(&self.userspace_exit_reasons, &earlier.userspace_exit_reasons),
+            tick_requests: self.tick_requests.saturating_sub(earlier.tick_requests),
+            tick_requests_by_kind: map_since(&self.tick_requests_by_kind, &earlier.tick_requests_by_kind),
+            timer_interrupts: self.timer_interrupts.saturating_sub(earlier.timer_interrupts),
+            halts: self.halts.saturating_sub(earlier.halts),
+            halted_ns: self.halted_ns.saturating_sub(earlier.halted_ns),
+            vcpu_threads: self.vcpu_threads,
+        }
+    }
 }
 
 /// Name an event is counted under.

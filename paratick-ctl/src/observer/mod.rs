@@ -2,8 +2,11 @@
 //! tracepoint's field layout from the running kernel's format files, attaches to every
 //! KVM tracepoint the kernel has (reporting the ones it lacks), and reads the counts.
 
+mod btf;
 pub mod counts;
 pub mod format;
+pub mod kvm_stats;
+pub mod plot;
 pub mod report;
 
 use std::collections::BTreeMap;
@@ -11,12 +14,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
-use aya::programs::TracePoint;
+use aya::programs::{RawTracePoint, TracePoint};
 use aya::Ebpf;
 use paratick_common::event::{
     EventKey, EventKind, EventStats, ObserverConfig, TracepointLayout, VcpuThread, DROP_REASON_COUNT, FORK_CHILD_PID,
     FORK_LAYOUT_INDEX,
 };
+
+use paratick_common::kvm_counters::{KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, KVM_COUNTERS, KVM_COUNTER_NAMES};
+use paratick_vmm::kvm_stats::KvmExitCounts;
 
 use crate::backend::Backend;
 pub use counts::{per_process, ProcessCounts, Snapshot};
@@ -106,6 +112,8 @@ pub struct Observer {
     ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     tracepoints: BTreeMap<&'static str, TracepointState>,
+    /// Whether KVM's own counters are copied by the raw tracepoint programs, or why not.
+    kvm_counters: Result<(), String>,
     backend: Backend,
     tracefs: PathBuf,
 }
@@ -186,10 +194,20 @@ impl Observer {
                 None
             }
         };
-        let mut observer =
-            Observer { ebpf, logger, tracepoints: BTreeMap::new(), backend: Backend::of_host(), tracefs };
+        let mut observer = Observer {
+            ebpf,
+            logger,
+            tracepoints: BTreeMap::new(),
+            kvm_counters: Err("not attached".into()),
+            backend: Backend::of_host(),
+            tracefs,
+        };
         observer.configure(filter)?;
         observer.attach_all()?;
+        observer.kvm_counters = observer.attach_kvm_counters();
+        if let Err(why) = &observer.kvm_counters {
+            log::warn!("KVM's own exit counters are unavailable: {why}");
+        }
         Ok(observer)
     }
 
@@ -290,6 +308,82 @@ impl Observer {
             .map_err(|e| format!("{e}"))?;
         program.load().map_err(|e| format!("load: {e}"))?;
         program.attach(group, name).map_err(|e| format!("attach: {e}"))?;
+        Ok(())
+    }
+
+    /// Finds KVM's counters in this kernel's `struct kvm_vcpu` and attaches the raw
+    /// tracepoint programs that copy them (see the eBPF crate).
+    fn attach_kvm_counters(&mut self) -> Result<(), String> {
+        let btf = btf::KernelBtf::load(Path::new("/sys/kernel/btf"), &["kvm"])?;
+        let stat = btf.member_offset("kvm_vcpu", "stat")?;
+        let vcpu_id_offset = btf.member_offset("kvm_vcpu", "vcpu_id")?;
+        let descriptors = paratick_vmm::stats::VcpuStats::of_this_kernel()
+            .map_err(|e| format!("cannot read KVM's stats descriptors: {e}"))?;
+        let mut offsets = [0u32; KVM_COUNTERS];
+        for (slot, (name, offset)) in offsets
+            .iter_mut()
+            .zip(KVM_COUNTER_NAMES.iter().zip(descriptors.offsets_in_kvm_vcpu_stat(&KVM_COUNTER_NAMES)))
+        {
+            *slot = stat + offset.ok_or_else(|| format!("this kernel's KVM has no {name} statistic"))?;
+        }
+        let lapic_vcpu_offset = btf.member_offset("kvm_lapic", "vcpu")?;
+        let layout = KvmCounterLayout { ready: 1, vcpu_id_offset, lapic_vcpu_offset, reserved: 0, offsets };
+        let mut map: Array<&mut MapData, KvmCounterLayout> =
+            Array::try_from(self.ebpf.map_mut("KVM_LAYOUT").expect("KVM_LAYOUT map")).map_err(|e| e.to_string())?;
+        map.set(0, layout, 0).map_err(|e| e.to_string())?;
+        for (program, tracepoint) in [
+            ("kvm_counters_emulate_insn", "kvm_emulate_insn"),
+            ("kvm_counters_page_fault", "kvm_page_fault"),
+            ("kvm_counters_eoi", "kvm_eoi"),
+            ("kvm_counters_userspace_exit", "kvm_userspace_exit"),
+            ("kvm_counters_vcpu_wakeup", "kvm_vcpu_wakeup"),
+        ] {
+            let probe: &mut RawTracePoint = self
+                .ebpf
+                .program_mut(program)
+                .ok_or_else(|| format!("program {program} is not in the eBPF object"))?
+                .try_into()
+                .map_err(|e| format!("{e}"))?;
+            probe.load().map_err(|e| format!("{program}: load: {e}"))?;
+            probe.attach(tracepoint).map_err(|e| format!("{program} on {tracepoint}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Whether KVM's own counters are available, or why not.
+    pub fn kvm_counters_state(&self) -> Result<(), &str> {
+        self.kvm_counters.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// KVM's own counters of every vCPU seen, by process and vCPU id, as last copied.
+    pub fn kvm_counters(&self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
+        let map: BpfHashMap<&MapData, KvmVcpuKey, KvmVcpuCounters> =
+            BpfHashMap::try_from(self.ebpf.map("KVM_VCPU_COUNTERS").expect("KVM_VCPU_COUNTERS map"))
+                .map_err(map_err("KVM_VCPU_COUNTERS"))?;
+        let mut out: BTreeMap<u32, BTreeMap<u32, KvmExitCounts>> = BTreeMap::new();
+        for entry in map.iter() {
+            let (key, counters) = entry.map_err(map_err("KVM_VCPU_COUNTERS"))?;
+            let counts = KvmExitCounts::from_named(|name| {
+                KVM_COUNTER_NAMES.iter().position(|n| *n == name).map(|i| counters.values[i])
+            });
+            out.entry(key.tgid).or_default().insert(key.vcpu_id, counts);
+        }
+        Ok(out)
+    }
+
+    /// Forgets the KVM counters of processes that are gone (so the map never fills
+    /// with the dead on a host with VM churn).
+    pub fn forget_kvm_counters(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError> {
+        let mut map: BpfHashMap<&mut MapData, KvmVcpuKey, KvmVcpuCounters> =
+            BpfHashMap::try_from(self.ebpf.map_mut("KVM_VCPU_COUNTERS").expect("KVM_VCPU_COUNTERS map"))
+                .map_err(map_err("KVM_VCPU_COUNTERS"))?;
+        let dead: Vec<KvmVcpuKey> = map.keys().filter_map(Result::ok).filter(|key| gone(key.tgid)).collect();
+        for key in dead {
+            match map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(ObserverError::Map { name: "KVM_VCPU_COUNTERS", source: e }),
+            }
+        }
         Ok(())
     }
 

@@ -7,7 +7,52 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::counts::ProcessCounts;
+use super::kvm_stats::KvmStatsReport;
+use crate::model::TimerModel;
 use crate::procfs::ProcessInfo;
+
+/// How much of a VM's exit load is timekeeping, and what paratick would save of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimerReport {
+    /// Timer interrupts delivered (eBPF: `kvm_apic_accept_irq` of the timer vector).
+    pub timer_interrupts: u64,
+    /// Timer programming: TSC-deadline MSR and LAPIC timer writes (eBPF).
+    pub timer_writes: u64,
+    /// Halts (eBPF): the idle transitions.
+    pub halts: u64,
+    /// vCPU seconds not halted in the window.
+    pub busy_s: f64,
+    /// The guest's tick rate as the host sees it: timer interrupts per busy vCPU second.
+    pub observed_tick_hz: f64,
+    /// Exits attributable to timekeeping, by the exits model of this host from the timer
+    /// interrupts and writes above (at most `exits`).
+    pub timer_exits: u64,
+    /// `timer_exits` over KVM's count of all exits; absent without KVM's counts.
+    pub timer_exit_share: Option<f64>,
+    /// Exits paratick would save for the same work: a projection by the model.
+    pub projected_exits_saved: u64,
+}
+
+impl TimerReport {
+    /// The report of a VM that counted `counts` (eBPF) and `exits` (KVM, if known) over
+    /// `busy_s` vCPU seconds.
+    pub fn new(counts: &ProcessCounts, exits: Option<u64>, busy_s: f64, model: &TimerModel) -> TimerReport {
+        let timer_writes = counts.tick_requests_by_kind.get("tsc_deadline").copied().unwrap_or(0)
+            + counts.tick_requests_by_kind.get("lapic").copied().unwrap_or(0);
+        let modelled = model.timer_exits(counts.timer_interrupts, timer_writes).round() as u64;
+        let timer_exits = exits.map_or(modelled, |exits| modelled.min(exits));
+        TimerReport {
+            timer_interrupts: counts.timer_interrupts,
+            timer_writes,
+            halts: counts.halts,
+            busy_s,
+            observed_tick_hz: if busy_s > 0.0 { counts.timer_interrupts as f64 / busy_s } else { 0.0 },
+            timer_exits,
+            timer_exit_share: exits.filter(|&e| e > 0).map(|e| timer_exits as f64 / e as f64),
+            projected_exits_saved: model.projected_exits_saved(timer_exits as f64).round() as u64,
+        }
+    }
+}
 
 /// One VM process in the final report.
 #[derive(Debug, Clone, Serialize)]
@@ -23,6 +68,10 @@ pub struct VmReport {
     /// The counts.
     #[serde(flatten)]
     pub counts: ProcessCounts,
+    /// KVM's own exit counts over the window (debugfs, stats files).
+    pub kvm_stats: Option<KvmStatsReport>,
+    /// The timer-overhead report.
+    pub timer: Option<TimerReport>,
 }
 
 impl VmReport {
@@ -35,6 +84,8 @@ impl VmReport {
             cmdline: info.map(|i| i.cmdline.clone()).unwrap_or_default(),
             vcpus,
             counts,
+            kvm_stats: None,
+            timer: None,
         }
     }
 }
@@ -66,6 +117,11 @@ pub struct ObserveReport {
     /// The watched command, with `-- COMMAND`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<CommandReport>,
+    /// The exits model the timer reports use.
+    pub timer_model: TimerModel,
+    /// Why a calibrated model could not be used, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer_model_problem: Option<String>,
     /// One entry per VM process, by pid.
     pub vms: Vec<VmReport>,
 }
@@ -89,6 +145,10 @@ pub struct Row {
     pub timer_interrupts_per_s: f64,
     /// Userspace exits per second.
     pub userspace_exits_per_s: f64,
+    /// KVM's count of exits per second (debugfs), where known.
+    pub kvm_exits_per_s: Option<f64>,
+    /// Timer exits (by the model) over KVM's exits in the interval, where known.
+    pub timer_exit_share: Option<f64>,
 }
 
 /// How many exit reasons a row lists.
@@ -126,8 +186,54 @@ impl Row {
             tick_requests_per_s: rate(now.tick_requests, before.tick_requests),
             timer_interrupts_per_s: rate(now.timer_interrupts, before.timer_interrupts),
             userspace_exits_per_s: rate(now.event(userspace), before.event(userspace)),
+            kvm_exits_per_s: None,
+            timer_exit_share: None,
         }
     }
+
+    /// Adds KVM's exits of the interval, and the share of them the model puts on the
+    /// timer.
+    pub fn with_kvm_exits(mut self, exits: u64, seconds: f64, timer: &TimerReport) -> Row {
+        // (the timer report is of the same interval)
+        self.kvm_exits_per_s = Some(exits as f64 / seconds);
+        self.timer_exit_share = (exits > 0).then(|| timer.timer_exits.min(exits) as f64 / exits as f64);
+        self
+    }
+}
+
+/// The timer-overhead report of every VM, as text (`observe --report`).
+pub fn render_timer_reports(vms: &[VmReport], model: &TimerModel) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "timer overhead (exits model: {} {}, {:.2} exits per timer interrupt, {:.2} per timer write; {:.0}% of timer exits removed by paratick)",
+        model.backend,
+        model.source,
+        model.exits_per_timer_interrupt,
+        model.exits_per_timer_write,
+        model.paratick_removed_fraction * 100.0
+    );
+    for vm in vms {
+        let Some(timer) = &vm.timer else { continue };
+        let exits = vm.kvm_stats.as_ref().map_or_else(|| "n/a".to_string(), |k| k.total.exits.to_string());
+        let share = timer.timer_exit_share.map_or_else(|| "n/a".to_string(), |s| format!("{:.1}%", s * 100.0));
+        let _ = writeln!(
+            out,
+            "  pid {} {} ({} vCPU): {exits} exits; timer {} exits ({share}): {} interrupts, {} writes, {} halts; \
+             tick rate {:.0} Hz while busy ({:.1} vCPU s); paratick would save about {} exits (projection)",
+            vm.pid,
+            vm.name,
+            vm.vcpus,
+            timer.timer_exits,
+            timer.timer_interrupts,
+            timer.timer_writes,
+            timer.halts,
+            timer.observed_tick_hz,
+            timer.busy_s,
+            timer.projected_exits_saved
+        );
+    }
+    out
 }
 
 /// Renders the live table.
@@ -135,11 +241,13 @@ pub fn render_table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>8} {:<16} {:>5} {:>10} {:>11} {:>11} {:>11}  TOP EXIT REASONS (/s)",
-        "PID", "NAME", "VCPUS", "EXITS/s", "TICKREQ/s", "TIMERIRQ/s", "USEREXIT/s"
+        "{:>8} {:<16} {:>5} {:>10} {:>7} {:>11} {:>11} {:>11}  TOP EXIT REASONS (/s)",
+        "PID", "NAME", "VCPUS", "EXITS/s", "TIMER%", "TICKREQ/s", "TIMERIRQ/s", "USEREXIT/s"
     );
     for row in rows {
-        let exits = row.exits_per_s.map_or_else(|| "n/a".to_string(), |r| format!("{r:.0}"));
+        // KVM's count where known (every VMM, on every backend), else kvm_exit's.
+        let exits = row.kvm_exits_per_s.or(row.exits_per_s).map_or_else(|| "n/a".to_string(), |r| format!("{r:.0}"));
+        let share = row.timer_exit_share.map_or_else(|| "n/a".to_string(), |s| format!("{:.1}", s * 100.0));
         let reasons = if row.exits_per_s.is_none() {
             "(kvm_exit does not fire on this host)".to_string()
         } else {
@@ -147,11 +255,12 @@ pub fn render_table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>8} {:<16} {:>5} {:>10} {:>11.0} {:>11.0} {:>11.0}  {}",
+            "{:>8} {:<16} {:>5} {:>10} {:>7} {:>11.0} {:>11.0} {:>11.0}  {}",
             row.pid,
             row.name,
             row.vcpus,
             exits,
+            share,
             row.tick_requests_per_s,
             row.timer_interrupts_per_s,
             row.userspace_exits_per_s,

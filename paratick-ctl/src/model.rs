@@ -1,0 +1,255 @@
+//! The one exits model: what a VM's timekeeping costs in KVM exits on this host's
+//! backend, and what paratick saves. `observe` uses it for any VM's timer report, the
+//! daemon for its VMs' exits saved, the bench calibrates it.
+//!
+//! A guest's timekeeping costs exits through its timer interrupts (the expiry makes the
+//! vCPU leave guest mode; on PVM the injection costs a second exit) and through its
+//! timer programming (a TSC-deadline MSR or LAPIC register write: an MSR_WRITE or APIC
+//! exit on VMX/SVM; on PVM the write costs no exit of its own). A tick paratick injects
+//! into a running vCPU costs the kick (none with posted interrupts, VMX with APICv),
+//! unless it rode on an exit that happened anyway.
+//!
+//! The coefficients are per backend. On the host where `paratick-ctl bench` ran they are
+//! calibrated from its measurements (no-timer floor, tickless and paratick runs of the
+//! same work) and stored in [`DEFAULT_MODEL_FILE`]; elsewhere they are the built-in
+//! defaults, named as such in every report.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Where `bench` stores the calibrated model, and `observe` and the daemon read it.
+pub const DEFAULT_MODEL_FILE: &str = "/var/lib/paratick/timer-model.json";
+
+/// The backend the model is for: [`crate::backend::Backend`], with VMX split by
+/// whether APICv (posted interrupts) is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelBackend {
+    /// PVM: guest CPL0 code emulated, no hardware virtualization.
+    Pvm,
+    /// VMX without APICv.
+    Vmx,
+    /// VMX with APICv.
+    VmxApicv,
+    /// SVM.
+    Svm,
+    /// Unknown: the VMX figures, as the most common.
+    Unknown,
+}
+
+impl ModelBackend {
+    /// Name in reports and model files.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelBackend::Pvm => "pvm",
+            ModelBackend::Vmx => "vmx",
+            ModelBackend::VmxApicv => "vmx-apicv",
+            ModelBackend::Svm => "svm",
+            ModelBackend::Unknown => "unknown",
+        }
+    }
+
+    /// This host's.
+    pub fn of_host() -> ModelBackend {
+        use crate::backend::Backend;
+        match Backend::of_host() {
+            Backend::Pvm => ModelBackend::Pvm,
+            Backend::Svm => ModelBackend::Svm,
+            Backend::Vmx => {
+                let apicv = std::fs::read_to_string("/sys/module/kvm_intel/parameters/enable_apicv")
+                    .is_ok_and(|v| v.trim() == "Y" || v.trim() == "1");
+                if apicv {
+                    ModelBackend::VmxApicv
+                } else {
+                    ModelBackend::Vmx
+                }
+            }
+            Backend::Unknown => ModelBackend::Unknown,
+        }
+    }
+}
+
+/// The exits model's coefficients, for one backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimerModel {
+    /// `pvm`, `vmx`, `vmx-apicv`, `svm` or `unknown`.
+    pub backend: String,
+    /// KVM exits per guest timer interrupt.
+    pub exits_per_timer_interrupt: f64,
+    /// KVM exits per guest timer programming (TSC-deadline or LAPIC timer write).
+    pub exits_per_timer_write: f64,
+    /// KVM exits per tick paratick injects into a running vCPU (not ridden).
+    pub exits_per_injected_tick: f64,
+    /// Fraction of a tickless guest's timer exits that paratick removes for the same
+    /// work (the projection for VMs that do not run paratick).
+    pub paratick_removed_fraction: f64,
+    /// Where the figures come from: `default` or `calibrated`.
+    pub source: String,
+    /// How they were obtained.
+    pub note: String,
+}
+
+impl TimerModel {
+    /// The built-in coefficients of a backend.
+    pub fn default_for(backend: ModelBackend) -> TimerModel {
+        // (interrupt, write, injected tick, removed fraction, how known)
+        let (interrupt, write, injected, removed, note) = match backend {
+            ModelBackend::Pvm => (
+                2.0,
+                0.0,
+                2.0,
+                0.97,
+                "measured on PVM hosts by paratick-ctl bench (docs/evaluation.md): 1.96 timer-induced exits per \
+                 tickless tick, 2.0 per injected tick, 94-100% of a tickless guest's timer exits removed",
+            ),
+            ModelBackend::Vmx | ModelBackend::Unknown => (
+                1.0,
+                1.0,
+                1.0,
+                0.9,
+                "not measured here: one exit per expiry (EXTERNAL_INTERRUPT or PREEMPTION_TIMER), one per \
+                 TSC-deadline write (MSR_WRITE), one per kick",
+            ),
+            ModelBackend::VmxApicv => (
+                1.0,
+                1.0,
+                0.0,
+                0.95,
+                "not measured here: as VMX, but an injected tick is a posted interrupt, with no exit",
+            ),
+            ModelBackend::Svm => (
+                1.0,
+                1.0,
+                1.0,
+                0.9,
+                "not measured here: one exit per expiry (INTR), one per TSC-deadline write (MSR), one per kick",
+            ),
+        };
+        TimerModel {
+            backend: backend.name().into(),
+            exits_per_timer_interrupt: interrupt,
+            exits_per_timer_write: write,
+            exits_per_injected_tick: injected,
+            paratick_removed_fraction: removed,
+            source: "default".into(),
+            note: note.into(),
+        }
+    }
+
+    /// The model of `backend`: the calibrated one in `file` if there is one for this
+    /// backend, else the default. A file that cannot be used is reported, not fatal.
+    pub fn load(file: &Path, backend: ModelBackend) -> (TimerModel, Option<String>) {
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (TimerModel::default_for(backend), None),
+            Err(e) => {
+                let why = format!("cannot read {}: {e}; using the default model", file.display());
+                return (TimerModel::default_for(backend), Some(why));
+            }
+        };
+        match serde_json::from_str::<TimerModel>(&text).map_err(|e| e.to_string()).and_then(TimerModel::checked) {
+            Ok(model) if model.backend == backend.name() => (model, None),
+            Ok(model) => {
+                let why = format!(
+                    "{} was calibrated on a {} host, this one is {}; using the default model",
+                    file.display(),
+                    model.backend,
+                    backend.name()
+                );
+                (TimerModel::default_for(backend), Some(why))
+            }
+            Err(e) => {
+                let why = format!("{} is not a timer model ({e}); using the default model", file.display());
+                (TimerModel::default_for(backend), Some(why))
+            }
+        }
+    }
+
+    /// The model if its coefficients make sense.
+    pub fn checked(self) -> Result<TimerModel, String> {
+        let coefficients = [self.exits_per_timer_interrupt, self.exits_per_timer_write, self.exits_per_injected_tick];
+        if coefficients.iter().any(|c| !c.is_finite() || !(0.0..=10.0).contains(c)) {
+            return Err("exits per event must be 0 to 10".into());
+        }
+        if !(0.0..=1.0).contains(&self.paratick_removed_fraction) {
+            return Err("paratick_removed_fraction must be 0 to 1".into());
+        }
+        Ok(self)
+    }
+
+    /// Exits a guest's timekeeping cost: its timer interrupts and timer programming.
+    pub fn timer_exits(&self, timer_interrupts: u64, timer_writes: u64) -> f64 {
+        timer_interrupts as f64 * self.exits_per_timer_interrupt + timer_writes as f64 * self.exits_per_timer_write
+    }
+
+    /// Exits paratick would save a guest whose timekeeping cost `timer_exits`, for the
+    /// same work (a projection).
+    pub fn projected_exits_saved(&self, timer_exits: f64) -> f64 {
+        timer_exits * self.paratick_removed_fraction
+    }
+
+    /// Exits a paratick guest saved against a tickless guest doing the same work: the
+    /// tickless guest would take `busy_ticks` (a tick per period while busy, each
+    /// interrupt and re-arm) and re-program its timer twice per idle period (stop on
+    /// idle, re-arm on wake-up); paratick paid `kicks` injected ticks instead.
+    pub fn paratick_exits_saved(&self, busy_ticks: f64, idle_periods: u64, kicks: u64) -> f64 {
+        let tickless = busy_ticks * (self.exits_per_timer_interrupt + self.exits_per_timer_write)
+            + 2.0 * idle_periods as f64 * self.exits_per_timer_write;
+        tickless - kicks as f64 * self.exits_per_injected_tick
+    }
+}
+
+impl TimerModel {
+    /// Exits one of our paratick VMs saved so far, from its counters (0 for a guest
+    /// that never asked the host for ticks: periodic and tickless guests).
+    pub fn exits_saved(&self, counters: &paratick_vmm::Counters) -> u64 {
+        if counters.tick_requests == 0 {
+            return 0;
+        }
+        self.paratick_exits_saved(counters.busy_ticks(), counters.kvm_stats.halt_exits, counters.kicks()).max(0.0)
+            as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_counts_what_each_backend_charges() {
+        let pvm = TimerModel::default_for(ModelBackend::Pvm);
+        assert_eq!(pvm.timer_exits(100, 100), 200.0, "PVM: the write costs no exit of its own");
+        let vmx = TimerModel::default_for(ModelBackend::Vmx);
+        assert_eq!(vmx.timer_exits(100, 100), 200.0, "VMX: an expiry and a write per tick");
+        assert_eq!(vmx.paratick_exits_saved(1000.0, 10, 100), 2000.0 + 20.0 - 100.0);
+        assert_eq!(pvm.paratick_exits_saved(1000.0, 10, 100), 2000.0 - 200.0);
+        let apicv = TimerModel::default_for(ModelBackend::VmxApicv);
+        assert_eq!(apicv.paratick_exits_saved(1000.0, 0, 100), 2000.0, "posted interrupts: kicks are free");
+        assert_eq!(pvm.projected_exits_saved(1000.0), 970.0);
+    }
+
+    #[test]
+    fn a_calibrated_file_is_used_only_for_its_backend_and_only_when_sane() {
+        let dir = std::env::temp_dir().join(format!("paratick-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("model.json");
+        assert_eq!(TimerModel::load(&file, ModelBackend::Pvm), (TimerModel::default_for(ModelBackend::Pvm), None));
+        let calibrated = TimerModel {
+            exits_per_timer_interrupt: 1.9,
+            source: "calibrated".into(),
+            ..TimerModel::default_for(ModelBackend::Pvm)
+        };
+        std::fs::write(&file, serde_json::to_string(&calibrated).unwrap()).unwrap();
+        assert_eq!(TimerModel::load(&file, ModelBackend::Pvm), (calibrated.clone(), None));
+        let (model, why) = TimerModel::load(&file, ModelBackend::Svm);
+        assert_eq!(model.source, "default");
+        assert!(why.unwrap().contains("calibrated on a pvm host, this one is svm"));
+        let insane = TimerModel { paratick_removed_fraction: 3.0, ..calibrated };
+        std::fs::write(&file, serde_json::to_string(&insane).unwrap()).unwrap();
+        assert!(TimerModel::load(&file, ModelBackend::Pvm).1.unwrap().contains("must be 0 to 1"));
+        std::fs::write(&file, "{").unwrap();
+        assert!(TimerModel::load(&file, ModelBackend::Pvm).1.unwrap().contains("is not a timer model"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
