@@ -81,6 +81,13 @@ pub struct TimerModel {
     pub exits_per_timer_write: f64,
     /// KVM exits per tick paratick injects into a running vCPU (not ridden).
     pub exits_per_injected_tick: f64,
+    /// Guest time a tick costs a vCPU (its handler and exits; long on PVM, where the
+    /// guest's CPL0 code is emulated): a tickless guest needs that much longer for the
+    /// same work, and takes the host's own exits meanwhile.
+    pub guest_seconds_per_tick: f64,
+    /// Exits a busy vCPU takes per second without any guest timer (the host's tick and
+    /// other housekeeping: the no-timer floor).
+    pub floor_exits_per_s: f64,
     /// Fraction of a tickless guest's timer exits that paratick removes for the same
     /// work (the projection for VMs that do not run paratick).
     pub paratick_removed_fraction: f64,
@@ -93,20 +100,25 @@ pub struct TimerModel {
 impl TimerModel {
     /// The built-in coefficients of a backend.
     pub fn default_for(backend: ModelBackend) -> TimerModel {
-        // (interrupt, write, injected tick, removed fraction, how known)
-        let (interrupt, write, injected, removed, note) = match backend {
+        // (interrupt, write, injected tick, seconds per tick, floor, removed fraction, how known)
+        let (interrupt, write, injected, per_tick, floor, removed, note) = match backend {
             ModelBackend::Pvm => (
                 2.0,
                 0.0,
                 2.0,
+                275e-6,
+                330.0,
                 0.97,
-                "measured on PVM hosts by paratick-ctl bench (docs/evaluation.md): 1.96 timer-induced exits per \
-                 tickless tick, 2.0 per injected tick, 94-100% of a tickless guest's timer exits removed",
+                "measured on PVM hosts (HZ=250) with the paratick guest, same work with and without a timer \
+                 (docs/evaluation.md): 2 exits per tick (expiry, injection), 275 us of guest time per tick, \
+                 330 floor exits/s per busy vCPU, 94-100% of a tickless guest's timer exits removed",
             ),
             ModelBackend::Vmx | ModelBackend::Unknown => (
                 1.0,
                 1.0,
                 1.0,
+                5e-6,
+                250.0,
                 0.9,
                 "not measured here: one exit per expiry (EXTERNAL_INTERRUPT or PREEMPTION_TIMER), one per \
                  TSC-deadline write (MSR_WRITE), one per kick",
@@ -115,6 +127,8 @@ impl TimerModel {
                 1.0,
                 1.0,
                 0.0,
+                5e-6,
+                250.0,
                 0.95,
                 "not measured here: as VMX, but an injected tick is a posted interrupt, with no exit",
             ),
@@ -122,6 +136,8 @@ impl TimerModel {
                 1.0,
                 1.0,
                 1.0,
+                5e-6,
+                250.0,
                 0.9,
                 "not measured here: one exit per expiry (INTR), one per TSC-deadline write (MSR), one per kick",
             ),
@@ -131,6 +147,8 @@ impl TimerModel {
             exits_per_timer_interrupt: interrupt,
             exits_per_timer_write: write,
             exits_per_injected_tick: injected,
+            guest_seconds_per_tick: per_tick,
+            floor_exits_per_s: floor,
             paratick_removed_fraction: removed,
             source: "default".into(),
             note: note.into(),
@@ -172,15 +190,25 @@ impl TimerModel {
         if coefficients.iter().any(|c| !c.is_finite() || !(0.0..=10.0).contains(c)) {
             return Err("exits per event must be 0 to 10".into());
         }
+        if !(0.0..=0.01).contains(&self.guest_seconds_per_tick) || !(0.0..=100_000.0).contains(&self.floor_exits_per_s)
+        {
+            return Err("guest_seconds_per_tick must be 0 to 0.01, floor_exits_per_s 0 to 100000".into());
+        }
         if !(0.0..=1.0).contains(&self.paratick_removed_fraction) {
             return Err("paratick_removed_fraction must be 0 to 1".into());
         }
         Ok(self)
     }
 
+    /// Exits one timer interrupt costs all told: its own, and the host's floor exits
+    /// during the guest time it takes.
+    fn exits_per_tick(&self) -> f64 {
+        self.exits_per_timer_interrupt + self.floor_exits_per_s * self.guest_seconds_per_tick
+    }
+
     /// Exits a guest's timekeeping cost: its timer interrupts and timer programming.
     pub fn timer_exits(&self, timer_interrupts: u64, timer_writes: u64) -> f64 {
-        timer_interrupts as f64 * self.exits_per_timer_interrupt + timer_writes as f64 * self.exits_per_timer_write
+        timer_interrupts as f64 * self.exits_per_tick() + timer_writes as f64 * self.exits_per_timer_write
     }
 
     /// Exits paratick would save a guest whose timekeeping cost `timer_exits`, for the
@@ -189,12 +217,21 @@ impl TimerModel {
         timer_exits * self.paratick_removed_fraction
     }
 
-    /// Exits a paratick guest saved against a tickless guest doing the same work: the
-    /// tickless guest would take `busy_ticks` (a tick per period while busy, each
-    /// interrupt and re-arm) and re-program its timer twice per idle period (stop on
-    /// idle, re-arm on wake-up); paratick paid `kicks` injected ticks instead.
-    pub fn paratick_exits_saved(&self, busy_ticks: f64, idle_periods: u64, kicks: u64) -> f64 {
-        let tickless = busy_ticks * (self.exits_per_timer_interrupt + self.exits_per_timer_write)
+    /// Exits a paratick guest saved against a tickless guest doing the same work. Each
+    /// vCPU was busy `busy_s` seconds with a scheduler rate of `hz`: a tickless guest
+    /// would have taken a tick per period, over that time and the time its ticks take
+    /// (`busy_s / (1 − hz × seconds per tick)`), each an interrupt and a re-arm, and
+    /// re-programmed its timer twice per idle period (stop on idle, re-arm on wake-up);
+    /// paratick paid `kicks` injected ticks instead.
+    pub fn paratick_exits_saved(&self, busy: &[(f64, u32)], idle_periods: u64, kicks: u64) -> f64 {
+        let tickless_ticks: f64 = busy
+            .iter()
+            .map(|&(busy_s, hz)| {
+                let hz = f64::from(hz);
+                busy_s * hz / (1.0 - hz * self.guest_seconds_per_tick).max(0.2)
+            })
+            .sum();
+        let tickless = tickless_ticks * (self.exits_per_tick() + self.exits_per_timer_write)
             + 2.0 * idle_periods as f64 * self.exits_per_timer_write;
         tickless - kicks as f64 * self.exits_per_injected_tick
     }
@@ -207,8 +244,9 @@ impl TimerModel {
         if counters.tick_requests == 0 {
             return 0;
         }
-        self.paratick_exits_saved(counters.busy_ticks(), counters.kvm_stats.halt_exits, counters.kicks()).max(0.0)
-            as u64
+        let busy: Vec<(f64, u32)> =
+            counters.guest_busy_s.iter().copied().zip(counters.effective_hz.iter().copied()).collect();
+        self.paratick_exits_saved(&busy, counters.kvm_stats.halt_exits, counters.kicks()).max(0.0) as u64
     }
 }
 
@@ -218,15 +256,27 @@ mod tests {
 
     #[test]
     fn the_model_counts_what_each_backend_charges() {
-        let pvm = TimerModel::default_for(ModelBackend::Pvm);
+        let bare = |backend| TimerModel {
+            guest_seconds_per_tick: 0.0,
+            floor_exits_per_s: 0.0,
+            ..TimerModel::default_for(backend)
+        };
+        let pvm = bare(ModelBackend::Pvm);
         assert_eq!(pvm.timer_exits(100, 100), 200.0, "PVM: the write costs no exit of its own");
-        let vmx = TimerModel::default_for(ModelBackend::Vmx);
+        let vmx = bare(ModelBackend::Vmx);
         assert_eq!(vmx.timer_exits(100, 100), 200.0, "VMX: an expiry and a write per tick");
-        assert_eq!(vmx.paratick_exits_saved(1000.0, 10, 100), 2000.0 + 20.0 - 100.0);
-        assert_eq!(pvm.paratick_exits_saved(1000.0, 10, 100), 2000.0 - 200.0);
-        let apicv = TimerModel::default_for(ModelBackend::VmxApicv);
-        assert_eq!(apicv.paratick_exits_saved(1000.0, 0, 100), 2000.0, "posted interrupts: kicks are free");
+        // 4 s busy at 250 Hz: 1000 ticks.
+        assert_eq!(vmx.paratick_exits_saved(&[(4.0, 250)], 10, 100), 2000.0 + 20.0 - 100.0);
+        assert_eq!(pvm.paratick_exits_saved(&[(2.0, 250), (2.0, 250)], 10, 100), 2000.0 - 200.0);
+        let apicv = bare(ModelBackend::VmxApicv);
+        assert_eq!(apicv.paratick_exits_saved(&[(4.0, 250)], 0, 100), 2000.0, "posted interrupts: kicks are free");
         assert_eq!(pvm.projected_exits_saved(1000.0), 970.0);
+        // The time ticks take: 1 ms each at 250 Hz is a quarter of the time, so a tickless
+        // guest needs 4/3 as long (and as many ticks), each with 0.1 floor exits besides.
+        let slow = TimerModel { guest_seconds_per_tick: 1e-3, floor_exits_per_s: 100.0, ..pvm };
+        let saved = slow.paratick_exits_saved(&[(3.0, 250)], 0, 0);
+        assert!((saved - 1000.0 * 2.1).abs() < 1e-6, "{saved}");
+        assert!((slow.timer_exits(10, 0) - 21.0).abs() < 1e-9);
     }
 
     #[test]

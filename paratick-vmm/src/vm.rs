@@ -87,13 +87,6 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Ticks a tickless guest would have taken while this VM's vCPUs were busy: a tick
-    /// per period of the rate in force (what the exits model charges paratick's savings
-    /// against).
-    pub fn busy_ticks(&self) -> f64 {
-        self.guest_busy_s.iter().zip(&self.effective_hz).map(|(busy, hz)| busy * *hz as f64).sum()
-    }
-
     /// Ticks injected into a running vCPU that did not ride on another exit: each cost a
     /// kick.
     pub fn kicks(&self) -> u64 {
@@ -617,7 +610,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn busy_ticks_follow_each_vcpus_rate_and_kicks_leave_out_ridden_ticks() {
+    fn kicks_leave_out_ridden_ticks() {
         let counters = Counters {
             guest_busy_s: vec![1.5, 0.5],
             effective_hz: vec![250, 100],
@@ -625,7 +618,6 @@ mod tests {
             ticks_ridden: 50,
             ..Counters::default()
         };
-        assert_eq!(counters.busy_ticks(), 1.5 * 250.0 + 0.5 * 100.0);
         assert_eq!(counters.kicks(), 450);
     }
 }

@@ -23,8 +23,21 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 }
 
 /// Runs `command` under `perf stat -e <events> -x,` and returns the count of each
-/// event, plus the command's stdout.
+/// event, plus the command's stdout; the command must succeed.
 pub fn perf_stat(events: &[&str], command: &[&str]) -> Result<(BTreeMap<String, u64>, String)> {
+    let (counts, stdout, status) = perf_stat_status(events, command)?;
+    if !status.success() {
+        bail!("perf stat {command:?} failed: {status}");
+    }
+    Ok((counts, stdout))
+}
+
+/// Like [`perf_stat`], for a command whose exit status is the caller's to judge (QEMU
+/// with isa-debug-exit exits 1 when its test passed).
+pub fn perf_stat_status(
+    events: &[&str],
+    command: &[&str],
+) -> Result<(BTreeMap<String, u64>, String, std::process::ExitStatus)> {
     let output_file = std::env::temp_dir().join(format!("paratick-perf-{}-{}", std::process::id(), unique()));
     let output = Command::new("perf")
         .args(["stat", "-x", ",", "-o"])
@@ -35,12 +48,10 @@ pub fn perf_stat(events: &[&str], command: &[&str]) -> Result<(BTreeMap<String, 
         .args(command)
         .output()
         .context("run perf stat (is linux-perf installed? run `cargo xtask setup`)")?;
-    let report = std::fs::read_to_string(&output_file).context("read perf stat output")?;
+    let report = std::fs::read_to_string(&output_file)
+        .with_context(|| format!("read perf stat output: {}", String::from_utf8_lossy(&output.stderr)))?;
     let _ = std::fs::remove_file(&output_file);
-    if !output.status.success() {
-        bail!("perf stat {command:?} failed: {}\n{report}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok((parse_perf_csv(&report)?, String::from_utf8_lossy(&output.stdout).into_owned()))
+    Ok((parse_perf_csv(&report)?, String::from_utf8_lossy(&output.stdout).into_owned(), output.status))
 }
 
 /// Parses `perf stat -x,` lines: `count,unit,event,...`.

@@ -4,11 +4,11 @@
 //! counts the tracepoint for the whole process tree of the command it wraps.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use paratick_tests::{perf_stat, single_error_line, workspace_binary};
+use paratick_tests::{perf_stat, perf_stat_status, single_error_line, workspace_binary};
 use serde_json::Value;
 
 fn ctl() -> PathBuf {
@@ -239,4 +239,122 @@ fn a_failing_command_passes_its_exit_code_through() {
     assert_eq!(output.status.code(), Some(1));
     let report = read_report(&report_file);
     assert_eq!(report["command"]["exit_code"], 1);
+}
+
+/// A kvm-unit-tests kernel (prebuilt, unmodified upstream: nobody here wrote it).
+fn kvm_unit_test(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/third-party/kvm-unit-tests").join(name);
+    assert!(path.exists(), "{} is missing (see ../shared/third-party/kvm-unit-tests/README.md)", path.display());
+    path
+}
+
+/// Debian's QEMU on KVM running a kvm-unit-tests kernel. (ARCH_CAPABILITIES is off: this
+/// PVM host refuses QEMU's write of that MSR.)
+fn qemu_args(kernel: &Path, append: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "qemu-system-x86_64",
+        "-enable-kvm",
+        "-cpu",
+        "host,+x2apic,+tsc-deadline,-arch-capabilities",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-display",
+        "none",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x4",
+        "-kernel",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(kernel.to_str().unwrap().into());
+    args.extend(["-append".into(), append.into()]);
+    args
+}
+
+/// A third-party VMM and guest: the observer's event counts equal perf's for the same
+/// run, KVM's own exit counts are there (per vCPU, adding up), and the timer report is
+/// consistent with them and with what the test does (200 TSC-deadline expiries).
+#[test]
+fn a_qemu_guest_is_counted_exactly_and_its_timer_overhead_reported() {
+    let report_file = report_path("qemu");
+    let svg_dir = std::env::temp_dir().join(format!("paratick-observe-svg-{}", std::process::id()));
+    let ctl = ctl();
+    let qemu = qemu_args(&kvm_unit_test("tscdeadline_latency.flat"), "20000000 200");
+    let mut command = vec![ctl.to_str().unwrap(), "observe", "--json", "--report", "--output"];
+    command.extend([report_file.to_str().unwrap(), "--svg", svg_dir.to_str().unwrap(), "--"]);
+    command.extend(qemu.iter().map(String::as_str));
+    let events = ["kvm:kvm_msr", "kvm:kvm_apic_accept_irq", "kvm:kvm_vcpu_wakeup", "kvm:kvm_userspace_exit"];
+    let (perf, stdout, status) = perf_stat_status(&events, &command).expect("perf stat over observe over QEMU");
+    // QEMU exits 1 when the test passed (isa-debug-exit), and observe passes that on.
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    let report = read_report(&report_file);
+    let vm = vm_named(&report, "qemu-system-x86");
+    let counted = &vm["events"];
+    let msr = counted["kvm_msr_write"].as_u64().unwrap_or(0) + counted["kvm_msr_read"].as_u64().unwrap_or(0);
+    assert_eq!(msr, perf["kvm:kvm_msr"]);
+    assert_eq!(counted["kvm_apic_accept_irq"], perf["kvm:kvm_apic_accept_irq"]);
+    assert_eq!(counted["kvm_vcpu_wakeup"], perf["kvm:kvm_vcpu_wakeup"]);
+    assert_eq!(counted["kvm_userspace_exit"], perf["kvm:kvm_userspace_exit"]);
+    assert_eq!(report["command"]["exit_code"], 1, "{}", report["command"]);
+
+    let kvm = &vm["kvm_stats"];
+    let exits = kvm["exits"].as_u64().expect("KVM's exit count");
+    assert!(exits > 0, "{kvm}");
+    let vcpus = kvm["vcpus"].as_object().unwrap();
+    assert_eq!(vcpus.len(), 1, "{kvm}");
+    assert_eq!(vcpus["0"]["exits"], exits, "the vCPUs add up to the VM");
+    assert!(kvm["halt_exits"].as_u64().unwrap() >= 200, "200 halts to wait for the expiries: {kvm}");
+
+    let timer = &vm["timer"];
+    assert!(timer["timer_interrupts"].as_u64().unwrap() >= 200, "{timer}");
+    assert!(timer["timer_writes"].as_u64().unwrap() >= 200, "{timer}");
+    let timer_exits = timer["timer_exits"].as_u64().unwrap();
+    assert!(timer_exits > 0 && timer_exits <= exits, "{timer}");
+    let share = timer["timer_exit_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share <= 1.0, "{timer}");
+    assert!((share - timer_exits as f64 / exits as f64).abs() < 1e-9);
+    assert!(timer["observed_tick_hz"].as_f64().unwrap() > 0.0, "{timer}");
+    let saved = timer["projected_exits_saved"].as_u64().unwrap();
+    assert!(saved > 0 && saved <= timer_exits, "{timer}");
+    assert!(report["timer_model"]["backend"].is_string() && report["timer_model"]["source"].is_string());
+    // The text report (after QEMU's output on stdout) names the VM; the SVG has one
+    // line per category.
+    let line = stdout.lines().find(|l| l.contains("qemu-system-x86 (1 vCPU)")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains(&format!("{exits} exits; timer {timer_exits} exits")), "{line}");
+    let svg = std::fs::read_to_string(svg_dir.join(format!("vm-{}.svg", vm["pid"]))).expect("an SVG for the VM");
+    assert_eq!(svg.matches("<polyline").count(), 5);
+    let _ = std::fs::remove_dir_all(&svg_dir);
+}
+
+/// KVM's counts as the observer copies them equal those the VMM reads from its own
+/// vCPUs' stats files at the end of the run: two sources, one number.
+#[test]
+fn kvm_counts_of_our_vmm_equal_its_own_stats_files() {
+    let report_file = report_path("kvm-stats");
+    let vmm = workspace_binary("paratick-vmm");
+    let output = run(Command::new(ctl())
+        .args(["observe", "--json", "--output"])
+        .arg(&report_file)
+        .arg("--")
+        .arg(&vmm)
+        .args(["run", "--vcpus", "2", "--mode", "tickless", "--workload", "io", "--duration", "1s", "--json"]));
+    assert!(output.status.success(), "{output:?}");
+    let run_report: Value = serde_json::from_slice(&output.stdout).expect("the VMM's JSON");
+    let report = read_report(&report_file);
+    let observed = &vm_named(&report, "paratick-vmm")["kvm_stats"];
+    for counter in ["exits", "halt_exits", "irq_exits", "io_exits", "irq_injections", "insn_emulation"] {
+        assert_eq!(
+            observed[counter], run_report["kvm_stats"][counter],
+            "{counter}: {observed} vs {}",
+            run_report["kvm_stats"]
+        );
+    }
+    for vcpu in 0..2 {
+        assert_eq!(observed["vcpus"][vcpu.to_string()]["exits"], run_report["kvm_stats_per_vcpu"][vcpu]["exits"]);
+    }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::TickMode;
 use paratick_vmm::control::{VmEnd, VmProcessStatus, VmRequest};
+use paratick_vmm::kvm_stats::KvmExitCounts;
 use paratick_vmm::{Counters, VmConfig, VmState};
 use tokio::sync::oneshot;
 
@@ -82,6 +83,9 @@ impl ManagedVm {
 /// The manager's state.
 pub struct Manager {
     vms: Vec<ManagedVm>,
+    /// Label sets of the `paratick_observed_vm_exits_total` series of each process that
+    /// has its own (removed when it leaves the top N or exits).
+    observed_series: BTreeMap<u32, Vec<Vec<String>>>,
     /// The exits model of this host (exits saved).
     model: TimerModel,
     supervisor: Supervisor,
@@ -135,8 +139,16 @@ impl Manager {
             log::warn!("{problem}");
         }
         log::info!("exits model: {} ({}, {})", model.backend, model.source, config.timer_model.display());
-        let mut manager =
-            Manager { vms, model, supervisor, observer, metrics: Metrics::new(), started: Instant::now(), status };
+        let mut manager = Manager {
+            vms,
+            observed_series: BTreeMap::new(),
+            model,
+            supervisor,
+            observer,
+            metrics: Metrics::new(),
+            started: Instant::now(),
+            status,
+        };
         for (index, entry) in config.vms.iter().enumerate() {
             let managed = &mut manager.vms[index];
             match manager.supervisor.adopt(&managed.config.name) {
@@ -373,7 +385,27 @@ impl Manager {
             let observed = self.vms[index].pid().and_then(|pid| per_pid.get(&pid));
             self.sample_vm(index, status.as_deref(), observed, exits_traced);
         }
-        self.update_observer_metrics(snapshot.as_ref(), &per_pid, exits_traced);
+        // KVM's own counters of every process (copied by the observer), summed per process.
+        let kvm_counters: BTreeMap<u32, KvmExitCounts> = match &self.observer {
+            Ok(observer) if observer.kvm_counters_state().is_ok() => match observer.kvm_counters() {
+                Ok(counters) => counters
+                    .into_iter()
+                    .map(|(pid, vcpus)| (pid, vcpus.values().fold(KvmExitCounts::default(), |a, b| a.plus(*b))))
+                    .collect(),
+                Err(e) => {
+                    log::warn!("observer: {e}");
+                    BTreeMap::new()
+                }
+            },
+            _ => BTreeMap::new(),
+        };
+        self.update_observer_metrics(snapshot.as_ref(), &per_pid, &kvm_counters, exits_traced);
+        // What the observer holds of processes that are gone (their series went above).
+        if let Ok(observer) = &mut self.observer {
+            if let Err(e) = observer.forget_processes(|pid| !process_exists(pid)) {
+                log::warn!("observer: {e}");
+            }
+        }
     }
 
     /// Whether `kvm_exit` fires on this host and is attached.
@@ -475,6 +507,7 @@ impl Manager {
         &mut self,
         snapshot: Option<&crate::observer::Snapshot>,
         per_process: &BTreeMap<u32, ProcessCounts>,
+        kvm_counters: &BTreeMap<u32, KvmExitCounts>,
         exits_traced: bool,
     ) {
         let metrics = &mut self.metrics;
@@ -491,38 +524,56 @@ impl Manager {
         for (reason, count) in snapshot.drops_by_name() {
             metrics.feed.feed(&metrics.observer_drops, &[reason], count);
         }
-        // Other KVM processes: their exits by reason, where kvm_exit fires; else what
-        // does fire for every exit that reaches userspace.
+        // Other KVM processes: their exits by reason where kvm_exit fires; else KVM's own
+        // counters by category (the observer's copies); else what fires for every exit
+        // that reaches userspace.
         let own = std::process::id();
         let ours: Vec<u32> = self.vms.iter().filter_map(ManagedVm::pid).collect();
-        let exits_of = |counts: &ProcessCounts| -> BTreeMap<String, u64> {
+        let exits_of = |pid: u32, counts: &ProcessCounts| -> BTreeMap<String, u64> {
             if exits_traced {
-                counts.exit_reasons.clone()
-            } else {
-                counts
-                    .userspace_exit_reasons
-                    .iter()
-                    .map(|(r, n)| (format!("userspace_{}", r.to_lowercase()), *n))
-                    .collect()
+                return counts.exit_reasons.clone();
             }
+            if let Some(kvm) = kvm_counters.get(&pid) {
+                return kvm.by_category().iter().map(|(name, n)| (name.to_string(), *n)).collect();
+            }
+            counts.userspace_exit_reasons.iter().map(|(r, n)| (format!("userspace_{}", r.to_lowercase()), *n)).collect()
         };
         let mut others: Vec<(u32, BTreeMap<String, u64>)> = per_process
             .iter()
             .filter(|(pid, _)| **pid != own && !ours.contains(pid) && **pid < SYNTHETIC_OWNER_BASE)
-            .map(|(pid, counts)| (*pid, exits_of(counts)))
+            .filter(|(pid, _)| process_exists(**pid))
+            .map(|(pid, counts)| (*pid, exits_of(*pid, counts)))
             .collect();
+
         others.sort_by_key(|(pid, exits)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
+        // The series of processes that are gone, or fell out of the top N, go.
+        let named: std::collections::BTreeSet<u32> = others.iter().take(OBSERVED_TOP_N).map(|(pid, _)| *pid).collect();
+        self.observed_series.retain(|pid, series| {
+            let keep = named.contains(pid);
+            if !keep {
+                for labels in series.iter() {
+                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                    let _ = metrics.observed_exits.remove_label_values(&labels);
+                }
+            }
+            keep
+        });
         for (rank, (pid, exits)) in others.into_iter().enumerate() {
             if rank < OBSERVED_TOP_N {
                 let name = procfs::process_info(pid).map_or_else(|| "?".to_string(), |p| p.name);
+                let series = self.observed_series.entry(pid).or_default();
                 for (reason, count) in exits {
                     let source = format!("{pid}/{reason}");
+                    let labels = [pid.to_string(), name.clone(), reason];
                     metrics.feed.feed_from(
                         &metrics.observed_exits,
-                        &[&pid.to_string(), &name, &reason],
+                        &[&labels[0], &labels[1], &labels[2]],
                         &source,
                         count,
                     );
+                    if !series.contains(&labels.to_vec()) {
+                        series.push(labels.to_vec());
+                    }
                 }
             } else {
                 // Each process's own count feeds the group, so a process moving in or out
@@ -534,6 +585,10 @@ impl Manager {
             }
         }
     }
+}
+
+fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn vm_info(managed: &ManagedVm, model: &TimerModel) -> VmInfo {

@@ -18,7 +18,7 @@ use aya::programs::{RawTracePoint, TracePoint};
 use aya::Ebpf;
 use paratick_common::event::{
     EventKey, EventKind, EventStats, ObserverConfig, TracepointLayout, VcpuThread, DROP_REASON_COUNT, FORK_CHILD_PID,
-    FORK_LAYOUT_INDEX,
+    FORK_LAYOUT_INDEX, SYNTHETIC_OWNER_BASE,
 };
 
 use paratick_common::kvm_counters::{KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, KVM_COUNTERS, KVM_COUNTER_NAMES};
@@ -371,17 +371,38 @@ impl Observer {
         Ok(out)
     }
 
-    /// Forgets the KVM counters of processes that are gone (so the map never fills
-    /// with the dead on a host with VM churn).
-    pub fn forget_kvm_counters(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError> {
-        let mut map: BpfHashMap<&mut MapData, KvmVcpuKey, KvmVcpuCounters> =
-            BpfHashMap::try_from(self.ebpf.map_mut("KVM_VCPU_COUNTERS").expect("KVM_VCPU_COUNTERS map"))
-                .map_err(map_err("KVM_VCPU_COUNTERS"))?;
-        let dead: Vec<KvmVcpuKey> = map.keys().filter_map(Result::ok).filter(|key| gone(key.tgid)).collect();
+    /// Forgets everything the programs recorded of processes that are gone (`gone`
+    /// says which): their event counts, timer vectors, vCPU threads and KVM counters, so
+    /// that the maps never fill with the dead on a host with VM churn. Call it after the
+    /// last snapshot that should still count them.
+    pub fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError> {
+        fn remove_where<K: aya::Pod, V: aya::Pod>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+            dead: impl Fn(&K) -> bool,
+        ) -> Result<(), ObserverError> {
+            let mut map: BpfHashMap<&mut MapData, K, V> =
+                BpfHashMap::try_from(ebpf.map_mut(name).expect("map in the object")).map_err(map_err(name))?;
+            let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| dead(k)).collect();
+            for key in keys {
+                match map.remove(&key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(ObserverError::Map { name, source: e }),
+                }
+            }
+            Ok(())
+        }
+        remove_where::<KvmVcpuKey, KvmVcpuCounters>(&mut self.ebpf, "KVM_VCPU_COUNTERS", |k| gone(k.tgid))?;
+        remove_where::<u32, u32>(&mut self.ebpf, "TIMER_VECTORS", |tgid| gone(*tgid))?;
+        remove_where::<VcpuThread, u8>(&mut self.ebpf, "VCPU_THREADS", |t| gone(t.tgid))?;
+        let mut events: PerCpuHashMap<&mut MapData, EventKey, EventStats> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("EVENTS").expect("EVENTS map")).map_err(map_err("EVENTS"))?;
+        let dead: Vec<EventKey> =
+            events.keys().filter_map(Result::ok).filter(|k| k.tgid < SYNTHETIC_OWNER_BASE && gone(k.tgid)).collect();
         for key in dead {
-            match map.remove(&key) {
+            match events.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(ObserverError::Map { name: "KVM_VCPU_COUNTERS", source: e }),
+                Err(e) => return Err(ObserverError::Map { name: "EVENTS", source: e }),
             }
         }
         Ok(())
