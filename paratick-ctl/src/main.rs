@@ -75,6 +75,9 @@ struct BenchArgs {
     /// One repetition of 1 s runs: the whole bench in about a minute (CI).
     #[arg(long)]
     quick: bool,
+    /// Where the calibrated exits model goes (what `observe` and the daemon read).
+    #[arg(long, value_name = "FILE", default_value = paratick_ctl::model::DEFAULT_MODEL_FILE)]
+    model_out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -207,6 +210,26 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
                 c.execution_time_pct
             );
         }
+    }
+    match &results.timer_model {
+        Some(model) => {
+            if let Some(dir) = args.model_out.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            std::fs::write(&args.model_out, serde_json::to_string_pretty(model)? + "\n")
+                .with_context(|| format!("cannot write {}", args.model_out.display()))?;
+            println!(
+                "exits model ({}): {:.2} exits per timer interrupt, {:.0} us per tick, {:.0} floor exits/s, {:.2} per injected tick, {:.0}% removed; written to {}",
+                model.backend,
+                model.exits_per_timer_interrupt,
+                model.guest_seconds_per_tick * 1e6,
+                model.floor_exits_per_s,
+                model.exits_per_injected_tick,
+                model.paratick_removed_fraction * 100.0,
+                args.model_out.display()
+            );
+        }
+        None => println!("no exits model: the runs did not allow a calibration"),
     }
     println!("results in {}", options.out.display());
     Ok(ExitCode::SUCCESS)

@@ -250,6 +250,72 @@ impl TimerModel {
     }
 }
 
+/// One run of the same work, as the calibration needs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CalibrationRun {
+    /// KVM exits.
+    pub exits: u64,
+    /// Guest time the work took, in seconds.
+    pub elapsed_s: f64,
+    /// Timer interrupts the guest took.
+    pub timer_interrupts: u64,
+    /// Timer programming writes.
+    pub timer_writes: u64,
+}
+
+/// A model of `backend` calibrated from pairs of runs of the same work on one busy
+/// vCPU, without a timer (`floor`) and tickless, plus the measured exits per injected
+/// tick and paratick's removed fraction where the bench has them. The write
+/// coefficient stays the backend's (writes and expiries come in pairs: they cannot be
+/// told apart). `None` without a usable pair.
+pub fn calibrate(
+    backend: ModelBackend,
+    pairs: &[(CalibrationRun, CalibrationRun)],
+    exits_per_injected_tick: Option<f64>,
+    removed_fraction: Option<f64>,
+    note: String,
+) -> Option<TimerModel> {
+    let default = TimerModel::default_for(backend);
+    let median = |mut values: Vec<f64>| -> Option<f64> {
+        values.retain(|v| v.is_finite());
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    };
+    let usable: Vec<&(CalibrationRun, CalibrationRun)> =
+        pairs.iter().filter(|(floor, tickless)| floor.elapsed_s > 0.0 && tickless.timer_interrupts > 0).collect();
+    let floor_exits_per_s = median(usable.iter().map(|(floor, _)| floor.exits as f64 / floor.elapsed_s).collect())?;
+    let seconds_per_tick = median(
+        usable
+            .iter()
+            .map(|(floor, tickless)| (tickless.elapsed_s - floor.elapsed_s).max(0.0) / tickless.timer_interrupts as f64)
+            .collect(),
+    )?;
+    let per_interrupt = median(
+        usable
+            .iter()
+            .map(|(_, t)| {
+                (t.exits as f64
+                    - floor_exits_per_s * t.elapsed_s
+                    - default.exits_per_timer_write * t.timer_writes as f64)
+                    / t.timer_interrupts as f64
+            })
+            .collect(),
+    )?;
+    TimerModel {
+        backend: backend.name().into(),
+        exits_per_timer_interrupt: per_interrupt.max(0.0),
+        exits_per_timer_write: default.exits_per_timer_write,
+        exits_per_injected_tick: exits_per_injected_tick.unwrap_or(default.exits_per_injected_tick),
+        guest_seconds_per_tick: seconds_per_tick,
+        floor_exits_per_s,
+        paratick_removed_fraction: removed_fraction.map_or(default.paratick_removed_fraction, |f| f.clamp(0.0, 1.0)),
+        source: "calibrated".into(),
+        note,
+    }
+    .checked()
+    .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +343,27 @@ mod tests {
         let saved = slow.paratick_exits_saved(&[(3.0, 250)], 0, 0);
         assert!((saved - 1000.0 * 2.1).abs() < 1e-6, "{saved}");
         assert!((slow.timer_exits(10, 0) - 21.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn calibration_recovers_the_coefficients_of_runs_that_follow_them() {
+        // A host where a tick costs 2 exits and 300 us, with 330 floor exits/s.
+        let floor = CalibrationRun { exits: 330, elapsed_s: 1.0, timer_interrupts: 0, timer_writes: 0 };
+        let ticks: f64 = 250.0 / (1.0 - 250.0 * 300e-6);
+        let elapsed = ticks / 250.0;
+        let tickless = CalibrationRun {
+            exits: (330.0 * elapsed + 2.0 * ticks).round() as u64,
+            elapsed_s: elapsed,
+            timer_interrupts: ticks.round() as u64,
+            timer_writes: ticks.round() as u64,
+        };
+        let model = calibrate(ModelBackend::Pvm, &[(floor, tickless)], Some(1.5), Some(0.93), "test".into()).unwrap();
+        assert!((model.floor_exits_per_s - 330.0).abs() < 1e-9);
+        assert!((model.guest_seconds_per_tick - 300e-6).abs() < 2e-6, "{model:?}");
+        assert!((model.exits_per_timer_interrupt - 2.0).abs() < 0.01, "{model:?}");
+        assert_eq!((model.exits_per_injected_tick, model.paratick_removed_fraction), (1.5, 0.93));
+        assert_eq!(model.source, "calibrated");
+        assert_eq!(calibrate(ModelBackend::Pvm, &[], None, None, String::new()), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@ fn a_quick_bench_writes_complete_well_formed_results() {
     let output = Command::new(workspace_binary("paratick-ctl"))
         .args(["bench", "--quick", "--out"])
         .arg(&out)
+        .arg("--model-out")
+        .arg(out.join("timer-model.json"))
         .output()
         .expect("run the bench");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -31,6 +33,17 @@ fn a_quick_bench_writes_complete_well_formed_results() {
     assert_eq!(String::from_utf8_lossy(&output.stderr).lines().filter(|l| l.starts_with('[')).count(), 40);
 
     let results: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    // The exits model, calibrated from the runs, stored where it was asked to go, and
+    // plausible for a host of this kind (docs/evaluation.md has what PVM measures).
+    let model: Value = serde_json::from_str(&std::fs::read_to_string(out.join("timer-model.json")).unwrap()).unwrap();
+    assert_eq!(model, results["timer_model"]);
+    assert_eq!(model["source"], "calibrated");
+    assert_eq!(model["backend"], results["host"]["backend"]);
+    let per_interrupt = model["exits_per_timer_interrupt"].as_f64().unwrap();
+    assert!((0.5..=4.0).contains(&per_interrupt), "{model}");
+    let per_tick = model["guest_seconds_per_tick"].as_f64().unwrap();
+    assert!((0.0..0.002).contains(&per_tick), "{model}");
+    assert!(stdout.contains("exits model (") && stdout.contains("written to"), "{stdout}");
     let runs = results["runs"].as_array().unwrap();
     // 3 workloads x 5 modes x 1 repetition x (throughput, execution).
     assert_eq!(runs.len(), 30);

@@ -488,6 +488,8 @@ pub struct Results {
     pub tick_precision: Vec<TickPrecision>,
     /// Each way of delivering ticks, where the guest needs them all.
     pub delivery: Vec<DeliverySummary>,
+    /// The exits model calibrated from these runs (see `crate::model::calibrate`).
+    pub timer_model: Option<TimerModel>,
 }
 
 /// Where it ran.
@@ -552,6 +554,52 @@ fn summarise(options: &BenchOptions, runs: &[Record], workload: Workload) -> Wor
     WorkloadSummary { workload: workload.name(), vcpus: options.vcpus_for(workload), modes, comparisons }
 }
 
+/// The exits model of these runs: floor and tickless execution-time runs of the
+/// sequential workload (one busy vCPU) in each repetition, the MSI delivery's exits per
+/// tick, and paratick's median removed fraction over the workloads.
+fn calibrated_model(
+    options: &BenchOptions,
+    runs: &[Record],
+    summary: &[WorkloadSummary],
+    delivery: &[DeliverySummary],
+    kernel: &str,
+) -> Option<TimerModel> {
+    use crate::model::{calibrate, CalibrationRun, ModelBackend};
+    let run = |mode: TickMode, rep: u32| {
+        runs.iter()
+            .find(|r| {
+                r.workload == Workload::Sequential.name()
+                    && r.kind == Kind::Execution.name()
+                    && r.mode == mode.name()
+                    && r.rep == rep
+            })
+            .map(|r| CalibrationRun {
+                exits: r.exits,
+                elapsed_s: r.elapsed_s,
+                timer_interrupts: r.timer_interrupts,
+                timer_writes: r.tsc_deadline_writes + r.lapic_timer_writes,
+            })
+    };
+    let pairs: Vec<_> =
+        (0..options.reps).filter_map(|rep| Some((run(FLOOR, rep)?, run(TickMode::Tickless, rep)?))).collect();
+    let injected = delivery
+        .iter()
+        .find(|d| d.delivery == TickDelivery::Msi.name())
+        .and_then(|d| d.timer_exits_per_tick.map(|s| s.median));
+    let removed: Vec<f64> = summary
+        .iter()
+        .filter_map(|w| w.comparison(TickMode::Paratick, TickMode::Tickless)?.timer_exits_removed.map(|r| r.median))
+        .collect();
+    let removed = (!removed.is_empty()).then(|| median(removed.iter().copied()));
+    let note = format!(
+        "calibrated by paratick-ctl bench ({} repetition(s), {:.1} s runs, {} Hz) on kernel {kernel}",
+        options.reps,
+        options.duration.as_secs_f64(),
+        options.hz
+    );
+    calibrate(ModelBackend::of_host(), &pairs, injected, removed, note)
+}
+
 impl Results {
     /// Summarises the runs.
     pub fn new(
@@ -561,8 +609,10 @@ impl Results {
         tick_precision: Vec<TickPrecision>,
         delivery: Vec<DeliverySummary>,
     ) -> Results {
-        let summary = Workload::EVALUATED.iter().map(|workload| summarise(options, &runs, *workload)).collect();
+        let summary: Vec<WorkloadSummary> =
+            Workload::EVALUATED.iter().map(|workload| summarise(options, &runs, *workload)).collect();
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        let timer_model = calibrated_model(options, &runs, &summary, &delivery, &kernel);
         Results {
             command: options.command.clone(),
             host: Host {
@@ -578,6 +628,7 @@ impl Results {
             observer_overhead,
             tick_precision,
             delivery,
+            timer_model,
         }
     }
 
@@ -620,6 +671,20 @@ impl Results {
             "Host: {} backend, kernel {}, {} CPUs. {} Hz, {} repetition(s), {:.1} s runs. Command: `{}`\n",
             self.host.backend, self.host.kernel, self.host.cpus, self.hz, self.reps, self.duration_s, self.command
         );
+        if let Some(model) = &self.timer_model {
+            let _ = writeln!(
+                md,
+                "Exits model calibrated from these runs ({} backend): {:.2} exits per timer interrupt, {:.0} us of guest \
+                 time per tick, {:.0} floor exits/s, {:.2} exits per injected tick, {:.0}% of timer exits removed by \
+                 paratick.\n",
+                model.backend,
+                model.exits_per_timer_interrupt,
+                model.guest_seconds_per_tick * 1e6,
+                model.floor_exits_per_s,
+                model.exits_per_injected_tick,
+                model.paratick_removed_fraction * 100.0
+            );
+        }
         let _ = writeln!(md, "## Timer-induced exits removed, and the comparisons (medians)\n");
         let _ = writeln!(
             md,
