@@ -301,14 +301,14 @@ kvm_counter_programs! {
 
 #[inline(always)]
 fn vcpu_seen(ctx: &RawTracePointContext, vcpu: u64) {
-    let _ = THREAD_VCPUS.insert(&(bpf_get_current_pid_tgid() as u32), &vcpu, 0);
+    let _ = THREAD_VCPUS.insert(bpf_get_current_pid_tgid() as u32, vcpu, 0);
     copy_kvm_counters(ctx, vcpu, true);
 }
 
 #[inline(always)]
 fn thread_vcpu_copy(ctx: &RawTracePointContext, rate_limited: bool) {
     // SAFETY: a plain u64 value of this thread's own entry.
-    if let Some(&vcpu) = unsafe { THREAD_VCPUS.get(&(bpf_get_current_pid_tgid() as u32)) } {
+    if let Some(&vcpu) = unsafe { THREAD_VCPUS.get(bpf_get_current_pid_tgid() as u32) } {
         copy_kvm_counters(ctx, vcpu, rate_limited);
     }
 }
@@ -331,7 +331,7 @@ fn copy_kvm_counters<C: EbpfContext>(ctx: &C, vcpu: u64, rate_limited: bool) {
     let now = now_ns();
     if rate_limited {
         // SAFETY: a plain value of this map.
-        if let Some(last) = unsafe { KVM_VCPU_COUNTERS.get(&key) } {
+        if let Some(last) = unsafe { KVM_VCPU_COUNTERS.get(key) } {
             if now.wrapping_sub(last.copied_ns) < KVM_COUNTERS_MIN_INTERVAL_NS {
                 return;
             }
@@ -349,7 +349,7 @@ fn copy_kvm_counters<C: EbpfContext>(ctx: &C, vcpu: u64, rate_limited: bool) {
             }
         }
     }
-    if KVM_VCPU_COUNTERS.insert(&key, &counters, 0).is_err() {
+    if KVM_VCPU_COUNTERS.insert(key, counters, 0).is_err() {
         count_drop(ctx, DropReason::KvmCountersFull);
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask <task>`: everything a fresh Debian 12 KVM host needs, as code.
 //!
 //! - `setup`  installs what the build and tests need (idempotent; a second run only checks)
-//! - `test`   setup, build every binary, run every test (the README's test command)
+//! - `test`   setup, lint, build every binary, run every test (the README's test command)
 //! - `run`    setup, build, run the main job (the README's run command)
 //! - `lint`   rustfmt and clippy, including the eBPF crate and guest for their targets
 //! - `install [--root DIR] [--binaries DIR]`  the binaries, systemd units and default config
@@ -44,6 +44,8 @@ fn main() -> Result<()> {
         "setup" => setup(),
         "test" => {
             setup()?;
+            // CI runs this: formatting and clippy (every crate, every target) gate it.
+            lint()?;
             cargo(&["build", "--bins"])?;
             let mut test = vec!["test"];
             test.extend(rest.iter().map(String::as_str));
