@@ -1,6 +1,6 @@
 //! Builds the eBPF programs (`paratick-ebpf`) for `bpfel-unknown-none` with Debian's
 //! toolchain, linked as the `debian` rustup toolchain by `cargo xtask setup` (the rustup
-//! toolchains here have no BPF core library; see shared/docs/HOST.md).
+//! toolchains here have no BPF core library; see docs/host.md).
 
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../paratick-ebpf");

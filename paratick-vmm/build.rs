@@ -1,6 +1,6 @@
 //! Builds the guest kernel (`paratick-guest`) with Debian's toolchain (the `debian`
 //! rustup toolchain linked by `cargo xtask setup`: it has the core sources for
-//! `-Z build-std`, see shared/docs/HOST.md) and hands the ELF to the crate as
+//! `-Z build-std`, see docs/host.md) and hands the ELF to the crate as
 //! `OUT_DIR/paratick-guest.elf`. Target, linker and build-std settings live in the guest
 //! crate's own `.cargo/config.toml`, so `cargo xtask lint` builds it the same way.
 

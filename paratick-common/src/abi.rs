@@ -2,7 +2,7 @@
 //! (MSRs, LAPIC registers, vectors) that both sides and the observer name.
 //!
 //! Requests travel over port I/O: on the hosts we run on, `vmcall` does not reach a
-//! hypercall handler (see shared/docs/HOST.md), while a port write exits on every backend.
+//! hypercall handler (see docs/host.md), while a port write exits on every backend.
 
 /// Port the guest writes a 32-bit tick request to: the requested rate in Hz for the
 /// writing vCPU, or [`TICK_REQUEST_STOP`] to ask for no ticks (the vCPU goes idle).

@@ -1,6 +1,6 @@
 //! The workloads, run as tasks at CPL3 (native speed on PVM hosts), and their system
 //! calls. A system call is `int3` with the number in `rax` and the argument in `rdi`:
-//! `int n` and `syscall`/`sysret` are unusable from CPL3 on PVM (see shared/docs/HOST.md),
+//! `int n` and `syscall`/`sysret` are unusable from CPL3 on PVM (see docs/host.md),
 //! and the #BP gate has DPL 3.
 
 use core::arch::asm;

@@ -36,6 +36,9 @@ const TARGET: &str = "paratick-test.target";
 struct Container {
     /// `unshare`, whose child is the container's PID 1.
     unshare: Child,
+    /// The cgroups at the top of each host hierarchy before the container booted: its
+    /// systemd creates its own there (no cgroup namespace), and they go with it.
+    host_cgroups: Vec<PathBuf>,
     /// PID 1 of the container, as the host sees it.
     init: u32,
     /// The host directory holding the overlay's mount point (empty on the host).
@@ -44,6 +47,7 @@ struct Container {
 
 impl Container {
     fn boot() -> Container {
+        let host_cgroups = top_cgroups();
         let dir = std::env::temp_dir().join(format!("paratick-systemd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -94,7 +98,7 @@ exec chroot $M /usr/bin/env container=other /lib/systemd/systemd --system --unit
             assert!(Instant::now() < deadline, "systemd did not start in the container");
             std::thread::sleep(Duration::from_millis(50));
         };
-        let container = Container { unshare, init, dir };
+        let container = Container { unshare, host_cgroups, init, dir };
         // The manager answers once it has started the target.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -157,7 +161,31 @@ impl Drop for Container {
         unsafe { libc::kill(self.init as i32, libc::SIGKILL) };
         let _ = self.unshare.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        // The container's cgroups (and the BPF programs its units attached to them).
+        // Their processes are gone, so they can be removed, deepest first.
+        for cgroup in top_cgroups().into_iter().filter(|c| !self.host_cgroups.contains(c)) {
+            remove_cgroup(&cgroup);
+        }
     }
+}
+
+/// The directories at the top of every cgroup hierarchy of the host.
+fn top_cgroups() -> Vec<PathBuf> {
+    let hierarchies = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten();
+    hierarchies
+        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+fn remove_cgroup(cgroup: &Path) {
+    for child in std::fs::read_dir(cgroup).into_iter().flatten().flatten() {
+        if child.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&child.path());
+        }
+    }
+    let _ = std::fs::remove_dir(cgroup);
 }
 
 fn pids(vms: &[Value]) -> Vec<(String, u64)> {
