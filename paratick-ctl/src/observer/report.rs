@@ -24,9 +24,13 @@ pub struct TimerReport {
     pub busy_s: f64,
     /// The guest's tick rate as the host sees it: timer interrupts per busy vCPU second.
     pub observed_tick_hz: f64,
-    /// Exits attributable to timekeeping, by the exits model of this host from the timer
-    /// interrupts and writes above (at most `exits`).
+    /// Exits attributable to timekeeping (at most `exits`): where `kvm_exit` fires
+    /// (VMX/SVM), the timer writes' MSR exits, the PREEMPTION_TIMER exits and the
+    /// external-interrupt exits up to the timer interrupts, as counted; elsewhere by the
+    /// exits model from the timer interrupts and writes.
     pub timer_exits: u64,
+    /// `counted` (from `kvm_exit`'s reasons) or `modelled`.
+    pub timer_exits_source: &'static str,
     /// `timer_exits` over KVM's count of all exits; absent without KVM's counts.
     pub timer_exit_share: Option<f64>,
     /// Exits paratick would save for the same work: a projection by the model.
@@ -39,8 +43,11 @@ impl TimerReport {
     pub fn new(counts: &ProcessCounts, exits: Option<u64>, busy_s: f64, model: &TimerModel) -> TimerReport {
         let timer_writes = counts.tick_requests_by_kind.get("tsc_deadline").copied().unwrap_or(0)
             + counts.tick_requests_by_kind.get("lapic").copied().unwrap_or(0);
-        let modelled = model.timer_exits(counts.timer_interrupts, timer_writes).round() as u64;
-        let timer_exits = exits.map_or(modelled, |exits| modelled.min(exits));
+        let (timer_exits, timer_exits_source) = match counted_timer_exits(counts, timer_writes) {
+            Some(counted) => (counted, "counted"),
+            None => (model.timer_exits(counts.timer_interrupts, timer_writes).round() as u64, "modelled"),
+        };
+        let timer_exits = exits.map_or(timer_exits, |exits| timer_exits.min(exits));
         TimerReport {
             timer_interrupts: counts.timer_interrupts,
             timer_writes,
@@ -48,10 +55,26 @@ impl TimerReport {
             busy_s,
             observed_tick_hz: if busy_s > 0.0 { counts.timer_interrupts as f64 / busy_s } else { 0.0 },
             timer_exits,
+            timer_exits_source,
             timer_exit_share: exits.filter(|&e| e > 0).map(|e| timer_exits as f64 / e as f64),
             projected_exits_saved: model.projected_exits_saved(timer_exits as f64).round() as u64,
         }
     }
+}
+
+/// Timer exits from `kvm_exit`'s reasons, where it fired: each timer write trapped (an
+/// MSR or APIC-access exit), each VMX preemption-timer expiry, and external-interrupt
+/// exits (the host's timer interrupt for an expiry) up to the timer interrupts the guest
+/// took beyond the preemption-timer ones. `None` where `kvm_exit` counted nothing.
+fn counted_timer_exits(counts: &ProcessCounts, timer_writes: u64) -> Option<u64> {
+    if counts.exit_reasons.is_empty() {
+        return None;
+    }
+    let reason = |name: &str| counts.exit_reasons.get(name).copied().unwrap_or(0);
+    let preemption = reason("PREEMPTION_TIMER");
+    let external = reason("EXTERNAL_INTERRUPT") + reason("interrupt");
+    let writes = timer_writes.min(reason("MSR_WRITE") + reason("MSR_WRITE_IMM") + reason("msr") + reason("APIC_WRITE"));
+    Some(writes + preemption + external.min(counts.timer_interrupts.saturating_sub(preemption)))
 }
 
 /// One VM process in the final report.
@@ -276,6 +299,29 @@ pub fn render_table(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timer_exits_are_counted_where_kvm_exit_fires_and_modelled_elsewhere() {
+        let model = TimerModel::default_for(crate::model::ModelBackend::Pvm);
+        let mut c = ProcessCounts { timer_interrupts: 100, ..Default::default() };
+        c.tick_requests_by_kind.insert("tsc_deadline", 100);
+        let modelled = TimerReport::new(&c, Some(10_000), 1.0, &model);
+        assert_eq!(
+            (modelled.timer_exits_source, modelled.timer_exits),
+            ("modelled", model.timer_exits(100, 100).round() as u64)
+        );
+        assert_eq!(modelled.observed_tick_hz, 100.0);
+        // VMX: 100 MSR writes (all TSC deadline), 30 preemption-timer expiries and 500
+        // external interrupts of which 70 are the remaining expiries.
+        for (name, n) in [("MSR_WRITE", 120), ("PREEMPTION_TIMER", 30), ("EXTERNAL_INTERRUPT", 500), ("HLT", 50)] {
+            c.exit_reasons.insert(name.into(), n);
+        }
+        let counted = TimerReport::new(&c, Some(1000), 1.0, &model);
+        assert_eq!((counted.timer_exits_source, counted.timer_exits), ("counted", 100 + 30 + 70));
+        assert_eq!(counted.timer_exit_share, Some(0.2));
+        // Never more than all exits.
+        assert_eq!(TimerReport::new(&c, Some(150), 1.0, &model).timer_exits, 150);
+    }
 
     fn counts(exits: &[(&str, u64)], ticks: u64, uexits: u64) -> ProcessCounts {
         let mut c = ProcessCounts::default();
