@@ -241,11 +241,10 @@ fn a_failing_command_passes_its_exit_code_through() {
     assert_eq!(report["command"]["exit_code"], 1);
 }
 
-/// A kvm-unit-tests kernel (prebuilt, unmodified upstream: nobody here wrote it).
+/// A kvm-unit-tests kernel (prebuilt, unmodified upstream: nobody here wrote it; see
+/// tests/fixtures/kvm-unit-tests/README.md).
 fn kvm_unit_test(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/third-party/kvm-unit-tests").join(name);
-    assert!(path.exists(), "{} is missing (see ../shared/third-party/kvm-unit-tests/README.md)", path.display());
-    path
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kvm-unit-tests").join(name)
 }
 
 /// Debian's QEMU on KVM running a kvm-unit-tests kernel. (ARCH_CAPABILITIES is off: this
