@@ -844,8 +844,7 @@ fn the_projected_exits_saved_match_a_measured_tickless_paratick_pair_within_15_p
 fn a_third_party_vm_is_exported_by_kvm_exit_category_and_forgotten_when_it_exits() {
     let _lock = one_vm_at_a_time();
     let daemon = Daemon::start("observed", "");
-    let kernel =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/third-party/kvm-unit-tests/tscdeadline_latency.flat");
+    let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kvm-unit-tests/tscdeadline_latency.flat");
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-enable-kvm", "-cpu", "host,+x2apic,+tsc-deadline,-arch-capabilities", "-m", "256", "-nodefaults"])
         .args([
@@ -869,6 +868,7 @@ fn a_third_party_vm_is_exported_by_kvm_exit_category_and_forgotten_when_it_exits
         metric(s, "paratick_observed_vm_exits_total", &[("pid", &pid), ("reason", reason)])
     };
     let samples = daemon.wait_for(Duration::from_secs(20), |s| exported(s, "halt_exits") >= Some(10.0));
+    assert!(qemu.try_wait().unwrap().is_none_or(|status| status.code() == Some(1)), "QEMU failed to run the test");
     assert!(qemu.try_wait().unwrap().is_none_or(|status| status.code() == Some(1)), "QEMU failed to run the test");
     let series: Vec<&Sample> = samples
         .iter()
