@@ -5,9 +5,35 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::protocol::{Request, Response};
+use crate::protocol::{ErrorCode, Request, Response};
+
+/// Why a request to the daemon failed, each with an exit code of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error("the daemon is not running (nothing listens on {0}): start it with `systemctl start paratick` or `paratick-ctl daemon`")]
+    Unreachable(String),
+    /// The socket's mode, or the daemon, refused this user.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The daemon refused the request (or did not understand it).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ClientError {
+    /// Exit code of the CLI: 1 refused, 3 daemon unreachable, 4 permission denied (2 is
+    /// clap's, for usage errors).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Refused(_) => 1,
+            ClientError::Unreachable(_) => 3,
+            ClientError::PermissionDenied(_) => 4,
+        }
+    }
+}
 
 /// Default control socket path (the daemon's default too).
 pub const DEFAULT_SOCKET: &str = "/run/paratick/paratick.sock";
@@ -16,14 +42,13 @@ pub const DEFAULT_SOCKET: &str = "/run/paratick/paratick.sock";
 /// error with the daemon's message.
 pub fn request(socket: &Path, request: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
-            "the daemon is not running (nothing listens on {}): start it with `systemctl start paratick` or `paratick-ctl daemon`",
-            socket.display()
-        ),
-        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            anyhow::Error::new(ClientError::Unreachable(socket.display().to_string()))
+        }
+        std::io::ErrorKind::PermissionDenied => anyhow::Error::new(ClientError::PermissionDenied(format!(
             "permission denied on {}: run as root or as a member of the daemon's socket group",
             socket.display()
-        ),
+        ))),
         _ => anyhow::anyhow!("cannot connect to {}: {e}", socket.display()),
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -34,7 +59,12 @@ pub fn request(socket: &Path, request: &Request) -> Result<Response> {
     BufReader::new(&stream).read_line(&mut answer).context("no answer from the daemon")?;
     let response: Response = serde_json::from_str(&answer).context("the daemon's answer is not understood")?;
     if !response.ok {
-        bail!("{}", response.error.unwrap_or_else(|| "the daemon refused the request".into()));
+        let message = response.error.unwrap_or_else(|| "the daemon refused the request".into());
+        return Err(match response.code {
+            Some(ErrorCode::PermissionDenied) => ClientError::PermissionDenied(message),
+            _ => ClientError::Refused(message),
+        }
+        .into());
     }
     Ok(response)
 }

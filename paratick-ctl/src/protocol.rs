@@ -3,13 +3,31 @@
 //! Requests: `{"cmd":"status"}`, `{"cmd":"list"}`, `{"cmd":"set_tick_rate","vm":"a","hz":100}`
 //! (`"hz":null` returns the VM to its guest's requests), `{"cmd":"start","vm":"a"}`,
 //! `{"cmd":"stop","vm":"a"}`. Every response has `ok`; failures carry `error`, one line
-//! that says what to do. A failed request changes nothing.
+//! that says what to do, and `code` ([`ErrorCode`]). A failed request changes nothing.
+//! `status` reports the protocol's version ([`PROTOCOL_VERSION`]).
 
 use paratick_vmm::VmState;
 use serde::{Deserialize, Serialize};
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The protocol's version, in `status`; a change that breaks clients bumps it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Why a request failed, for programs (the `error` text is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not a request: malformed JSON, unknown command or field, wrong type, too long.
+    BadRequest,
+    /// The peer may not use the socket (not root, not in `socket_group`).
+    PermissionDenied,
+    /// A valid request the daemon refused: unknown VM, value out of range, wrong state.
+    Refused,
+    /// The daemon is shutting down.
+    Stopping,
+}
 
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +96,8 @@ pub struct VmInfo {
 pub struct DaemonStatus {
     /// Version.
     pub version: String,
+    /// The control protocol's version ([`PROTOCOL_VERSION`]).
+    pub protocol: u32,
     /// Process id.
     pub pid: u32,
     /// Seconds since start.
@@ -106,6 +126,9 @@ pub struct Response {
     /// Why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why not, for programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
     /// For `list`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms: Option<Vec<VmInfo>>,
@@ -120,9 +143,14 @@ impl Response {
         Response { ok: true, ..Response::default() }
     }
 
-    /// A failure.
+    /// A refused request.
     pub fn error(message: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(message.into()), ..Response::default() }
+        Response::failure(ErrorCode::Refused, message)
+    }
+
+    /// A failure of a kind.
+    pub fn failure(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response { ok: false, error: Some(message.into()), code: Some(code), ..Response::default() }
     }
 }
 
@@ -140,5 +168,9 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"list","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert_eq!(serde_json::to_string(&Response::ok()).unwrap(), r#"{"ok":true}"#);
+        assert_eq!(
+            serde_json::to_string(&Response::failure(ErrorCode::PermissionDenied, "no")).unwrap(),
+            r#"{"ok":false,"error":"no","code":"permission_denied"}"#
+        );
     }
 }

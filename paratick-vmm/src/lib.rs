@@ -12,8 +12,6 @@
 //! println!("{} work units, {} guest ticks", report.work_units, report.counters.guest_ticks.total);
 //! # Ok::<(), paratick_vmm::VmError>(())
 //! ```
-#![deny(missing_docs)]
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod block;
 mod config;

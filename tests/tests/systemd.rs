@@ -208,6 +208,12 @@ fn under_systemd_vms_survive_a_restart_and_stop_with_the_service() {
     container.check(&["systemctl", "enable", "paratick.service"]);
     container.check(&["systemctl", "start", "paratick.service"]);
 
+    // The observer loads under the unit's sandbox (capabilities, system call filter).
+    let status: Value =
+        serde_json::from_str(&container.check(&["/usr/local/bin/paratick-ctl", "status", "--json"])).unwrap();
+    assert_eq!(status["observer"], "attached", "{status}");
+    assert_eq!(status["vm_launcher"], "systemd", "{status}");
+
     // The embedded default: a tickless and a paratick VM, each in its own unit.
     let vms = container.vms();
     let before = pids(&vms);

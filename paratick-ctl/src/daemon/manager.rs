@@ -86,8 +86,11 @@ pub struct Manager {
     /// Label sets of the `paratick_observed_vm_exits_total` series of each process that
     /// has its own (removed when it leaves the top N or exits).
     observed_series: BTreeMap<u32, Vec<Vec<String>>>,
-    /// The exits model of this host (exits saved).
+    /// The exits model of this host (calibrated by the bench, or its backend's defaults).
     model: TimerModel,
+    /// The model the projections use: `model`, with the exits per tickless tick measured
+    /// on this daemon's own tickless VMs where it has any.
+    projection: TimerModel,
     supervisor: Supervisor,
     observer: Result<Observer, String>,
     metrics: Metrics,
@@ -108,6 +111,7 @@ impl Manager {
         let backend = Backend::of_host();
         let status = DaemonStatus {
             version: env!("CARGO_PKG_VERSION").into(),
+            protocol: crate::protocol::PROTOCOL_VERSION,
             pid: std::process::id(),
             uptime_s: 0.0,
             metrics: metrics_url,
@@ -142,6 +146,7 @@ impl Manager {
         let mut manager = Manager {
             vms,
             observed_series: BTreeMap::new(),
+            projection: model.clone(),
             model,
             supervisor,
             observer,
@@ -170,8 +175,12 @@ impl Manager {
         manager
     }
 
-    /// Serves commands until `Shutdown` (or until the sender is gone).
+    /// Serves commands until `Shutdown` (or until the sender is gone). Under a systemd
+    /// watchdog (`WatchdogSec=`), each sample pings it: a manager that stops sampling
+    /// gets the daemon restarted, and the VMs, in their own processes, run on.
     pub fn run(mut self, inbox: Receiver<Command>) {
+        let mut interval = 0;
+        let watchdog_enabled = sd_notify::watchdog_enabled(false, &mut interval);
         let mut next_sample = Instant::now() + SAMPLE_INTERVAL;
         loop {
             match inbox.recv_timeout(next_sample.saturating_duration_since(Instant::now())) {
@@ -188,6 +197,9 @@ impl Manager {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     self.update();
+                    if watchdog_enabled {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    }
                     next_sample = Instant::now() + SAMPLE_INTERVAL;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -213,9 +225,10 @@ impl Manager {
                 self.status.vms_running = self.vms.iter().filter(|vm| vm.state == VmState::Running).count();
                 Response { status: Some(self.status.clone()), ..Response::ok() }
             }
-            Request::List {} => {
-                Response { vms: Some(self.vms.iter().map(|vm| vm_info(vm, &self.model)).collect()), ..Response::ok() }
-            }
+            Request::List {} => Response {
+                vms: Some(self.vms.iter().map(|vm| vm_info(vm, &self.projection)).collect()),
+                ..Response::ok()
+            },
             Request::SetTickRate { vm, hz } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
                 Ok(index) => self.set_tick_rate(index, hz),
@@ -379,6 +392,7 @@ impl Manager {
             }
             Err(_) => None,
         };
+        self.projection = self.measured_projection();
         let per_pid = snapshot.as_ref().map(per_process).unwrap_or_default();
         let exits_traced = self.kvm_exit_traced();
         for (index, status) in statuses.into_iter().enumerate() {
@@ -408,6 +422,36 @@ impl Manager {
         }
     }
 
+    /// The model with its exits per timer interrupt measured on this daemon's tickless
+    /// VMs, where they took enough ticks: what a tick costs here, now, for this guest
+    /// kernel. (On an emulating host it varies with the guest tick's phase against the
+    /// host's own tick, from about 1 exit to 2, so a live figure beats a stored one.)
+    fn measured_projection(&self) -> TimerModel {
+        const ENOUGH_TICKS: u64 = 200;
+        let (mut exits, mut ticks) = (0.0, 0u64);
+        for managed in &self.vms {
+            if !matches!(managed.config.mode, TickMode::Tickless | TickMode::TicklessFull) {
+                continue;
+            }
+            let Some((_, counters)) = &managed.sample else { continue };
+            let busy_s: f64 = counters.guest_busy_s.iter().sum();
+            exits += counters.kvm_stats.exits as f64 - self.model.floor_exits_per_s * busy_s;
+            ticks += counters.guest_ticks.total - counters.guest_idle_ticks.total;
+        }
+        if ticks < ENOUGH_TICKS || exits <= 0.0 {
+            return self.model.clone();
+        }
+        TimerModel {
+            exits_per_timer_interrupt: (exits / ticks as f64).clamp(0.0, 10.0),
+            source: "measured".into(),
+            note: format!(
+                "exits per timer interrupt measured on this daemon's tickless VMs ({ticks} busy ticks); the rest: {} ({})",
+                self.model.source, self.model.note
+            ),
+            ..self.model.clone()
+        }
+    }
+
     /// Whether `kvm_exit` fires on this host and is attached.
     fn kvm_exit_traced(&self) -> bool {
         match &self.observer {
@@ -429,6 +473,8 @@ impl Manager {
         let metrics = &mut self.metrics;
         let managed = &mut self.vms[index];
         let name = managed.config.name.clone();
+        let (hz, vcpus) = (managed.config.hz.to_string(), managed.config.vcpus.to_string());
+        metrics.vm_info.with_label_values(&[&name, managed.config.mode.name(), &hz, &vcpus]).set(1.0);
         for state in VmState::ALL {
             metrics.vm_state.with_label_values(&[&name, state.name()]).set(f64::from(u8::from(state == managed.state)));
         }
@@ -480,8 +526,11 @@ impl Manager {
             }
         }
         metrics.feed.feed(&metrics.ticks_injected, &[&name], counters.ticks_injected);
+        metrics.feed.feed(&metrics.ticks_ridden, &[&name], counters.ticks_ridden);
+        metrics.feed.feed(&metrics.ticks_skipped_idle, &[&name], counters.ticks_skipped_idle);
+        metrics.feed.feed(&metrics.tick_requests_clamped, &[&name], counters.tick_requests_clamped);
         metrics.feed.feed(&metrics.guest_ticks, &[&name], counters.guest_ticks.total);
-        metrics.feed.feed(&metrics.exits_saved, &[&name], self.model.exits_saved(&counters));
+        metrics.feed.feed(&metrics.exits_saved, &[&name], self.projection.exits_saved(&counters));
         metrics.vcpus_halted.with_label_values(&[&name]).set(f64::from(status.halted_vcpus));
         match observed {
             Some(observed) => {

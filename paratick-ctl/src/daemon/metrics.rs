@@ -13,8 +13,16 @@ pub struct Metrics {
     registry: Registry,
     /// Tick rate per VM and source (requested / configured / effective).
     pub tick_rate: GaugeVec,
+    /// One series per VM, its configuration in labels (always 1).
+    pub vm_info: GaugeVec,
     /// Ticks delivered by the injector.
     pub ticks_injected: IntCounterVec,
+    /// Of those, ticks that rode on an exit that happened anyway.
+    pub ticks_ridden: IntCounterVec,
+    /// Due ticks not delivered because the vCPU was halted.
+    pub ticks_skipped_idle: IntCounterVec,
+    /// Guest tick requests for a rate out of range (clamped).
+    pub tick_requests_clamped: IntCounterVec,
     /// Ticks the guest handled.
     pub guest_ticks: IntCounterVec,
     /// Guest tick requests by kind.
@@ -92,7 +100,31 @@ impl Metrics {
                 "Tick rate: requested by the guest, configured by the operator, effective (injected per ticking vCPU over the last interval), observed (timer interrupts per second of busy vCPU time, any mode).",
                 &["vm", "source"],
             ),
+            vm_info: gauge(
+                &registry,
+                "paratick_vm_info",
+                "A configured VM (always 1): its tick mode, guest tick rate and vCPUs.",
+                &["vm", "mode", "hz", "vcpus"],
+            ),
             ticks_injected: counter(&registry, "paratick_vm_ticks_injected_total", "Ticks injected into the VM.", &["vm"]),
+            ticks_ridden: counter(
+                &registry,
+                "paratick_vm_ticks_ridden_total",
+                "Injected ticks that rode on a VM exit that happened anyway (no kick).",
+                &["vm"],
+            ),
+            ticks_skipped_idle: counter(
+                &registry,
+                "paratick_vm_ticks_skipped_idle_total",
+                "Due ticks not injected because the vCPU was halted.",
+                &["vm"],
+            ),
+            tick_requests_clamped: counter(
+                &registry,
+                "paratick_vm_tick_requests_clamped_total",
+                "Guest tick requests for a rate out of range, clamped to it.",
+                &["vm"],
+            ),
             guest_ticks: counter(&registry, "paratick_vm_guest_ticks_total", "Scheduler ticks the guest handled.", &["vm"]),
             tick_requests: counter(
                 &registry,

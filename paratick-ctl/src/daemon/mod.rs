@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
-use crate::protocol::{Request, Response, MAX_REQUEST_BYTES};
+use crate::protocol::{ErrorCode, Request, Response, MAX_REQUEST_BYTES};
 pub use config::{DaemonConfig, DEFAULT_CONFIG};
 use manager::{Command, Manager};
 
@@ -74,7 +74,7 @@ async fn serve(config: DaemonConfig) -> Result<()> {
     tokio::spawn(serve_metrics(metrics_listener, inbox.clone()));
     tokio::spawn(serve_control(control_listener, inbox.clone(), group, config.socket_group.clone()));
     let status = format!("metrics on {metrics_url}, control socket {}", config.socket.display());
-    notify_systemd(&format!("READY=1\nSTATUS={status}"));
+    notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
     log::info!("paratick daemon ready: {status}");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -83,7 +83,7 @@ async fn serve(config: DaemonConfig) -> Result<()> {
         _ = terminate.recv() => log::info!("SIGTERM: stopping"),
         _ = interrupt.recv() => log::info!("SIGINT: stopping"),
     }
-    notify_systemd("STOPPING=1");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     // Whatever the load, and whatever a VM process or the kernel's detaching of the
     // eBPF programs does, the daemon ends before its unit's stop timeout.
     std::thread::Builder::new()
@@ -235,7 +235,10 @@ async fn serve_client(
     let (read, mut write) = stream.into_split();
     if !allowed {
         let who = group_name.map_or_else(|| "root".to_string(), |g| format!("root or group {g}"));
-        let refusal = Response::error(format!("permission denied: only {who} may control the daemon"));
+        let refusal = Response::failure(
+            ErrorCode::PermissionDenied,
+            format!("permission denied: only {who} may control the daemon"),
+        );
         return write_response(&mut write, &refusal).await;
     }
     let mut reader = BufReader::new(read);
@@ -249,7 +252,8 @@ async fn serve_client(
             return Ok(());
         }
         if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
-            let refusal = Response::error(format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"));
+            let refusal =
+                Response::failure(ErrorCode::BadRequest, format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"));
             write_response(&mut write, &refusal).await?;
             write.shutdown().await?;
             // Closing with the client's data still queued would reset the connection,
@@ -264,12 +268,14 @@ async fn serve_client(
             return Ok(());
         }
         let response = match serde_json::from_slice::<Request>(&line) {
-            Err(e) => Response::error(format!("bad request: {e}")),
+            Err(e) => Response::failure(ErrorCode::BadRequest, format!("bad request: {e}")),
             Ok(request) => {
                 let (reply, answer) = oneshot::channel();
                 match inbox.send(Command::Request(request, reply)) {
-                    Ok(()) => answer.await.unwrap_or_else(|_| Response::error("the daemon is stopping")),
-                    Err(_) => Response::error("the daemon is stopping"),
+                    Ok(()) => answer
+                        .await
+                        .unwrap_or_else(|_| Response::failure(ErrorCode::Stopping, "the daemon is stopping")),
+                    Err(_) => Response::failure(ErrorCode::Stopping, "the daemon is stopping"),
                 }
             }
         };
@@ -314,24 +320,10 @@ async fn write_response(write: &mut tokio::net::unix::OwnedWriteHalf, response: 
     write.write_all(line.as_bytes()).await
 }
 
-/// Sends a state update to systemd when run as a Type=notify service (`NOTIFY_SOCKET`).
-fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let socket = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(socket) => socket,
-        Err(e) => return log::warn!("sd_notify: {e}"),
-    };
-    let bytes = path.as_encoded_bytes();
-    let sent = match bytes.strip_prefix(b"@") {
-        // An abstract socket address.
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::SocketAddr::from_abstract_name(name)
-                .and_then(|address| socket.send_to_addr(state.as_bytes(), &address))
-        }
-        None => socket.send_to(state.as_bytes(), &path),
-    };
-    if let Err(e) = sent {
-        log::warn!("sd_notify to {}: {e}", path.to_string_lossy());
+/// Sends state updates to systemd when run as a Type=notify service (`NOTIFY_SOCKET`);
+/// nothing otherwise.
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        log::warn!("sd_notify: {e}");
     }
 }
