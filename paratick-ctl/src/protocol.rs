@@ -112,6 +112,8 @@ pub struct DaemonStatus {
     pub observer: String,
     /// How VM processes are started: `systemd` (units) or `process`.
     pub vm_launcher: String,
+    /// The exits model the projections use now.
+    pub exits_model: Option<crate::model::TimerModel>,
     /// VMs running.
     pub vms_running: usize,
     /// VMs configured.

@@ -886,8 +886,9 @@ fn the_projected_exits_saved_match_a_measured_tickless_paratick_pair_within_15_p
     let error = (projected - measured).abs() / measured;
     assert!(
         error <= 0.15,
-        "projected {projected} vs measured {measured} exits saved ({:.1}% off): tickless {tickless}, paratick {paratick}",
-        error * 100.0
+        "projected {projected} vs measured {measured} exits saved ({:.1}% off): tickless {tickless}, paratick {paratick}, {}",
+        error * 100.0,
+        String::from_utf8_lossy(&daemon.ctl(&["status", "--json"]).stdout)
     );
     // A tickless VM shows the tick rate it takes while busy, not 0.
     assert!(!observed.is_empty(), "no observed tick rate while the tickless VM ran");

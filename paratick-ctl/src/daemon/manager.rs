@@ -119,6 +119,7 @@ impl Manager {
             backend: backend.name().into(),
             observer: observer.as_ref().map(|_| "attached".to_string()).unwrap_or_else(|e| e.clone()),
             vm_launcher: launcher.name().into(),
+            exits_model: None,
             vms_running: 0,
             vms_total: config.vms.len(),
         };
@@ -223,6 +224,7 @@ impl Manager {
             Request::Status {} => {
                 self.status.uptime_s = self.started.elapsed().as_secs_f64();
                 self.status.vms_running = self.vms.iter().filter(|vm| vm.state == VmState::Running).count();
+                self.status.exits_model = Some(self.projection.clone());
                 Response { status: Some(self.status.clone()), ..Response::ok() }
             }
             Request::List {} => Response {
