@@ -884,6 +884,7 @@ fn the_projected_exits_saved_match_a_measured_tickless_paratick_pair_within_15_p
     let projected = paratick["exits_saved"].as_f64().unwrap();
     assert!(measured > 0.0, "paratick saved nothing? {tickless} {paratick}");
     let error = (projected - measured).abs() / measured;
+    eprintln!("projected {projected} vs measured {measured} exits saved ({:.1}% off)", error * 100.0);
     assert!(
         error <= 0.15,
         "projected {projected} vs measured {measured} exits saved ({:.1}% off): tickless {tickless}, paratick {paratick}, {}",

@@ -430,14 +430,30 @@ impl Manager {
     /// host's own tick, from about 1 exit to 2, so a live figure beats a stored one.)
     fn measured_projection(&self) -> TimerModel {
         const ENOUGH_TICKS: u64 = 200;
+        const ENOUGH_BUSY_S: f64 = 1.0;
+        let samples = |modes: &'static [TickMode]| {
+            self.vms
+                .iter()
+                .filter(move |vm| modes.contains(&vm.config.mode))
+                .filter_map(|vm| vm.sample.as_ref().map(|(_, counters)| counters))
+        };
+        // The floor: what a paratick VM's busy vCPU takes beyond its kicks, per second.
+        let (mut floor_exits, mut floor_busy) = (0.0, 0.0);
+        for counters in samples(&[TickMode::Paratick]) {
+            floor_exits += counters.kvm_stats.exits as f64
+                - counters.kicks() as f64 * self.model.exits_per_injected_tick
+                - counters.tick_requests as f64;
+            floor_busy += counters.guest_busy_s.iter().sum::<f64>();
+        }
+        let floor = if floor_busy >= ENOUGH_BUSY_S && floor_exits > 0.0 {
+            floor_exits / floor_busy
+        } else {
+            self.model.floor_exits_per_s
+        };
         let (mut exits, mut ticks) = (0.0, 0u64);
-        for managed in &self.vms {
-            if !matches!(managed.config.mode, TickMode::Tickless | TickMode::TicklessFull) {
-                continue;
-            }
-            let Some((_, counters)) = &managed.sample else { continue };
+        for counters in samples(&[TickMode::Tickless, TickMode::TicklessFull]) {
             let busy_s: f64 = counters.guest_busy_s.iter().sum();
-            exits += counters.kvm_stats.exits as f64 - self.model.floor_exits_per_s * busy_s;
+            exits += counters.kvm_stats.exits as f64 - floor * busy_s;
             ticks += counters.guest_ticks.total - counters.guest_idle_ticks.total;
         }
         if ticks < ENOUGH_TICKS || exits <= 0.0 {
@@ -445,9 +461,11 @@ impl Manager {
         }
         TimerModel {
             exits_per_timer_interrupt: (exits / ticks as f64).clamp(0.0, 10.0),
+            floor_exits_per_s: floor,
             source: "measured".into(),
             note: format!(
-                "exits per timer interrupt measured on this daemon's tickless VMs ({ticks} busy ticks); the rest: {} ({})",
+                "exits per timer interrupt measured on this daemon's tickless VMs ({ticks} busy ticks), the floor on its \
+                 paratick VMs where they ran long enough; the rest: {} ({})",
                 self.model.source, self.model.note
             ),
             ..self.model.clone()
