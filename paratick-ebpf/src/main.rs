@@ -75,6 +75,7 @@ const PASS_EVENT_ON: u32 = 1;
 /// Defines tracepoint entry points: `name => handler(ctx)`, returning [`PASS_EVENT_ON`].
 macro_rules! tracepoint_programs {
     ($($program:ident => $handler:expr),+ $(,)?) => {$(
+        #[doc = concat!("The program on the `", stringify!($program), "` tracepoint.")]
         #[no_mangle]
         #[link_section = "tracepoint"]
         pub fn $program(ctx: *mut core::ffi::c_void) -> u32 {
@@ -268,6 +269,7 @@ static THREAD_VCPUS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(VCPU_TH
 /// hosts with neither (such as PVM hosts).
 macro_rules! kvm_counter_programs {
     ($($program:ident => $handler:expr),+ $(,)?) => {$(
+        #[doc = concat!("The raw tracepoint program `", stringify!($program), "`.")]
         #[no_mangle]
         #[link_section = "raw_tracepoint"]
         pub fn $program(ctx: *mut core::ffi::c_void) -> i32 {

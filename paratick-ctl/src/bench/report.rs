@@ -117,24 +117,6 @@ pub struct Record {
     pub exits_saved_estimate: u64,
 }
 
-/// Exits a VMX host without APICv would take for what this run did: every MSR write
-/// (TSC deadline, EOI, IPI), port and MMIO access and HLT exits; every timer tick costs
-/// one exit (the expiry of a guest-programmed or VMM-programmed LAPIC timer, or the kick
-/// of an injected tick that did not ride on another exit). Interrupts to a halted vCPU
-/// cost no extra exit. The tick page costs nothing there either: it is plain memory.
-pub fn modelled_vmx_exits(mode: TickMode, report: &RunReport, observed: &ProcessCounts) -> u64 {
-    let injected = mode == TickMode::Paratick && report.delivery != TickDelivery::LapicTimer.name();
-    let timer_exits = if injected {
-        let kicks = report.counters.ticks_injected.saturating_sub(report.counters.ticks_ridden);
-        // The guest's own one-shot timer for sleepers expires on top of the kicks.
-        kicks + observed.timer_interrupts.saturating_sub(report.counters.ticks_injected)
-    } else {
-        observed.timer_interrupts
-    };
-    let halts = report.counters.kvm_stats.halt_exits;
-    observed.event("kvm_msr_write") + observed.event("kvm_pio") + observed.event("kvm_mmio") + halts + timer_exits
-}
-
 impl Record {
     /// A record of a finished run.
     pub fn new(
@@ -158,7 +140,7 @@ impl Record {
             vcpus: report.vcpus,
             exits: stats.exits,
             exits_per_s: stats.exits as f64 / report.wall_s.max(1e-9),
-            modelled_vmx_exits: modelled_vmx_exits(mode, report, observed),
+            modelled_vmx_exits: crate::model::modelled_vmx_exits(mode, report, observed),
             throughput_per_s: report.throughput_per_s,
             elapsed_s: report.elapsed_s,
             work_units: report.work_units,
