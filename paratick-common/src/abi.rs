@@ -17,6 +17,9 @@ pub const TICK_RATE_MIN_HZ: u32 = 10;
 /// Highest tick rate the host injects; requests above it are clamped down to it.
 pub const TICK_RATE_MAX_HZ: u32 = 4000;
 
+/// The guest's tick rate when none is given (Linux's CONFIG_HZ=250).
+pub const TICK_RATE_DEFAULT_HZ: u32 = 250;
+
 /// What the host makes of a guest's tick request value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TickRequest {

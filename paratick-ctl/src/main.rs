@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use paratick_ctl::model::{ModelBackend, TimerModel};
 use paratick_ctl::observer::report::{
     render_table, render_timer_reports, CommandReport, ObserveReport, Row, TimerReport, VmReport,
@@ -30,6 +30,10 @@ struct Cli {
     /// The daemon's control socket [default: /run/paratick/paratick.sock, or the config's].
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Print JSON (every command that prints: status, vm, observe; errors stay one line
+    /// on stderr).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,17 +45,20 @@ enum Command {
     /// Run the daemon: VMs, eBPF observer, Prometheus metrics, control socket.
     Daemon(DaemonArgs),
     /// The daemon's state.
-    Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// The daemon's VMs.
     #[command(subcommand)]
     Vm(VmCommand),
     /// Reproduce the paper's evaluation: paratick vs tickless, tickless-full and periodic on
     /// three workloads, each against a no-timer floor; and each tick delivery method.
     Bench(BenchArgs),
+    /// Print a shell completion script (`xtask install` installs them).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff; `xtask install` installs it).
+    Manpage,
 }
 
 #[derive(Debug, Args)]
@@ -66,7 +73,7 @@ struct BenchArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     duration: Duration,
     /// Guest tick rate, every mode.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = paratick_common::abi::TICK_RATE_DEFAULT_HZ)]
     hz: u32,
     /// vCPUs of the multithreaded and I/O workloads.
     #[arg(long, default_value_t = 2)]
@@ -92,11 +99,7 @@ struct DaemonArgs {
 #[derive(Debug, Subcommand)]
 enum VmCommand {
     /// List the VMs with their state and tick rates.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Set a VM's tick rate, or give it back to the guest with --auto.
     SetTickRate {
         /// VM name.
@@ -131,9 +134,6 @@ struct ObserveArgs {
     /// Stop after this long (e.g. 10s, 2m).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Print one JSON document when stopping instead of the live table.
-    #[arg(long)]
-    json: bool,
     /// Write the final report to FILE instead of stdout (which the command may use).
     #[arg(short, long, value_name = "FILE")]
     output: Option<std::path::PathBuf>,
@@ -167,14 +167,22 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
     let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(client::DEFAULT_SOCKET));
     let result = match cli.command {
-        Command::Observe(args) => observe(args),
+        Command::Observe(args) => observe(args, cli.json),
         Command::Daemon(args) => {
             let overrides = daemon::Overrides { metrics_listen: args.metrics_listen, socket: cli.socket };
             daemon::run(args.config.as_deref(), overrides).map(|()| ExitCode::SUCCESS)
         }
-        Command::Status { json } => status(&socket, json),
-        Command::Vm(command) => vm(&socket, command),
+        Command::Status => status(&socket, cli.json),
+        Command::Vm(command) => vm(&socket, command, cli.json),
         Command::Bench(args) => bench(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "paratick-ctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpage => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,
@@ -251,9 +259,9 @@ fn status(socket: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn vm(socket: &Path, command: VmCommand) -> Result<ExitCode> {
+fn vm(socket: &Path, command: VmCommand, json: bool) -> Result<ExitCode> {
     match command {
-        VmCommand::List { json } => {
+        VmCommand::List => {
             let vms = client::request(socket, &Request::List {})?.vms.unwrap_or_default();
             if json {
                 println!("{}", serde_json::to_string_pretty(&vms)?);
@@ -295,16 +303,23 @@ fn vm(socket: &Path, command: VmCommand) -> Result<ExitCode> {
             }
         }
         VmCommand::SetTickRate { name, hz, auto } => {
-            client::request(socket, &Request::SetTickRate { vm: name.clone(), hz: if auto { None } else { hz } })?;
+            let response =
+                client::request(socket, &Request::SetTickRate { vm: name, hz: if auto { None } else { hz } })?;
+            print_ok(&response, json)?;
         }
-        VmCommand::Start { name } => {
-            client::request(socket, &Request::Start { vm: name })?;
-        }
-        VmCommand::Stop { name } => {
-            client::request(socket, &Request::Stop { vm: name })?;
-        }
+        VmCommand::Start { name } => print_ok(&client::request(socket, &Request::Start { vm: name })?, json)?,
+        VmCommand::Stop { name } => print_ok(&client::request(socket, &Request::Stop { vm: name })?, json)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A command that changes something prints nothing when it worked, or the daemon's
+/// answer with `--json`.
+fn print_ok(response: &paratick_ctl::protocol::Response, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(response)?);
+    }
+    Ok(())
 }
 
 /// The counts at the end of the live table's last interval: when, the observer's per
@@ -314,7 +329,7 @@ type Interval = (Instant, BTreeMap<u32, ProcessCounts>, BTreeMap<u32, KvmExitCou
 /// How often `observe` reads the maps and /proc, so that short-lived VMs are still named.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-fn observe(args: ObserveArgs) -> Result<ExitCode> {
+fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
     for &pid in &args.pids {
         match procfs::process_info(pid) {
             None => bail!("no process with pid {pid}"),
@@ -371,7 +386,7 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
     let mut known: HashMap<u32, ProcessInfo> = HashMap::new();
     let mut previous: Option<Interval> = None;
     let mut next_table = started + args.interval;
-    let live_table = !args.json;
+    let live_table = !json;
     let clear_screen = std::io::stdout().is_terminal();
     loop {
         std::thread::sleep(POLL_INTERVAL.min(args.interval));
@@ -527,13 +542,13 @@ fn observe(args: ObserveArgs) -> Result<ExitCode> {
     if args.report {
         let text = render_timer_reports(&vms, &model);
         // Stdout is the JSON document's when it has no file of its own.
-        if args.json && args.output.is_none() {
+        if json && args.output.is_none() {
             eprint!("{text}");
         } else {
             print!("{text}");
         }
     }
-    if args.json {
+    if json {
         let report = ObserveReport {
             timer_model: model.clone(),
             timer_model_problem: model_problem.clone(),

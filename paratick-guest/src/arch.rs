@@ -7,7 +7,11 @@
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 
-use paratick_common::guest::{kernel_stack_top, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS};
+use paratick_common::abi::{LAPIC_TIMER_VECTOR, PARATICK_TICK_VECTOR};
+use paratick_common::guest::{
+    kernel_stack_top, BLOCK_COMPLETION_VECTOR, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, SPURIOUS_VECTOR,
+    WAKEUP_VECTOR,
+};
 
 /// User data segment selector (RPL 3).
 pub const USER_DATA_SELECTOR: u16 = 0x18 | 3;
@@ -146,20 +150,26 @@ ISR 28, 0
 ISR 29, 1
 ISR 30, 1
 ISR 31, 0
-ISR 224, 0
-ISR 225, 0
-ISR 235, 0
-ISR 236, 0
-ISR 255, 0
+ISR {block}, 0
+ISR {wakeup}, 0
+ISR {paratick}, 0
+ISR {timer}, 0
+ISR {spurious}, 0
 
 .section .rodata
     .global isr_table
     .p2align 3
 isr_table:
-    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,224,225,235,236,255
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,{block},{wakeup},{paratick},{timer},{spurious}
     .quad \v, isr_\v
     .endr
-"#
+"#,
+    // The device and timer vectors are the ABI's (paratick-common), not literals.
+    block = const BLOCK_COMPLETION_VECTOR,
+    wakeup = const WAKEUP_VECTOR,
+    paratick = const PARATICK_TICK_VECTOR,
+    timer = const LAPIC_TIMER_VECTOR,
+    spurious = const SPURIOUS_VECTOR,
 );
 
 extern "C" {

@@ -51,7 +51,7 @@ struct VmArgs {
     #[arg(long, value_parser = |s: &str| parse_tick_mode(s).map_err(|e| e.to_string()))]
     mode: paratick_common::guest::TickMode,
     /// Guest tick rate in Hz (10-4000).
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = paratick_common::abi::TICK_RATE_DEFAULT_HZ)]
     hz: u32,
     /// Workload: sequential, multithreaded or io.
     #[arg(long, value_parser = |s: &str| parse_workload(s).map_err(|e| e.to_string()))]

@@ -225,6 +225,23 @@ fn install(root: &Path, binaries: Option<&Path>) -> Result<()> {
     for binary in ["paratick-ctl", "paratick-vmm"] {
         copy(binaries.join(binary), &format!("/usr/local/bin/{binary}"), 0o755)?;
     }
+    // Shell completions and the man page, from the installed binary itself.
+    let ctl = binaries.join("paratick-ctl");
+    for (args, to) in [
+        (&["completions", "bash"][..], "/usr/local/share/bash-completion/completions/paratick-ctl"),
+        (&["completions", "zsh"][..], "/usr/local/share/zsh/site-functions/_paratick-ctl"),
+        (&["completions", "fish"][..], "/usr/local/share/fish/vendor_completions.d/paratick-ctl.fish"),
+        (&["manpage"][..], "/usr/local/share/man/man1/paratick-ctl.1"),
+    ] {
+        let output = Command::new(&ctl).args(args).output().with_context(|| format!("run {}", ctl.display()))?;
+        if !output.status.success() {
+            bail!("{} {args:?} failed: {}", ctl.display(), String::from_utf8_lossy(&output.stderr));
+        }
+        let to = root.join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().expect("absolute target"))?;
+        std::fs::write(&to, output.stdout).with_context(|| format!("write {}", to.display()))?;
+        eprintln!("xtask install: {}", to.display());
+    }
     for unit in ["paratick.service", "paratick-vm@.service"] {
         copy(workspace.join("packaging").join(unit), &format!("/etc/systemd/system/{unit}"), 0o644)?;
     }

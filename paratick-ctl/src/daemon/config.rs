@@ -113,7 +113,7 @@ impl DaemonConfig {
         let metrics_listen = metrics_listen
             .parse()
             .map_err(|_| value_error("metrics_listen", format!("{metrics_listen:?} is not an address:port")))?;
-        let socket = raw.socket.unwrap_or_else(|| PathBuf::from("/run/paratick/paratick.sock"));
+        let socket = raw.socket.unwrap_or_else(|| PathBuf::from(crate::client::DEFAULT_SOCKET));
         if !socket.is_absolute() {
             return Err(value_error("socket", "must be an absolute path"));
         }
@@ -167,7 +167,14 @@ fn vm_entry(vm: RawVm, key: &dyn Fn(&str) -> String) -> Result<VmEntry, ConfigEr
             WorkAmount::Seconds(duration.as_secs_f64())
         }
     };
-    let mut config = VmConfig::new(&vm.name, vm.vcpus.unwrap_or(1), mode, vm.hz.unwrap_or(250), workload, amount);
+    let mut config = VmConfig::new(
+        &vm.name,
+        vm.vcpus.unwrap_or(1),
+        mode,
+        vm.hz.unwrap_or(paratick_common::abi::TICK_RATE_DEFAULT_HZ),
+        workload,
+        amount,
+    );
     config.operator_hz = vm.tick_rate;
     if let Some(hz) = vm.housekeeping_hz {
         config.housekeeping_hz = hz;
