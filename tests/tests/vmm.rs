@@ -309,7 +309,9 @@ fn kvm_stats_are_reported_by_name_and_count_the_ticks() {
     let _lock = one_vm_at_a_time();
     let r = run(TickMode::Periodic, Workload::Io, 2, 1.0);
     let stats = &r.counters.kvm_stats;
-    assert!(stats.exits > 0 && stats.halt_exits > 0 && stats.io_exits > 0 && stats.insn_emulation > 0, "{stats:?}");
+    // (Port I/O that exits to the VMM is not in `io_exits` on PVM: it counts in-kernel
+    // port emulation.)
+    assert!(stats.exits > 0 && stats.halt_exits > 0 && stats.insn_emulation > 0, "{stats:?}");
     // Every tick and every block completion is an injected interrupt.
     assert!(stats.irq_injections >= r.counters.guest_ticks.total + r.block_requests, "{stats:?}");
     // The total is the sum of the vCPUs', and each category is part of the exits.
