@@ -53,6 +53,8 @@ fn main() -> Result<()> {
         }
         "run" => {
             setup()?;
+            // The daemon runs each VM as a paratick-vmm process, found beside it.
+            cargo(&["build", "--release", "--package", "paratick-vmm"])?;
             let mut run = vec!["run", "--release", "--package", "paratick-ctl", "--"];
             if rest.is_empty() {
                 // The main job: the daemon on its embedded default configuration.
