@@ -514,10 +514,15 @@ impl Manager {
         managed.halted_vcpus = status.halted_vcpus;
         let counters = status.counters.clone();
         let now = Instant::now();
-        // Timer interrupts as the host sees them (the observer), else the ticks the guest
-        // counted; per second of busy vCPU time.
-        let timer_interrupts = observed.map_or(counters.guest_ticks.total, |o| o.timer_interrupts);
-        let busy_s: f64 = counters.guest_busy_s.iter().sum();
+        // Timer interrupts as the host sees them per second of vCPU time not halted (the
+        // observer's halts), as `observe` reports them; without the observer, the ticks
+        // the guest counted per second its tasks ran.
+        let (timer_interrupts, busy_s) = match observed {
+            Some(o) => {
+                (o.timer_interrupts, status.uptime_s * f64::from(managed.config.vcpus) - o.halted_ns as f64 / 1e9)
+            }
+            None => (counters.guest_ticks.total, counters.guest_busy_s.iter().sum()),
+        };
         if let Some((interrupts_before, busy_before)) = managed.observed_sample {
             let busy = busy_s - busy_before;
             if busy > 0.05 {
