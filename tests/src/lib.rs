@@ -2,7 +2,7 @@
 //! `perf stat` as an independent reference, and reading the observer's JSON.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
@@ -131,6 +131,40 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A kvm-unit-tests kernel (prebuilt, unmodified upstream: nobody here wrote it; see
+/// tests/fixtures/kvm-unit-tests/README.md).
+pub fn kvm_unit_test(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kvm-unit-tests").join(name)
+}
+
+/// The command line of Debian's QEMU on KVM running a kvm-unit-tests kernel. (ARCH_CAPABILITIES is off: this
+/// PVM host refuses QEMU's write of that MSR.)
+pub fn qemu_args(kernel: &Path, append: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "qemu-system-x86_64",
+        "-enable-kvm",
+        "-cpu",
+        "host,+x2apic,+tsc-deadline,-arch-capabilities",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-display",
+        "none",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x4",
+        "-kernel",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(kernel.to_str().unwrap().into());
+    args.extend(["-append".into(), append.into()]);
+    args
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use paratick_tests::{free_port, metric, one_vm_at_a_time, parse_metrics, single_error_line, workspace_binary, Sample};
+use paratick_tests::{
+    free_port, kvm_unit_test, metric, one_vm_at_a_time, parse_metrics, qemu_args, single_error_line, workspace_binary,
+    Sample,
+};
 use serde_json::Value;
 
 /// A paratick VM `a` and a tickless VM `b`, both running the I/O workload on one vCPU.
@@ -904,21 +907,9 @@ fn the_projected_exits_saved_match_a_measured_tickless_paratick_pair_within_15_p
 fn a_third_party_vm_is_exported_by_kvm_exit_category_and_forgotten_when_it_exits() {
     let _lock = one_vm_at_a_time();
     let daemon = Daemon::start("observed", "");
-    let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kvm-unit-tests/tscdeadline_latency.flat");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-enable-kvm", "-cpu", "host,+x2apic,+tsc-deadline,-arch-capabilities", "-m", "256", "-nodefaults"])
-        .args([
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-display",
-            "none",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x4",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .args(["-append", "20000000 200"])
+    let qemu = qemu_args(&kvm_unit_test("tscdeadline_latency.flat"), "20000000 200");
+    let mut qemu = Command::new(&qemu[0])
+        .args(&qemu[1..])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -4,11 +4,11 @@
 //! counts the tracepoint for the whole process tree of the command it wraps.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use paratick_tests::{perf_stat, perf_stat_status, single_error_line, workspace_binary};
+use paratick_tests::{kvm_unit_test, perf_stat, perf_stat_status, qemu_args, single_error_line, workspace_binary};
 use serde_json::Value;
 
 fn ctl() -> PathBuf {
@@ -239,40 +239,6 @@ fn a_failing_command_passes_its_exit_code_through() {
     assert_eq!(output.status.code(), Some(1));
     let report = read_report(&report_file);
     assert_eq!(report["command"]["exit_code"], 1);
-}
-
-/// A kvm-unit-tests kernel (prebuilt, unmodified upstream: nobody here wrote it; see
-/// tests/fixtures/kvm-unit-tests/README.md).
-fn kvm_unit_test(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kvm-unit-tests").join(name)
-}
-
-/// Debian's QEMU on KVM running a kvm-unit-tests kernel. (ARCH_CAPABILITIES is off: this
-/// PVM host refuses QEMU's write of that MSR.)
-fn qemu_args(kernel: &Path, append: &str) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "qemu-system-x86_64",
-        "-enable-kvm",
-        "-cpu",
-        "host,+x2apic,+tsc-deadline,-arch-capabilities",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-display",
-        "none",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x4",
-        "-kernel",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(kernel.to_str().unwrap().into());
-    args.extend(["-append".into(), append.into()]);
-    args
 }
 
 /// A third-party VMM and guest: the observer's event counts equal perf's for the same
