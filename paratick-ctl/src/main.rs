@@ -407,9 +407,11 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
             }
             let none = BTreeMap::new();
             for pid in pids {
-                let new_in_window = procfs::start_ticks(pid).is_some_and(|start| start >= own_start);
+                // One read of /proc/PID/stat says both whether it lives and when it began.
+                let start = procfs::start_ticks(pid);
+                let new_in_window = start.is_some_and(|start| start >= own_start);
                 kvm.sample(pid, new_in_window, counters.as_ref().map(|c| c.get(&pid).unwrap_or(&none)));
-                if procfs::process_info(pid).is_some() {
+                if start.is_some() {
                     lifetimes.entry(pid).and_modify(|(_, last)| *last = now).or_insert((now, now));
                 }
             }
