@@ -6,38 +6,45 @@
 //! The per-event logic ([`summarize`]) lives here rather than in the eBPF crate so that
 //! it is unit-tested on the host; the eBPF programs only read fields and update maps.
 
-/// The KVM tracepoints the observer attaches to.
-#[repr(u16)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EventKind {
-    /// `kvm:kvm_exit`: every VM exit (VMX/SVM hosts only).
-    KvmExit = 0,
-    /// `kvm:kvm_entry`: every VM entry (VMX/SVM hosts only).
-    KvmEntry = 1,
-    /// `kvm:kvm_msr`: an MSR access handled by KVM.
-    KvmMsr = 2,
-    /// `kvm:kvm_pio`: a port I/O access.
-    KvmPio = 3,
-    /// `kvm:kvm_mmio`: an MMIO access.
-    KvmMmio = 4,
-    /// `kvm:kvm_userspace_exit`: KVM_RUN returned to the VMM.
-    KvmUserspaceExit = 5,
-    /// `kvm:kvm_apic_accept_irq`: the LAPIC accepted an interrupt.
-    KvmApicAcceptIrq = 6,
-    /// `kvm:kvm_inj_virq`: an interrupt was injected on VM entry (VMX/SVM hosts only).
-    KvmInjVirq = 7,
-    /// `kvm:kvm_eoi`: the guest signalled end of interrupt.
-    KvmEoi = 8,
-    /// `kvm:kvm_vcpu_wakeup`: a halted vCPU woke up (or polled).
-    KvmVcpuWakeup = 9,
-    /// `kvm:kvm_hypercall`: a hypercall (VMX/SVM hosts only).
-    KvmHypercall = 10,
-    /// `kvm:kvm_apic`: a LAPIC register access.
-    KvmApic = 11,
+/// The one table of the KVM tracepoints the observer attaches to: for each, its
+/// [`EventKind`] variant and discriminant, its tracepoint (and eBPF program) name, and
+/// the fields its program reads, slot by slot ([`summarize`] interprets the slots).
+///
+/// `for_each_kvm_event!(callback)` calls `callback!` with every row as
+/// `#[doc] Variant = discriminant, tracepoint_name, [field, ...];`. This crate derives
+/// [`EventKind`], [`EventKind::ALL`], [`EventKind::tracepoint`] and [`EventKind::fields`]
+/// from it, the eBPF crate its entry points: a new tracepoint is one row here.
+#[macro_export]
+macro_rules! for_each_kvm_event {
+    ($callback:ident) => {
+        $callback! {
+            /// `kvm:kvm_exit`: every VM exit (VMX/SVM hosts only).
+            KvmExit = 0, kvm_exit, [required!("exit_reason"), required!("isa"), optional!("vcpu_id")];
+            /// `kvm:kvm_entry`: every VM entry (VMX/SVM hosts only).
+            KvmEntry = 1, kvm_entry, [optional!("vcpu_id")];
+            /// `kvm:kvm_msr`: an MSR access handled by KVM.
+            KvmMsr = 2, kvm_msr, [required!("write"), required!("ecx"), required!("data")];
+            /// `kvm:kvm_pio`: a port I/O access.
+            KvmPio = 3, kvm_pio, [required!("rw"), required!("port")];
+            /// `kvm:kvm_mmio`: an MMIO access.
+            KvmMmio = 4, kvm_mmio, [required!("type")];
+            /// `kvm:kvm_userspace_exit`: KVM_RUN returned to the VMM.
+            KvmUserspaceExit = 5, kvm_userspace_exit, [required!("reason"), required!("errno")];
+            /// `kvm:kvm_apic_accept_irq`: the LAPIC accepted an interrupt.
+            KvmApicAcceptIrq = 6, kvm_apic_accept_irq, [required!("vec"), required!("apicid")];
+            /// `kvm:kvm_inj_virq`: an interrupt was injected on VM entry (VMX/SVM hosts only).
+            KvmInjVirq = 7, kvm_inj_virq, [required!("vector", "irq"), optional!("soft")];
+            /// `kvm:kvm_eoi`: the guest signalled end of interrupt.
+            KvmEoi = 8, kvm_eoi, [required!("vector"), required!("apicid")];
+            /// `kvm:kvm_vcpu_wakeup`: a halted vCPU woke up (or polled).
+            KvmVcpuWakeup = 9, kvm_vcpu_wakeup, [required!("ns"), required!("waited")];
+            /// `kvm:kvm_hypercall`: a hypercall (VMX/SVM hosts only).
+            KvmHypercall = 10, kvm_hypercall, [required!("nr")];
+            /// `kvm:kvm_apic`: a LAPIC register access.
+            KvmApic = 11, kvm_apic, [required!("rw"), required!("reg"), required!("val")];
+        }
+    };
 }
-
-/// Number of [`EventKind`]s.
-pub const EVENT_KIND_COUNT: usize = 12;
 
 /// Most fields any program reads from one tracepoint record.
 pub const MAX_FIELDS: usize = 4;
@@ -64,23 +71,45 @@ macro_rules! optional {
     ($($name:literal),+) => { FieldSpec { names: &[$($name),+], required: false } };
 }
 
-impl EventKind {
-    /// All kinds, in discriminant order.
-    pub const ALL: [EventKind; EVENT_KIND_COUNT] = [
-        EventKind::KvmExit,
-        EventKind::KvmEntry,
-        EventKind::KvmMsr,
-        EventKind::KvmPio,
-        EventKind::KvmMmio,
-        EventKind::KvmUserspaceExit,
-        EventKind::KvmApicAcceptIrq,
-        EventKind::KvmInjVirq,
-        EventKind::KvmEoi,
-        EventKind::KvmVcpuWakeup,
-        EventKind::KvmHypercall,
-        EventKind::KvmApic,
-    ];
+/// Defines [`EventKind`] and its table-driven methods from [`for_each_kvm_event!`].
+macro_rules! define_event_kind {
+    ($($(#[$doc:meta])* $variant:ident = $value:literal, $tracepoint:ident, [$($field:expr),* $(,)?];)+) => {
+        /// The KVM tracepoints the observer attaches to (rows of [`for_each_kvm_event!`]).
+        #[repr(u16)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum EventKind {
+            $($(#[$doc])* $variant = $value,)+
+        }
 
+        /// Number of [`EventKind`]s.
+        pub const EVENT_KIND_COUNT: usize = [$(EventKind::$variant),+].len();
+
+        impl EventKind {
+            /// All kinds, in discriminant order.
+            pub const ALL: [EventKind; EVENT_KIND_COUNT] = [$(EventKind::$variant),+];
+
+            /// Name of the tracepoint in the `kvm` group, which is also the eBPF
+            /// program's name.
+            pub const fn tracepoint(self) -> &'static str {
+                match self {
+                    $(EventKind::$variant => stringify!($tracepoint),)+
+                }
+            }
+
+            /// The fields the program reads, slot by slot; [`summarize`] interprets
+            /// the slots.
+            pub const fn fields(self) -> &'static [FieldSpec] {
+                match self {
+                    $(EventKind::$variant => &[$($field),*],)+
+                }
+            }
+        }
+    };
+}
+
+for_each_kvm_event!(define_event_kind);
+
+impl EventKind {
     /// The kind with this discriminant, if any.
     pub const fn from_u16(value: u16) -> Option<EventKind> {
         if (value as usize) < EVENT_KIND_COUNT {
@@ -90,47 +119,11 @@ impl EventKind {
         }
     }
 
-    /// Name of the tracepoint in the `kvm` group, which is also the eBPF program's name.
-    pub const fn tracepoint(self) -> &'static str {
-        match self {
-            EventKind::KvmExit => "kvm_exit",
-            EventKind::KvmEntry => "kvm_entry",
-            EventKind::KvmMsr => "kvm_msr",
-            EventKind::KvmPio => "kvm_pio",
-            EventKind::KvmMmio => "kvm_mmio",
-            EventKind::KvmUserspaceExit => "kvm_userspace_exit",
-            EventKind::KvmApicAcceptIrq => "kvm_apic_accept_irq",
-            EventKind::KvmInjVirq => "kvm_inj_virq",
-            EventKind::KvmEoi => "kvm_eoi",
-            EventKind::KvmVcpuWakeup => "kvm_vcpu_wakeup",
-            EventKind::KvmHypercall => "kvm_hypercall",
-            EventKind::KvmApic => "kvm_apic",
-        }
-    }
-
     /// Whether the tracepoint fires in the context of the vCPU's own thread (so the
     /// current thread identifies a vCPU). `kvm_apic_accept_irq` does not: it fires in
     /// whoever raised the interrupt (a timer, an I/O thread, another vCPU).
     pub const fn fires_on_vcpu_thread(self) -> bool {
         !matches!(self, EventKind::KvmApicAcceptIrq)
-    }
-
-    /// The fields the program reads, slot by slot; [`summarize`] interprets the slots.
-    pub const fn fields(self) -> &'static [FieldSpec] {
-        match self {
-            EventKind::KvmExit => &[required!("exit_reason"), required!("isa"), optional!("vcpu_id")],
-            EventKind::KvmEntry => &[optional!("vcpu_id")],
-            EventKind::KvmMsr => &[required!("write"), required!("ecx"), required!("data")],
-            EventKind::KvmPio => &[required!("rw"), required!("port")],
-            EventKind::KvmMmio => &[required!("type")],
-            EventKind::KvmUserspaceExit => &[required!("reason"), required!("errno")],
-            EventKind::KvmApicAcceptIrq => &[required!("vec"), required!("apicid")],
-            EventKind::KvmInjVirq => &[required!("vector", "irq"), optional!("soft")],
-            EventKind::KvmEoi => &[required!("vector"), required!("apicid")],
-            EventKind::KvmVcpuWakeup => &[required!("ns"), required!("waited")],
-            EventKind::KvmHypercall => &[required!("nr")],
-            EventKind::KvmApic => &[required!("rw"), required!("reg"), required!("val")],
-        }
     }
 }
 

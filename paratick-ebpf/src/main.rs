@@ -72,9 +72,10 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_COUNT
 /// written out by hand, in the same `tracepoint` ELF section the macro would use.
 const PASS_EVENT_ON: u32 = 1;
 
-/// Defines tracepoint entry points: `name => handler(ctx)`, returning [`PASS_EVENT_ON`].
-macro_rules! tracepoint_programs {
-    ($($program:ident => $handler:expr),+ $(,)?) => {$(
+/// Defines a tracepoint entry point `name` that runs `handler(ctx)` and returns
+/// [`PASS_EVENT_ON`].
+macro_rules! tracepoint_program {
+    ($program:ident => $handler:expr) => {
         #[doc = concat!("The program on the `", stringify!($program), "` tracepoint.")]
         #[no_mangle]
         #[link_section = "tracepoint"]
@@ -82,26 +83,22 @@ macro_rules! tracepoint_programs {
             $handler(&TracePointContext::new(ctx));
             PASS_EVENT_ON
         }
-    )+};
+    };
 }
 
-tracepoint_programs! {
-    kvm_exit => |ctx| observe(ctx, EventKind::KvmExit),
-    kvm_entry => |ctx| observe(ctx, EventKind::KvmEntry),
-    kvm_msr => |ctx| observe(ctx, EventKind::KvmMsr),
-    kvm_pio => |ctx| observe(ctx, EventKind::KvmPio),
-    kvm_mmio => |ctx| observe(ctx, EventKind::KvmMmio),
-    kvm_userspace_exit => |ctx| observe(ctx, EventKind::KvmUserspaceExit),
-    kvm_apic_accept_irq => |ctx| observe(ctx, EventKind::KvmApicAcceptIrq),
-    kvm_inj_virq => |ctx| observe(ctx, EventKind::KvmInjVirq),
-    kvm_eoi => |ctx| observe(ctx, EventKind::KvmEoi),
-    kvm_vcpu_wakeup => |ctx| observe(ctx, EventKind::KvmVcpuWakeup),
-    kvm_hypercall => |ctx| observe(ctx, EventKind::KvmHypercall),
-    kvm_apic => |ctx| observe(ctx, EventKind::KvmApic),
-    // A tracked process's children are tracked too, so that `observe -- COMMAND`
-    // sees VMs started anywhere in the command's process tree.
-    sched_process_fork => follow_fork,
+/// One program per row of paratick-common's KVM event table, named after its
+/// tracepoint, each recording its [`EventKind`].
+macro_rules! kvm_event_programs {
+    ($($(#[$doc:meta])* $variant:ident = $value:literal, $tracepoint:ident, [$($field:tt)*];)+) => {
+        $(tracepoint_program!($tracepoint => |ctx| observe(ctx, EventKind::$variant));)+
+    };
 }
+
+paratick_common::for_each_kvm_event!(kvm_event_programs);
+
+// A tracked process's children are tracked too, so that `observe -- COMMAND` sees VMs
+// started anywhere in the command's process tree.
+tracepoint_program!(sched_process_fork => follow_fork);
 
 fn follow_fork(ctx: &TracePointContext) {
     let Some(config) = CONFIG.get(0) else { return };
