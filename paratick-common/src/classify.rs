@@ -17,7 +17,8 @@ use crate::abi::{apic_reg, msr, LAPIC_TIMER_VECTOR, PARATICK_REQUEST_PORT, PARAT
 use crate::event::{EventKind, AUX_WRITE};
 
 /// How a guest asked for a tick.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum TickRequestKind {
     /// A paratick request port write.
     Paratick,
@@ -28,17 +29,9 @@ pub enum TickRequestKind {
 }
 
 impl TickRequestKind {
-    /// All kinds.
-    pub const ALL: [TickRequestKind; 3] =
-        [TickRequestKind::Paratick, TickRequestKind::TscDeadline, TickRequestKind::Lapic];
-
     /// Stable name for reports and metric labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            TickRequestKind::Paratick => "paratick",
-            TickRequestKind::TscDeadline => "tsc_deadline",
-            TickRequestKind::Lapic => "lapic",
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 

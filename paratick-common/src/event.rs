@@ -216,7 +216,8 @@ pub struct ExitStart {
 
 /// Why an eBPF program could not record something; indexes the drops map.
 #[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum DropReason {
     /// The event counts map was full.
     EventMapFull = 0,
@@ -235,31 +236,12 @@ pub enum DropReason {
 }
 
 /// Number of [`DropReason`]s.
-pub const DROP_REASON_COUNT: u32 = 7;
+pub const DROP_REASON_COUNT: u32 = <DropReason as strum::VariantArray>::VARIANTS.len() as u32;
 
 impl DropReason {
-    /// All reasons, by index.
-    pub const ALL: [DropReason; DROP_REASON_COUNT as usize] = [
-        DropReason::EventMapFull,
-        DropReason::TrackedPidsFull,
-        DropReason::TimerVectorsFull,
-        DropReason::FieldReadFailed,
-        DropReason::VcpuThreadsFull,
-        DropReason::KvmCountersFull,
-        DropReason::KvmCounterReadFailed,
-    ];
-
     /// Stable name for reports and metric labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            DropReason::EventMapFull => "event_map_full",
-            DropReason::TrackedPidsFull => "tracked_pids_full",
-            DropReason::TimerVectorsFull => "timer_vectors_full",
-            DropReason::FieldReadFailed => "field_read_failed",
-            DropReason::VcpuThreadsFull => "vcpu_threads_full",
-            DropReason::KvmCountersFull => "kvm_counters_full",
-            DropReason::KvmCounterReadFailed => "kvm_counter_read_failed",
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 

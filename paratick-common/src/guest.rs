@@ -73,7 +73,20 @@ pub const BOOT_MAGIC: u64 = 0x6b63_6974_6172_6170; // "paratick"
 
 /// How the guest gets its scheduler tick.
 #[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+    strum::FromRepr,
+)]
+#[strum(serialize_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum TickMode {
     /// LAPIC timer in periodic mode at HZ, always on (also while idle).
     Periodic = 0,
@@ -97,37 +110,33 @@ pub enum TickMode {
 pub const RESIDUAL_TICK_HZ: u64 = 1;
 
 impl TickMode {
-    /// All modes.
-    pub const ALL: [TickMode; 5] =
-        [TickMode::Periodic, TickMode::Tickless, TickMode::Paratick, TickMode::TicklessFull, TickMode::NoTimer];
-
     /// Decodes [`BootInfo::tick_mode`].
     pub const fn from_u32(value: u32) -> Option<TickMode> {
-        match value {
-            0 => Some(TickMode::Periodic),
-            1 => Some(TickMode::Tickless),
-            2 => Some(TickMode::Paratick),
-            3 => Some(TickMode::TicklessFull),
-            4 => Some(TickMode::NoTimer),
-            _ => None,
-        }
+        TickMode::from_repr(value)
     }
 
     /// Name used on command lines and in reports.
-    pub const fn name(self) -> &'static str {
-        match self {
-            TickMode::Periodic => "periodic",
-            TickMode::Tickless => "tickless",
-            TickMode::Paratick => "paratick",
-            TickMode::TicklessFull => "tickless-full",
-            TickMode::NoTimer => "no-timer",
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 
 /// What the guest runs.
 #[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+    strum::FromRepr,
+)]
+#[strum(serialize_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Workload {
     /// CPU-bound user code on vCPU 0; the other vCPUs stay idle.
     Sequential = 0,
@@ -136,29 +145,36 @@ pub enum Workload {
     /// One task per vCPU issuing blocking reads to the virtual block device.
     Io = 2,
     /// Test workload: a user task executes an invalid instruction (the guest panics).
+    #[cfg_attr(feature = "clap", value(hide = true))]
     Crash = 3,
     /// Test workload: like `Contended` (two tasks on vCPU 0, so it needs its scheduler
     /// tick), but the guest first sends malformed tick requests and tick page
     /// registrations.
+    #[cfg_attr(feature = "clap", value(hide = true))]
     BadRequests = 4,
     /// Test workload: the kernel loads an empty IDT and faults (a triple fault).
+    #[cfg_attr(feature = "clap", value(hide = true))]
     TripleFault = 5,
     /// Test workload: a task on vCPU 0 alternates a work unit with a sleep of
     /// [`SLEEP_WORKLOAD_MS`], so the tick's timer expiry and the idle paths' one-shot
     /// timer for the next event are exercised.
+    #[cfg_attr(feature = "clap", value(hide = true))]
     Sleep = 6,
     /// Test workload: two CPU-bound tasks on vCPU 0 that never block, so that vCPU always
     /// has two runnable tasks (and needs its scheduler tick); the other vCPUs stay idle.
+    #[cfg_attr(feature = "clap", value(hide = true))]
     Contended = 7,
     /// Test workload: on vCPU 0, a task that sleeps like `Sleep`'s (its work units are
     /// the ones reported) beside a CPU-bound task: a sleeper whose timer must fire while
     /// the vCPU is busy with one runnable task.
+    #[cfg_attr(feature = "clap", value(hide = true))]
     SleepBeside = 8,
     /// Test workload: vCPU 0's kernel sends the VMM random input, seeded by the work
     /// amount: [`FUZZ_OPERATIONS`] random writes of random widths to the VMM's paratick
     /// and block ports (tick requests, tick page and block request addresses), then one
     /// random port write or read, MMIO write or MSR write, which the VMM has no device
     /// for (or which faults). The VMM must end such a VM with a one-line error.
+    #[cfg_attr(feature = "clap", value(hide = true))]
     Fuzz = 9,
 }
 
@@ -171,51 +187,15 @@ pub const SLEEP_WORKLOAD_MS: u64 = 10;
 impl Workload {
     /// The workloads of the evaluation.
     pub const EVALUATED: [Workload; 3] = [Workload::Sequential, Workload::Multithreaded, Workload::Io];
-    /// Every workload, the test ones included.
-    pub const ALL: [Workload; 10] = [
-        Workload::Sequential,
-        Workload::Multithreaded,
-        Workload::Io,
-        Workload::Crash,
-        Workload::BadRequests,
-        Workload::TripleFault,
-        Workload::Sleep,
-        Workload::Contended,
-        Workload::SleepBeside,
-        Workload::Fuzz,
-    ];
 
     /// Decodes [`BootInfo::workload`].
     pub const fn from_u32(value: u32) -> Option<Workload> {
-        match value {
-            0 => Some(Workload::Sequential),
-            1 => Some(Workload::Multithreaded),
-            2 => Some(Workload::Io),
-            3 => Some(Workload::Crash),
-            4 => Some(Workload::BadRequests),
-            5 => Some(Workload::TripleFault),
-            6 => Some(Workload::Sleep),
-            7 => Some(Workload::Contended),
-            8 => Some(Workload::SleepBeside),
-            9 => Some(Workload::Fuzz),
-            _ => None,
-        }
+        Workload::from_repr(value)
     }
 
     /// Name used on command lines and in reports.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Workload::Sequential => "sequential",
-            Workload::Multithreaded => "multithreaded",
-            Workload::Io => "io",
-            Workload::Crash => "crash",
-            Workload::BadRequests => "bad-requests",
-            Workload::TripleFault => "triple-fault",
-            Workload::Sleep => "sleep",
-            Workload::Contended => "contended",
-            Workload::SleepBeside => "sleep-beside",
-            Workload::Fuzz => "fuzz",
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 
@@ -259,7 +239,7 @@ pub struct BootInfo {
 
 /// `GuestResults::status` values.
 #[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::FromRepr)]
 pub enum GuestStatus {
     /// Still running.
     Running = 0,
@@ -272,12 +252,7 @@ pub enum GuestStatus {
 impl GuestStatus {
     /// Decodes a status value.
     pub const fn from_u32(value: u32) -> Option<GuestStatus> {
-        match value {
-            0 => Some(GuestStatus::Running),
-            1 => Some(GuestStatus::Done),
-            2 => Some(GuestStatus::Panicked),
-            _ => None,
-        }
+        GuestStatus::from_repr(value)
     }
 }
 
@@ -384,15 +359,20 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use strum::VariantArray;
 
     #[test]
     fn enums_round_trip() {
-        for mode in TickMode::ALL {
+        for &mode in TickMode::VARIANTS {
             assert_eq!(TickMode::from_u32(mode as u32), Some(mode));
+            assert_eq!(mode.name().parse(), Ok(mode));
         }
-        for w in Workload::ALL {
+        assert_eq!(TickMode::TicklessFull.name(), "tickless-full");
+        assert_eq!(Workload::BadRequests.name(), "bad-requests");
+        for &w in Workload::VARIANTS {
             assert_eq!(Workload::from_u32(w as u32), Some(w));
         }
+        assert_eq!(Workload::VARIANTS.len(), 10);
         assert_eq!(TickMode::from_u32(5), None);
         assert_eq!(GuestStatus::from_u32(2), Some(GuestStatus::Panicked));
     }

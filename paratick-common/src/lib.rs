@@ -7,6 +7,10 @@
 //! classification of raw events into tick requests and timer interrupts ([`classify`]).
 #![no_std]
 
+// `clap::ValueEnum`, derived with the `clap` feature (host command lines), names `std`.
+#[cfg(feature = "clap")]
+extern crate std;
+
 pub mod abi;
 pub mod classify;
 pub mod event;

@@ -5,7 +5,8 @@
 use std::path::Path;
 
 /// The host's KVM backend, from the loaded kernel modules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
 pub enum Backend {
     /// Intel VT-x (`kvm_intel`).
     Vmx,
@@ -39,12 +40,7 @@ impl Backend {
 
     /// Stable name for reports.
     pub fn name(self) -> &'static str {
-        match self {
-            Backend::Vmx => "vmx",
-            Backend::Svm => "svm",
-            Backend::Pvm => "pvm",
-            Backend::Unknown => "unknown",
-        }
+        self.into()
     }
 
     /// Whether `kvm_exit`/`kvm_entry` fire for every exit on this backend.

@@ -23,7 +23,8 @@ pub const DEFAULT_MODEL_FILE: &str = "/var/lib/paratick/timer-model.json";
 
 /// The backend the model is for: [`crate::backend::Backend`], with VMX split by
 /// whether APICv (posted interrupts) is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
 pub enum ModelBackend {
     /// PVM: guest CPL0 code emulated, no hardware virtualization.
     Pvm,
@@ -40,13 +41,7 @@ pub enum ModelBackend {
 impl ModelBackend {
     /// Name in reports and model files.
     pub fn name(self) -> &'static str {
-        match self {
-            ModelBackend::Pvm => "pvm",
-            ModelBackend::Vmx => "vmx",
-            ModelBackend::VmxApicv => "vmx-apicv",
-            ModelBackend::Svm => "svm",
-            ModelBackend::Unknown => "unknown",
-        }
+        self.into()
     }
 
     /// This host's.

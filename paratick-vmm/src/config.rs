@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use strum::VariantArray;
+
 use paratick_common::abi::{
     HOUSEKEEPING_RATE_DEFAULT_HZ, HOUSEKEEPING_RATE_MIN_HZ, TICK_RATE_MAX_HZ, TICK_RATE_MIN_HZ,
 };
@@ -17,7 +19,9 @@ pub enum WorkAmount {
 }
 
 /// How paratick ticks reach the guest (see the injector module).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "kebab-case")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum TickDelivery {
     /// An MSI from the injector thread, which follows the guest's tick page; due ticks
     /// ride on userspace exits where they can.
@@ -30,22 +34,25 @@ pub enum TickDelivery {
 }
 
 impl TickDelivery {
-    /// Every method.
-    pub const ALL: [TickDelivery; 3] = [TickDelivery::Msi, TickDelivery::LapicTimer, TickDelivery::Ride];
-
     /// Name on command lines, in configuration and reports.
-    pub const fn name(self) -> &'static str {
-        match self {
-            TickDelivery::Msi => "msi",
-            TickDelivery::LapicTimer => "lapic-timer",
-            TickDelivery::Ride => "ride",
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 
 /// Parses a delivery method name.
 pub fn parse_delivery(name: &str) -> Result<TickDelivery, ConfigError> {
-    TickDelivery::ALL.into_iter().find(|d| d.name() == name).ok_or_else(|| ConfigError::Delivery(name.to_string()))
+    name.parse().map_err(|_| ConfigError::Delivery(name.to_string()))
+}
+
+/// "a, b or c": the names of `choices`, for an error that lists them.
+fn one_of<T: Copy + Into<&'static str>>(choices: &[T]) -> String {
+    let names: Vec<&str> = choices.iter().map(|&c| c.into()).collect();
+    match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 /// Longest run accepted, in seconds (a week: daemon VMs run long).
@@ -98,7 +105,7 @@ pub enum ConfigError {
         hz: u32,
     },
     /// Unknown delivery method name.
-    #[error("unknown tick delivery {0:?}: use msi, lapic-timer or ride")]
+    #[error("unknown tick delivery {0:?}: use {choices}", choices = one_of(TickDelivery::VARIANTS))]
     Delivery(String),
     /// Operator tick rate out of range.
     #[error("the tick rate must be {TICK_RATE_MIN_HZ} to {TICK_RATE_MAX_HZ} Hz, not {0}")]
@@ -107,10 +114,10 @@ pub enum ConfigError {
     #[error("the work must be 1 or more units, or a duration above 0 and up to {MAX_RUN_SECONDS} s")]
     Amount,
     /// Unknown tick mode name.
-    #[error("unknown tick mode {0:?}: use periodic, tickless, tickless-full, paratick or no-timer")]
+    #[error("unknown tick mode {0:?}: use {choices}", choices = one_of(TickMode::VARIANTS))]
     Mode(String),
     /// Unknown workload name.
-    #[error("unknown workload {0:?}: use sequential, multithreaded or io")]
+    #[error("unknown workload {0:?}: use {choices}", choices = one_of(&Workload::EVALUATED))]
     Workload(String),
     /// Empty name.
     #[error("a VM needs a name")]
@@ -173,12 +180,12 @@ pub fn check_rate(hz: u32) -> Result<u32, ConfigError> {
 
 /// Parses a tick mode name.
 pub fn parse_tick_mode(name: &str) -> Result<TickMode, ConfigError> {
-    TickMode::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| ConfigError::Mode(name.to_string()))
+    name.parse().map_err(|_| ConfigError::Mode(name.to_string()))
 }
 
 /// Parses a workload name (the evaluated ones, plus the test workloads by name).
 pub fn parse_workload(name: &str) -> Result<Workload, ConfigError> {
-    Workload::ALL.into_iter().find(|w| w.name() == name).ok_or_else(|| ConfigError::Workload(name.to_string()))
+    name.parse().map_err(|_| ConfigError::Workload(name.to_string()))
 }
 
 #[cfg(test)]
@@ -220,7 +227,7 @@ mod tests {
         assert_eq!(parse_workload("bad-requests"), Ok(Workload::BadRequests));
         assert_eq!(
             parse_tick_mode("hz").unwrap_err().to_string(),
-            "unknown tick mode \"hz\": use periodic, tickless, tickless-full, paratick or no-timer"
+            "unknown tick mode \"hz\": use periodic, tickless, paratick, tickless-full or no-timer"
         );
         assert_eq!(parse_tick_mode("no-timer"), Ok(TickMode::NoTimer));
         assert_eq!(parse_delivery("lapic-timer"), Ok(TickDelivery::LapicTimer));

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use paratick_vmm::{
-    parse_delivery, parse_tick_mode, parse_workload, RunReport, TickDelivery, Vm, VmConfig, WorkAmount,
-};
+use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount};
 
 /// Run Paratick guests on KVM.
 #[derive(Debug, Parser)]
@@ -47,14 +45,14 @@ struct VmArgs {
     /// Number of vCPUs (1-8).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Tick mode: periodic, tickless, tickless-full, paratick or no-timer.
-    #[arg(long, value_parser = |s: &str| parse_tick_mode(s).map_err(|e| e.to_string()))]
+    /// Tick mode.
+    #[arg(long, value_enum)]
     mode: paratick_common::guest::TickMode,
     /// Guest tick rate in Hz (10-4000).
     #[arg(long, default_value_t = paratick_common::abi::TICK_RATE_DEFAULT_HZ)]
     hz: u32,
-    /// Workload: sequential, multithreaded or io.
-    #[arg(long, value_parser = |s: &str| parse_workload(s).map_err(|e| e.to_string()))]
+    /// Workload (the evaluated ones; the test workloads are accepted too).
+    #[arg(long, value_enum)]
     workload: paratick_common::guest::Workload,
     /// Work for this long (guest time), e.g. 3s.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -68,8 +66,8 @@ struct VmArgs {
     /// Paratick: the rate a vCPU asks for while it needs no scheduler tick (Hz, 1 to --hz).
     #[arg(long, default_value_t = paratick_common::abi::HOUSEKEEPING_RATE_DEFAULT_HZ)]
     housekeeping_hz: u32,
-    /// Paratick: how ticks are delivered: msi, lapic-timer or ride.
-    #[arg(long, default_value = "msi", value_parser = |s: &str| parse_delivery(s).map_err(|e| e.to_string()))]
+    /// Paratick: how ticks are delivered.
+    #[arg(long, value_enum, default_value_t = TickDelivery::Msi)]
     delivery: TickDelivery,
     /// Stop the VM with an error if it has not finished after this long.
     #[arg(long, value_parser = humantime::parse_duration)]

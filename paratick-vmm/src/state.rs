@@ -12,8 +12,21 @@
 use serde::{Deserialize, Serialize};
 
 /// A VM's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum VmState {
     /// Being created (its process is starting, or KVM objects are being made).
     Starting,
@@ -32,28 +45,9 @@ pub enum VmState {
 }
 
 impl VmState {
-    /// Every state, in the order above.
-    pub const ALL: [VmState; 7] = [
-        VmState::Starting,
-        VmState::Paused,
-        VmState::Running,
-        VmState::Stopping,
-        VmState::Stopped,
-        VmState::Finished,
-        VmState::Failed,
-    ];
-
     /// The name in metrics labels, `vm list` and the control protocols.
-    pub const fn name(self) -> &'static str {
-        match self {
-            VmState::Starting => "starting",
-            VmState::Paused => "paused",
-            VmState::Running => "running",
-            VmState::Stopping => "stopping",
-            VmState::Stopped => "stopped",
-            VmState::Finished => "finished",
-            VmState::Failed => "failed",
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 
     /// Whether the VM has ended (it will not run again without a new start).
@@ -67,23 +61,18 @@ impl VmState {
     }
 }
 
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use strum::VariantArray;
 
     #[test]
     fn names_are_the_wire_form() {
-        for state in VmState::ALL {
+        for &state in VmState::VARIANTS {
             assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{}\"", state.name()));
             assert_eq!(serde_json::from_str::<VmState>(&format!("\"{state}\"")).unwrap(), state);
         }
         assert!(serde_json::from_str::<VmState>("\"gone\"").is_err());
-        assert_eq!(VmState::ALL.iter().filter(|s| s.is_final()).count(), 3);
+        assert_eq!(VmState::VARIANTS.iter().filter(|s| s.is_final()).count(), 3);
     }
 }

@@ -9,6 +9,7 @@ use paratick_common::guest::{TickMode, Workload};
 use paratick_tests::{one_vm_at_a_time, workspace_binary};
 use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, VmError, WorkAmount};
 use serde_json::Value;
+use strum::VariantArray;
 
 fn config(mode: TickMode, workload: Workload, vcpus: u32, amount: WorkAmount) -> VmConfig {
     let mut config = VmConfig::new("test", vcpus, mode, 250, workload, amount);
@@ -54,7 +55,7 @@ fn threads_named(prefix: &str) -> Vec<String> {
 fn every_mode_runs_every_workload_and_reports_its_results() {
     let _lock = one_vm_at_a_time();
     for workload in Workload::EVALUATED {
-        for mode in TickMode::ALL {
+        for &mode in TickMode::VARIANTS {
             let what = format!("{} {}", mode.name(), workload.name());
             let r = run(mode, workload, 2, 0.5);
             assert!(r.work_units > 0, "{what}: no work done");
@@ -446,7 +447,7 @@ fn the_projected_exits_saved_match_the_measured_difference_in_kvm_exits() {
 #[test]
 fn sleeping_tasks_are_woken_by_their_timer_in_every_mode() {
     let _lock = one_vm_at_a_time();
-    for mode in TickMode::ALL {
+    for &mode in TickMode::VARIANTS {
         let r = run(mode, Workload::Sleep, 1, 1.0);
         let what = mode.name();
         // Each unit is a short burst of work and a 10 ms sleep: a task woken late by
@@ -470,7 +471,7 @@ fn sleeping_tasks_are_woken_by_their_timer_in_every_mode() {
 #[test]
 fn a_sleeper_beside_a_running_task_wakes_on_time_in_every_mode() {
     let _lock = one_vm_at_a_time();
-    for mode in TickMode::ALL {
+    for &mode in TickMode::VARIANTS {
         let r = run(mode, Workload::SleepBeside, 1, 1.0);
         let what = mode.name();
         // One runnable task and a sleeper: paratick and tickless-full stop the scheduler

@@ -14,6 +14,7 @@ pub mod report;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
+use strum::VariantArray;
 
 use anyhow::{bail, Context, Result};
 use paratick_common::event::SYNTHETIC_OWNER_BASE;
@@ -174,9 +175,9 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     std::fs::create_dir_all(&options.out).with_context(|| format!("cannot create {}", options.out.display()))?;
     let observer = Observer::start(&PidFilter::All).context("the bench needs the eBPF observer")?;
     let workloads = Workload::EVALUATED;
-    let modes = TickMode::ALL;
+    let modes = TickMode::VARIANTS;
     let main_runs = workloads.len() * modes.len() * options.reps as usize * 2;
-    let delivery_runs = (TickDelivery::ALL.len() + 2) * options.reps as usize;
+    let delivery_runs = (TickDelivery::VARIANTS.len() + 2) * options.reps as usize;
     let total = main_runs + delivery_runs + 2 * options.reps as usize + PRECISION_HZ.len();
     let model = TimerModel::default_for(ModelBackend::of_host());
     let mut bench = Bench { options, model, observer: Some(observer), next_owner: 0, done: 0, total };
@@ -184,7 +185,7 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     let mut records = Vec::new();
     for rep in 0..options.reps {
         for workload in workloads {
-            for mode in modes {
+            for &mode in modes {
                 let amount = WorkAmount::Seconds(options.duration.as_secs_f64());
                 records.push(bench.record(workload, mode, Kind::Throughput, rep, amount)?);
             }
@@ -202,7 +203,7 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
         .collect();
     for rep in 0..options.reps {
         for (workload, units) in &work {
-            for mode in modes {
+            for &mode in modes {
                 records.push(bench.record(*workload, mode, Kind::Execution, rep, WorkAmount::Units(*units))?);
             }
         }
@@ -250,7 +251,7 @@ fn deliveries(bench: &mut Bench<'_>) -> Result<Vec<DeliverySummary>> {
     let hz = bench.options.hz;
     let candidates: Vec<(&'static str, TickMode, TickDelivery)> =
         std::iter::once(("tickless", TickMode::Tickless, TickDelivery::Msi))
-            .chain(TickDelivery::ALL.into_iter().map(|d| (d.name(), TickMode::Paratick, d)))
+            .chain(TickDelivery::VARIANTS.iter().map(|&d| (d.name(), TickMode::Paratick, d)))
             .collect();
     let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); candidates.len()];
     let mut floors = Vec::new();

@@ -10,6 +10,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use strum::VariantArray;
 
 use anyhow::{Context, Result};
 use paratick_common::guest::{TickMode, Workload, TICK_INTERVAL_BINS, TICK_INTERVAL_BINS_PER_PERIOD};
@@ -488,7 +489,7 @@ pub struct Host {
 /// One workload's summary: every mode, and every comparison of [`COMPARISONS`].
 fn summarise(options: &BenchOptions, runs: &[Record], workload: Workload) -> WorkloadSummary {
     let execution = ExecutionRuns::of(runs, workload);
-    let modes: Vec<ModeSummary> = TickMode::ALL
+    let modes: Vec<ModeSummary> = TickMode::VARIANTS
         .iter()
         .map(|mode| {
             let of = |kind: Kind, f: fn(&Record) -> f64| -> Spread {

@@ -128,7 +128,7 @@ impl DaemonConfig {
         }
         let vm_launcher = match raw.vm_launcher.as_deref() {
             None | Some("auto") => None,
-            Some(name) => Some(VmLauncher::ALL.into_iter().find(|l| l.name() == name).ok_or_else(|| {
+            Some(name) => Some(name.parse::<VmLauncher>().map_err(|_| {
                 value_error("vm_launcher", format!("{name:?} is not a launcher: use auto, systemd or process"))
             })?),
         };

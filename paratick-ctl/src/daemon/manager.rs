@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
+use strum::VariantArray;
 
 use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::TickMode;
@@ -495,7 +496,7 @@ impl Manager {
         let name = managed.config.name.clone();
         let (hz, vcpus) = (managed.config.hz.to_string(), managed.config.vcpus.to_string());
         metrics.vm_info.with_label_values(&[&name, managed.config.mode.name(), &hz, &vcpus]).set(1.0);
-        for state in VmState::ALL {
+        for &state in VmState::VARIANTS {
             metrics.vm_state.with_label_values(&[&name, state.name()]).set(f64::from(u8::from(state == managed.state)));
         }
         let Some(status) = status else {

@@ -31,7 +31,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 
 /// How the daemon starts VM processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "kebab-case")]
 pub enum VmLauncher {
     /// As instances of `paratick-vm@.service`.
     Systemd,
@@ -40,15 +41,9 @@ pub enum VmLauncher {
 }
 
 impl VmLauncher {
-    /// Names in the configuration (`vm_launcher`), besides `auto`.
-    pub const ALL: [VmLauncher; 2] = [VmLauncher::Systemd, VmLauncher::Process];
-
     /// Name in the configuration and in `status`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            VmLauncher::Systemd => "systemd",
-            VmLauncher::Process => "process",
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 
     /// `auto`: systemd when the daemon runs as a systemd service (systemd sets

@@ -3,6 +3,7 @@
 //! interrupts. Pure functions of a [`Snapshot`], unit-tested without a kernel.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use strum::VariantArray;
 
 use paratick_common::classify::{is_timer_vector, tick_request, TickRequestKind};
 use paratick_common::event::{
@@ -27,7 +28,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Drops by reason name.
     pub fn drops_by_name(&self) -> BTreeMap<&'static str, u64> {
-        DropReason::ALL.iter().map(|r| (r.name(), self.drops[*r as usize])).collect()
+        DropReason::VARIANTS.iter().map(|r| (r.name(), self.drops[*r as usize])).collect()
     }
 
     /// Process ids that have any event.
