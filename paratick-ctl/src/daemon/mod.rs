@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
@@ -241,32 +243,37 @@ async fn serve_client(
         );
         return write_response(&mut write, &refusal).await;
     }
-    let mut reader = BufReader::new(read);
-    let mut line = Vec::new();
+    // Newline-delimited requests of at most MAX_REQUEST_BYTES: the codec buffers no
+    // more than that of a line. (Not `LinesCodec`: its stream ends at a line that is not
+    // UTF-8, and such a line gets an answer like any other bad request here.)
+    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_REQUEST_BYTES);
+    let mut requests = FramedRead::new(read, codec);
     loop {
-        // At most one byte past the limit is read: a longer line is refused before it
-        // costs memory, and the connection is closed (the rest of it is not a request).
-        line.clear();
-        let read = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line).await?;
-        if read == 0 {
-            return Ok(());
-        }
-        if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
-            let refusal =
-                Response::failure(ErrorCode::BadRequest, format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"));
-            write_response(&mut write, &refusal).await?;
-            write.shutdown().await?;
-            // Closing with the client's data still queued would reset the connection,
-            // and the client could lose the refusal: discard the rest (in a fixed
-            // buffer, for a bounded time) first.
-            let mut sink = [0u8; 8192];
-            let drain = async {
-                while reader.read(&mut sink).await? > 0 {}
-                Ok::<(), std::io::Error>(())
-            };
-            let _ = tokio::time::timeout(REFUSED_DRAIN_TIME, drain).await;
-            return Ok(());
-        }
+        let line = match requests.next().await {
+            None => return Ok(()),
+            Some(Ok(line)) => line,
+            Some(Err(AnyDelimiterCodecError::Io(e))) => return Err(e),
+            Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
+                let refusal = Response::failure(
+                    ErrorCode::BadRequest,
+                    format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"),
+                );
+                write_response(&mut write, &refusal).await?;
+                write.shutdown().await?;
+                // The connection is closed (the rest of the line is not a request).
+                // Closing with the client's data still queued would reset it, and the
+                // client could lose the refusal: discard the rest (in a fixed buffer,
+                // for a bounded time) first.
+                let mut reader = requests.into_inner();
+                let mut sink = [0u8; 8192];
+                let drain = async {
+                    while reader.read(&mut sink).await? > 0 {}
+                    Ok::<(), std::io::Error>(())
+                };
+                let _ = tokio::time::timeout(REFUSED_DRAIN_TIME, drain).await;
+                return Ok(());
+            }
+        };
         let response = match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::failure(ErrorCode::BadRequest, format!("bad request: {e}")),
             Ok(request) => {
