@@ -162,9 +162,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The daemon logs its life to journald (stderr); the commands only what goes wrong.
-    let default_level = if matches!(cli.command, Command::Daemon(_)) { "info" } else { "warn" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
+    // The daemon logs its life (to the journal under systemd); the commands only what
+    // goes wrong.
+    let default_level =
+        if matches!(cli.command, Command::Daemon(_)) { log::LevelFilter::Info } else { log::LevelFilter::Warn };
+    paratick_vmm::logging::init(default_level);
     let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(client::DEFAULT_SOCKET));
     let result = match cli.command {
         Command::Observe(args) => observe(args, cli.json),

@@ -22,6 +22,8 @@ mod injector;
 pub mod kvm_stats;
 mod lapic_timer;
 mod loader;
+#[cfg(feature = "logging")]
+pub mod logging;
 mod memory;
 mod state;
 pub mod stats;

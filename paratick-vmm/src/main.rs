@@ -94,7 +94,7 @@ impl VmArgs {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    paratick_vmm::logging::init(log::LevelFilter::Info);
     let result = match Cli::parse().command {
         Command::Run(args) => run(args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::serve(args),

@@ -250,4 +250,23 @@ fn under_systemd_vms_survive_a_restart_and_stop_with_the_service() {
     let journal = container.journal();
     assert!(journal.contains("paratick daemon stopped"), "{journal}");
     assert!(!journal.contains("SIGKILL"), "nothing had to be killed: {journal}");
+
+    // The daemon and the VM processes log to the journal itself, with each message's
+    // priority and origin (stderr lines would all be priority 6, without TARGET).
+    for unit in ["paratick", "paratick-vm@paratick"] {
+        let entries = container.check(&["journalctl", "--no-pager", "-o", "json", "-u", unit]);
+        let logged: Vec<Value> = entries
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .filter(|entry| entry.get("TARGET").is_some())
+            .collect();
+        assert!(!logged.is_empty(), "{unit}: no entries from the journal logger:\n{entries}");
+        // The logger's mapping: error 3, warn 4, info 5 (notice), debug 6, trace 7.
+        let priorities = ["3", "4", "5"];
+        assert!(logged.iter().all(|e| priorities.contains(&e["PRIORITY"].as_str().unwrap())), "{logged:?}");
+        if unit == "paratick" {
+            let stopped = logged.iter().find(|e| e["MESSAGE"] == "paratick daemon stopped").expect("stop message");
+            assert_eq!(stopped["PRIORITY"], "5", "info: {stopped}");
+        }
+    }
 }

@@ -15,9 +15,9 @@ use std::sync::mpsc;
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::oneshot;
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 
 use crate::protocol::{ErrorCode, Request, Response, MAX_REQUEST_BYTES};
 pub use config::{DaemonConfig, DEFAULT_CONFIG};
