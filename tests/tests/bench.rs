@@ -133,7 +133,9 @@ fn a_quick_bench_writes_complete_well_formed_results() {
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    assert!(header.contains(&"workload") && header.contains(&"exits") && header.contains(&"throughput_per_s"));
+    // Record's field order: who, what, then the measurements.
+    assert_eq!(header[..5], ["workload", "mode", "delivery", "kind", "rep"], "{header:?}");
+    assert!(header.contains(&"exits") && header.contains(&"throughput_per_s"));
     assert_eq!(lines.clone().count(), 30);
     assert!(lines.all(|l| l.split(',').count() == header.len()));
 

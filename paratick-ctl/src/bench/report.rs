@@ -625,25 +625,13 @@ impl Results {
         write("results.md", self.markdown())
     }
 
+    /// One row per run; the columns are [`Record`]'s fields, in their declared order.
     fn csv(&self) -> Result<String> {
-        let mut out = String::new();
-        for (index, run) in self.runs.iter().enumerate() {
-            let serde_json::Value::Object(fields) = serde_json::to_value(run)? else { unreachable!("a struct") };
-            if index == 0 {
-                out.push_str(&fields.keys().cloned().collect::<Vec<_>>().join(","));
-                out.push('\n');
-            }
-            let values: Vec<String> = fields
-                .values()
-                .map(|v| match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-            out.push_str(&values.join(","));
-            out.push('\n');
+        let mut out = csv::Writer::from_writer(Vec::new());
+        for run in &self.runs {
+            out.serialize(run)?;
         }
-        Ok(out)
+        Ok(String::from_utf8(out.into_inner()?)?)
     }
 
     fn markdown(&self) -> String {
