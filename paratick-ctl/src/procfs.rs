@@ -31,6 +31,15 @@ fn proc_dir(pid: u32) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}"))
 }
 
+/// Whether a process lives (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(proc_dir(pid).join("stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 /// Reads a process's info; `None` if it does not exist (any more).
 pub fn process_info(pid: u32) -> Option<ProcessInfo> {
     let dir = proc_dir(pid);
@@ -83,6 +92,20 @@ pub fn kvm_processes() -> Vec<ProcessInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_are_told_apart_from_zombies() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie, which is not alive.
+        while fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+            std::thread::yield_now();
+        }
+        assert!(!process_alive(pid));
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
 
     #[test]
     fn our_own_process_is_described_and_is_not_a_vm() {

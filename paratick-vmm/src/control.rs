@@ -178,6 +178,24 @@ pub fn request(socket: &Path, request: &VmRequest, timeout: Duration) -> Result<
         .map_err(|e| ControlError::BadReply { path: socket.to_path_buf(), reason: e.to_string() })
 }
 
+/// The processes running `paratick-vmm serve --runtime-dir RUNTIME_DIR` (found by their
+/// command lines in /proc, whether or not their sockets answer).
+pub fn serving_processes(runtime_dir: &Path) -> Vec<u32> {
+    let wanted = runtime_dir.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let serves = args.get(1) == Some(&&b"serve"[..]);
+            let in_dir = args.windows(2).any(|w| w[0] == b"--runtime-dir" && w[1] == wanted);
+            (serves && in_dir).then_some(pid)
+        })
+        .collect()
+}
+
 /// The arguments of `paratick-vmm serve` that run `config` (after `serve`; the runtime
 /// directory is the caller's to add).
 pub fn serve_args(config: &VmConfig) -> Vec<String> {

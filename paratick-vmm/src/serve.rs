@@ -215,7 +215,19 @@ fn answer(stream: UnixStream, vm: &Vm, mode: TickMode, name: &str, started: Inst
     if let Err(e) = write_reply(&mut client, &reply) {
         log::debug!("VM {name}: reply: {e}");
     }
+    if line.len() > MAX_LINE_BYTES {
+        discard_the_rest(&client);
+    }
     None
+}
+
+/// Reads and drops what a client still sends (for at most [`CLIENT_TIMEOUT`]): closing
+/// a socket with data unread resets the connection, and the client could lose the reply.
+fn discard_the_rest(mut client: &UnixStream) {
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + CLIENT_TIMEOUT;
+    let mut sink = [0u8; 8192];
+    while Instant::now() < until && client.read(&mut sink).is_ok_and(|n| n > 0) {}
 }
 
 fn status(vm: &Vm, name: &str, started: Instant) -> VmReply {

@@ -180,20 +180,7 @@ impl Drop for Daemon {
 
 /// The VM processes (`paratick-vmm serve`) of the daemon whose sockets are in `dir`.
 fn vm_processes(dir: &Path) -> Vec<u32> {
-    let runtime_dir = dir.join("vms");
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            let serves = args.get(1) == Some(&&b"serve"[..]);
-            let ours =
-                args.windows(2).any(|w| w[0] == b"--runtime-dir" && w[1] == runtime_dir.as_os_str().as_encoded_bytes());
-            (serves && ours).then_some(pid)
-        })
-        .collect()
+    paratick_vmm::control::serving_processes(&dir.join("vms"))
 }
 
 fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -525,3 +525,65 @@ fn ride_delivery_ticks_only_on_exits_that_happen_anyway() {
     assert!(r.counters.guest_ticks.total <= 2, "{} ticks without exits to ride on", r.counters.guest_ticks.total);
     assert_eq!(r.injector_cpu_s, 0.0, "no injector thread");
 }
+
+/// One raw request line to a VM process's socket; its reply as JSON.
+fn ask_vm_process(socket: &std::path::Path, line: &[u8]) -> Value {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect to the VM's socket");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The process may refuse an over-long line before it is all sent.
+    let _ = stream.write_all(line);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("a reply");
+    serde_json::from_str(reply.trim_end()).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+}
+
+#[test]
+fn a_vm_process_answers_bad_requests_with_an_error_and_changes_nothing() {
+    let _lock = one_vm_at_a_time();
+    let dir = std::env::temp_dir().join(format!("paratick-serve-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(workspace_binary("paratick-vmm"))
+        .args(["serve", "--name", "bad", "--runtime-dir"])
+        .arg(&dir)
+        .args(["--mode", "paratick", "--workload", "contended", "--duration", "60s", "--tick-rate", "100"])
+        .spawn()
+        .unwrap();
+    let socket = paratick_vmm::control::socket_path(&dir, "bad");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the VM process made no socket");
+        assert!(child.try_wait().unwrap().is_none(), "the VM process ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let long = [vec![b'{'; 2 * paratick_vmm::control::MAX_LINE_BYTES], b"\n".to_vec()].concat();
+    let refused: [(&[u8], &str); 7] = [
+        (b"not json\n", "bad request: "),
+        (b"{\"cmd\":\"reboot\"}\n", "bad request: unknown variant `reboot`"),
+        (b"{\"cmd\":\"stop\",\"now\":true}\n", "bad request: unknown field `now`"),
+        (b"{\"cmd\":\"st\xffatus\"}\n", "bad request: "),
+        (b"{\"cmd\":\"set_tick_rate\",\"hz\":5}\n", "the tick rate must be 10 to 4000 Hz, not 5"),
+        (b"{\"cmd\":\"set_tick_rate\",\"hz\":-1}\n", "bad request: "),
+        (&long, "bad request: longer than "),
+    ];
+    for (line, error) in refused {
+        let reply = ask_vm_process(&socket, line);
+        assert_eq!(reply["ok"], false, "{reply}");
+        let message = reply["error"].as_str().unwrap();
+        assert!(message.starts_with(error), "{:?}: {message}", String::from_utf8_lossy(&line[..line.len().min(40)]));
+        assert!(!message.contains('\n'), "one line: {message}");
+    }
+
+    // Nothing changed: the VM runs, at the operator's rate, and stops cleanly.
+    let status = ask_vm_process(&socket, b"{\"cmd\":\"status\"}\n");
+    assert_eq!(status["ok"], true, "{status}");
+    assert_eq!(status["status"]["state"], "running", "{status}");
+    assert_eq!(status["status"]["counters"]["operator_hz"], 100, "{status}");
+    assert_eq!(ask_vm_process(&socket, b"{\"cmd\":\"stop\"}\n")["ok"], true);
+    assert!(child.wait().unwrap().success());
+    let end = paratick_vmm::control::read_end(&dir, "bad").expect("an end record").unwrap();
+    assert_eq!(end.state, paratick_vmm::VmState::Stopped, "{end:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -75,20 +75,12 @@ fn failed_vms(body: &str) -> Vec<String> {
 }
 
 /// The VM processes of a daemon whose runtime directory is `dir`.
+/// The daemon's VM processes: `paratick-vmm serve … --runtime-dir DIR …`, by pgrep
+/// (xtask cannot use the VMM library: it builds before the guest toolchain exists).
 fn vm_processes(dir: &Path) -> Vec<u32> {
-    let wanted = dir.as_os_str().as_encoded_bytes().to_vec();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            let ours = args.windows(2).any(|w| w[0] == b"--runtime-dir" && w[1] == wanted.as_slice());
-            (args.get(1) == Some(&&b"serve"[..]) && ours).then_some(pid)
-        })
-        .collect()
+    let pattern = format!("^[^ ]*paratick-vmm serve .*--runtime-dir {}( |$)", dir.display());
+    let Ok(output) = Command::new("pgrep").args(["-f", &pattern]).output() else { return Vec::new() };
+    String::from_utf8_lossy(&output.stdout).lines().filter_map(|line| line.trim().parse().ok()).collect()
 }
 
 fn median(values: &mut [f64]) -> f64 {

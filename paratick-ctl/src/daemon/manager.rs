@@ -20,7 +20,7 @@ use super::supervisor::{Probe, Supervisor, VmLauncher, VmProcess};
 use crate::backend::Backend;
 use crate::model::{ModelBackend, TimerModel};
 use crate::observer::{per_process, Observer, PidFilter, ProcessCounts, TracepointState};
-use crate::procfs;
+use crate::procfs::{self, process_alive};
 use crate::protocol::{DaemonStatus, Request, Response, VmInfo};
 
 /// How often VMs and the observer are sampled.
@@ -419,7 +419,7 @@ impl Manager {
         self.update_observer_metrics(snapshot.as_ref(), &per_pid, &kvm_counters, exits_traced);
         // What the observer holds of processes that are gone (their series went above).
         if let Ok(observer) = &mut self.observer {
-            if let Err(e) = observer.forget_processes(|pid| !process_exists(pid)) {
+            if let Err(e) = observer.forget_processes(|pid| !process_alive(pid)) {
                 log::warn!("observer: {e}");
             }
         }
@@ -616,7 +616,7 @@ impl Manager {
         let mut others: Vec<(u32, BTreeMap<String, u64>)> = per_process
             .iter()
             .filter(|(pid, _)| **pid != own && !ours.contains(pid) && **pid < SYNTHETIC_OWNER_BASE)
-            .filter(|(pid, _)| process_exists(**pid))
+            .filter(|(pid, _)| process_alive(**pid))
             .map(|(pid, counts)| (*pid, exits_of(*pid, counts)))
             .collect();
 
@@ -660,10 +660,6 @@ impl Manager {
             }
         }
     }
-}
-
-fn process_exists(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn vm_info(managed: &ManagedVm, model: &TimerModel) -> VmInfo {
