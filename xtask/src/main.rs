@@ -34,6 +34,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 /// `rustup run debian cargo build --target bpfel-unknown-none`).
 const DEBIAN_TOOLCHAIN: &str = "debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-deny, which `lint` runs over deny.toml (licences, duplicates, sources).
+const CARGO_DENY_VERSION: &str = "0.20.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -128,6 +130,7 @@ fn setup() -> Result<()> {
     install_apt_packages()?;
     link_debian_toolchain()?;
     install_bpf_linker()?;
+    install_cargo_deny()?;
     mount_tracefs()?;
     eprintln!("xtask setup: ready ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
@@ -186,6 +189,18 @@ fn install_bpf_linker() -> Result<()> {
         .args(["--locked", "--no-default-features", "--features", "llvm-22"])
         // /usr/bin/llvm-config is LLVM 14; bpf-linker must link the LLVM rustc uses.
         .env("LLVM_PREFIX", LLVM_PREFIX)
+        .current_dir(std::env::temp_dir()))
+}
+
+fn install_cargo_deny() -> Result<()> {
+    let installed = output(Command::new("cargo").args(["deny", "--version"]))
+        .is_some_and(|v| v.split_whitespace().any(|word| word == CARGO_DENY_VERSION));
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask setup: building cargo-deny {CARGO_DENY_VERSION} (about 2 minutes)");
+    run(Command::new("cargo")
+        .args(["install", "cargo-deny", "--version", CARGO_DENY_VERSION, "--locked"])
         .current_dir(std::env::temp_dir()))
 }
 
@@ -265,6 +280,8 @@ fn install(root: &Path, binaries: Option<&Path>) -> Result<()> {
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // Advisories need github.com (the RustSec database), which CI does not reach.
+    cargo(&["deny", "check", "licenses", "bans", "sources"])?;
     // The eBPF crate and the guest kernel only build for their own targets, with
     // Debian's toolchain.
     let debian_cargo = |dir: PathBuf, rustc_bootstrap: &str, args: &[&str]| {
