@@ -17,7 +17,7 @@ use paratick_ctl::observer::report::{
     render_table, render_timer_reports, CommandReport, ObserveReport, Row, TimerReport, VmReport,
 };
 use paratick_ctl::observer::{kvm_stats, plot};
-use paratick_ctl::observer::{per_process, Observer, PidFilter, ProcessCounts};
+use paratick_ctl::observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
 use paratick_ctl::procfs::{self, ProcessInfo};
 use paratick_ctl::protocol::Request;
 use paratick_ctl::{client, daemon};

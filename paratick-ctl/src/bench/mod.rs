@@ -22,7 +22,7 @@ use paratick_common::guest::{TickMode, Workload};
 use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount};
 
 use crate::model::{ModelBackend, TimerModel};
-use crate::observer::{per_process, Observer, PidFilter, ProcessCounts};
+use crate::observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
 use report::{DeliverySummary, Kind, Record, Spread};
 
 /// What to run.

@@ -68,6 +68,13 @@ pub struct VmProcess {
     child: Option<Child>,
 }
 
+impl VmProcess {
+    /// A process this daemon did not spawn (adopted, or a systemd unit's).
+    pub fn found(pid: u32) -> VmProcess {
+        VmProcess { pid, child: None }
+    }
+}
+
 /// Where a VM process was asked and what it said.
 pub enum Probe {
     /// It answered.
@@ -76,6 +83,32 @@ pub enum Probe {
     Silent(String),
     /// It is gone; this is how it ended.
     Ended(Box<VmEnd>),
+}
+
+/// What the daemon's manager asks of its VM processes: the boundary between the
+/// manager's bookkeeping and real processes, sockets and units (faked in its tests).
+pub trait VmProcesses: Sync {
+    /// How VMs are started.
+    fn launcher(&self) -> VmLauncher;
+
+    /// Sends one request to VM `name`'s process.
+    fn request(&self, name: &str, request: &VmRequest) -> Result<VmReply, ControlError>;
+
+    /// Finds VM `name`'s process if one is running (the daemon was restarted, or
+    /// killed, while it ran), or the record of how it ended.
+    fn adopt(&self, name: &str) -> Option<Result<(VmProcess, Box<VmProcessStatus>), VmEnd>>;
+
+    /// Forgets how VM `name` ended last (so that the next daemon start starts it again).
+    fn forget_end(&self, name: &str);
+
+    /// Starts a process for `config` and waits until it answers.
+    fn start(&self, config: &VmConfig) -> Result<(VmProcess, Box<VmProcessStatus>), String>;
+
+    /// Asks VM `name`'s process for its status, and learns how it ended if it is gone.
+    fn probe(&self, name: &str, process: &mut VmProcess) -> Probe;
+
+    /// Stops VM `name`'s process and returns how it ended.
+    fn stop(&self, name: &str, process: &mut VmProcess) -> VmEnd;
 }
 
 /// Starts, finds and asks VM processes kept in one runtime directory.
@@ -95,68 +128,8 @@ impl Supervisor {
         Supervisor { launcher, runtime_dir, vmm_binary }
     }
 
-    /// How VMs are started.
-    pub fn launcher(&self) -> VmLauncher {
-        self.launcher
-    }
-
     fn socket(&self, name: &str) -> PathBuf {
         control::socket_path(&self.runtime_dir, name)
-    }
-
-    /// Sends one request to VM `name`'s process.
-    pub fn request(&self, name: &str, request: &VmRequest) -> Result<VmReply, ControlError> {
-        control::request(&self.socket(name), request, REQUEST_TIMEOUT)
-    }
-
-    /// Finds VM `name`'s process if one is running (the daemon was restarted, or
-    /// killed, while it ran), or the record of how it ended.
-    pub fn adopt(&self, name: &str) -> Option<Result<(VmProcess, Box<VmProcessStatus>), VmEnd>> {
-        match self.request(name, &VmRequest::Status {}) {
-            Ok(VmReply { status: Some(status), .. }) => {
-                Some(Ok((VmProcess { pid: status.pid, child: None }, Box::new(status))))
-            }
-            _ => {
-                // Nothing answers: a socket left by a killed process is stale.
-                let _ = std::fs::remove_file(self.socket(name));
-                match control::read_end(&self.runtime_dir, name)? {
-                    Ok(end) => Some(Err(end)),
-                    Err(e) => {
-                        log::warn!("VM {name}: {e}");
-                        None
-                    }
-                }
-            }
-        }
-    }
-
-    /// Forgets how VM `name` ended last (so that the next daemon start starts it again).
-    pub fn forget_end(&self, name: &str) {
-        let _ = std::fs::remove_file(control::end_path(&self.runtime_dir, name));
-    }
-
-    /// Starts a process for `config` and waits until it answers.
-    pub fn start(&self, config: &VmConfig) -> Result<(VmProcess, Box<VmProcessStatus>), String> {
-        std::fs::create_dir_all(&self.runtime_dir)
-            .map_err(|e| format!("cannot create {}: {e}", self.runtime_dir.display()))?;
-        self.forget_end(&config.name);
-        let mut process = match self.launcher {
-            VmLauncher::Process => self.spawn(config)?,
-            VmLauncher::Systemd => self.start_unit(config)?,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            match self.probe(&config.name, &mut process) {
-                Probe::Status(status) => return Ok((process, status)),
-                Probe::Ended(end) => {
-                    return Err(end.error.unwrap_or_else(|| format!("the VM process ended at once ({})", end.state)))
-                }
-                Probe::Silent(why) if Instant::now() >= deadline => {
-                    return Err(format!("the VM process did not answer within {START_TIMEOUT:?}: {why}"))
-                }
-                Probe::Silent(_) => std::thread::sleep(POLL),
-            }
-        }
     }
 
     fn spawn(&self, config: &VmConfig) -> Result<VmProcess, String> {
@@ -201,8 +174,84 @@ impl Supervisor {
         Ok(VmProcess { pid, child: None })
     }
 
-    /// Asks VM `name`'s process for its status, and learns how it ended if it is gone.
-    pub fn probe(&self, name: &str, process: &mut VmProcess) -> Probe {
+    /// `None` while the process lives; else how it exited, as far as can be known.
+    fn exit_status(&self, name: &str, process: &mut VmProcess) -> Option<String> {
+        if let Some(child) = &mut process.child {
+            return match child.try_wait() {
+                Ok(None) => None,
+                Ok(Some(status)) => Some(status.to_string()),
+                Err(e) => Some(format!("unknown ({e})")),
+            };
+        }
+        if process.pid != 0 && process_alive(process.pid) {
+            return None;
+        }
+        Some(match self.launcher {
+            VmLauncher::Systemd => {
+                let unit = Supervisor::unit(name);
+                let result = unit_property(&unit, "Result").unwrap_or_else(|| "?".into());
+                let code = unit_property(&unit, "ExecMainStatus").unwrap_or_else(|| "?".into());
+                format!("{unit} result {result}, exit status {code}")
+            }
+            VmLauncher::Process => "exit status unknown (it was started by an earlier daemon)".into(),
+        })
+    }
+}
+
+impl VmProcesses for Supervisor {
+    fn launcher(&self) -> VmLauncher {
+        self.launcher
+    }
+
+    fn request(&self, name: &str, request: &VmRequest) -> Result<VmReply, ControlError> {
+        control::request(&self.socket(name), request, REQUEST_TIMEOUT)
+    }
+
+    fn adopt(&self, name: &str) -> Option<Result<(VmProcess, Box<VmProcessStatus>), VmEnd>> {
+        match self.request(name, &VmRequest::Status {}) {
+            Ok(VmReply { status: Some(status), .. }) => Some(Ok((VmProcess::found(status.pid), Box::new(status)))),
+            _ => {
+                // Nothing answers: a socket left by a killed process is stale.
+                let _ = std::fs::remove_file(self.socket(name));
+                match control::read_end(&self.runtime_dir, name)? {
+                    Ok(end) => Some(Err(end)),
+                    Err(e) => {
+                        log::warn!("VM {name}: {e}");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn forget_end(&self, name: &str) {
+        let _ = std::fs::remove_file(control::end_path(&self.runtime_dir, name));
+    }
+
+    fn start(&self, config: &VmConfig) -> Result<(VmProcess, Box<VmProcessStatus>), String> {
+        std::fs::create_dir_all(&self.runtime_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.runtime_dir.display()))?;
+        self.forget_end(&config.name);
+        let mut process = match self.launcher {
+            VmLauncher::Process => self.spawn(config)?,
+            VmLauncher::Systemd => self.start_unit(config)?,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.probe(&config.name, &mut process) {
+                Probe::Status(status) => return Ok((process, status)),
+                Probe::Ended(end) => {
+                    return Err(end.error.unwrap_or_else(|| format!("the VM process ended at once ({})", end.state)))
+                }
+                Probe::Silent(why) if Instant::now() >= deadline => {
+                    return Err(format!("the VM process did not answer within {START_TIMEOUT:?}: {why}"))
+                }
+                Probe::Silent(_) => std::thread::sleep(POLL),
+            }
+        }
+    }
+
+    fn probe(&self, name: &str, process: &mut VmProcess) -> Probe {
         match self.request(name, &VmRequest::Status {}) {
             Ok(VmReply { status: Some(status), .. }) => {
                 process.pid = status.pid;
@@ -228,31 +277,7 @@ impl Supervisor {
         }
     }
 
-    /// `None` while the process lives; else how it exited, as far as can be known.
-    fn exit_status(&self, name: &str, process: &mut VmProcess) -> Option<String> {
-        if let Some(child) = &mut process.child {
-            return match child.try_wait() {
-                Ok(None) => None,
-                Ok(Some(status)) => Some(status.to_string()),
-                Err(e) => Some(format!("unknown ({e})")),
-            };
-        }
-        if process.pid != 0 && process_alive(process.pid) {
-            return None;
-        }
-        Some(match self.launcher {
-            VmLauncher::Systemd => {
-                let unit = Supervisor::unit(name);
-                let result = unit_property(&unit, "Result").unwrap_or_else(|| "?".into());
-                let code = unit_property(&unit, "ExecMainStatus").unwrap_or_else(|| "?".into());
-                format!("{unit} result {result}, exit status {code}")
-            }
-            VmLauncher::Process => "exit status unknown (it was started by an earlier daemon)".into(),
-        })
-    }
-
-    /// Stops VM `name`'s process and returns how it ended.
-    pub fn stop(&self, name: &str, process: &mut VmProcess) -> VmEnd {
+    fn stop(&self, name: &str, process: &mut VmProcess) -> VmEnd {
         if let Err(e) = self.request(name, &VmRequest::Stop {}) {
             log::warn!("VM {name}: stop request: {e}; sending SIGTERM to {}", process.pid);
             if process.pid != 0 {

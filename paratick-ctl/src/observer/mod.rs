@@ -107,6 +107,34 @@ pub enum PidFilter {
     },
 }
 
+/// What the daemon's manager reads of the host's KVM events: the boundary between its
+/// metrics and the eBPF programs (faked in its tests).
+pub trait EventSource {
+    /// Whether KVM's own counters are available, or why not.
+    fn kvm_counters_state(&self) -> Result<(), &str>;
+
+    /// KVM's own counters of every vCPU seen, by process and vCPU id, as last copied.
+    fn kvm_counters(&self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError>;
+
+    /// Forgets everything the programs recorded of processes that are gone (`gone`
+    /// says which): their event counts, timer vectors, vCPU threads and KVM counters, so
+    /// that the maps never fill with the dead on a host with VM churn. Call it after the
+    /// last snapshot that should still count them.
+    fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError>;
+
+    /// State of every KVM tracepoint, by name.
+    fn tracepoints(&self) -> &BTreeMap<&'static str, TracepointState>;
+
+    /// The host's KVM backend.
+    fn backend(&self) -> Backend;
+
+    /// Forwards pending eBPF log records to the `log` crate.
+    fn flush_logs(&mut self);
+
+    /// Reads all maps, summing per-CPU values.
+    fn snapshot(&self) -> Result<Snapshot, ObserverError>;
+}
+
 /// A loaded and attached observer. Dropping it detaches every program.
 pub struct Observer {
     ebpf: Ebpf,
@@ -349,14 +377,14 @@ impl Observer {
         }
         Ok(())
     }
+}
 
-    /// Whether KVM's own counters are available, or why not.
-    pub fn kvm_counters_state(&self) -> Result<(), &str> {
+impl EventSource for Observer {
+    fn kvm_counters_state(&self) -> Result<(), &str> {
         self.kvm_counters.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
-    /// KVM's own counters of every vCPU seen, by process and vCPU id, as last copied.
-    pub fn kvm_counters(&self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
+    fn kvm_counters(&self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
         let map: BpfHashMap<&MapData, KvmVcpuKey, KvmVcpuCounters> =
             BpfHashMap::try_from(self.ebpf.map("KVM_VCPU_COUNTERS").expect("KVM_VCPU_COUNTERS map"))
                 .map_err(map_err("KVM_VCPU_COUNTERS"))?;
@@ -371,11 +399,7 @@ impl Observer {
         Ok(out)
     }
 
-    /// Forgets everything the programs recorded of processes that are gone (`gone`
-    /// says which): their event counts, timer vectors, vCPU threads and KVM counters, so
-    /// that the maps never fill with the dead on a host with VM churn. Call it after the
-    /// last snapshot that should still count them.
-    pub fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError> {
+    fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError> {
         fn remove_where<K: aya::Pod, V: aya::Pod>(
             ebpf: &mut Ebpf,
             name: &'static str,
@@ -408,25 +432,21 @@ impl Observer {
         Ok(())
     }
 
-    /// State of every KVM tracepoint, by name.
-    pub fn tracepoints(&self) -> &BTreeMap<&'static str, TracepointState> {
+    fn tracepoints(&self) -> &BTreeMap<&'static str, TracepointState> {
         &self.tracepoints
     }
 
-    /// The host's KVM backend.
-    pub fn backend(&self) -> Backend {
+    fn backend(&self) -> Backend {
         self.backend
     }
 
-    /// Forwards pending eBPF log records to the `log` crate.
-    pub fn flush_logs(&mut self) {
+    fn flush_logs(&mut self) {
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
     }
 
-    /// Reads all maps, summing per-CPU values.
-    pub fn snapshot(&self) -> Result<Snapshot, ObserverError> {
+    fn snapshot(&self) -> Result<Snapshot, ObserverError> {
         let events: PerCpuHashMap<&MapData, EventKey, EventStats> =
             PerCpuHashMap::try_from(self.ebpf.map("EVENTS").expect("EVENTS map")).map_err(map_err("EVENTS"))?;
         let mut snapshot = Snapshot::default();
