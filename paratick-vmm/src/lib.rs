@@ -3,10 +3,10 @@
 //! that delivers paratick ticks at the rate the guest asks for (or the operator sets).
 //!
 //! ```no_run
-//! use paratick_vmm::{Vm, VmConfig, WorkAmount};
+//! use paratick_vmm::{Vm, VmConfig, WorkAmount, GUEST_KERNEL};
 //! use paratick_common::guest::{TickMode, Workload};
 //! let config = VmConfig::new("demo", 2, TickMode::Paratick, 250, Workload::Io, WorkAmount::Seconds(3.0));
-//! let vm = Vm::start(config)?;
+//! let vm = Vm::start(config, GUEST_KERNEL)?;
 //! vm.set_operator_hz(Some(100))?;
 //! let report = vm.wait()?;
 //! println!("{} work units, {} guest ticks", report.work_units, report.counters.guest_ticks.total);
@@ -31,6 +31,7 @@ mod vcpu;
 mod vm;
 
 pub use config::{parse_delivery, parse_tick_mode, parse_workload, ConfigError, TickDelivery, VmConfig, WorkAmount};
+pub use loader::GUEST_KERNEL;
 pub use state::VmState;
 pub use vm::{Counters, RunReport, TickCounts, Vm};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount};
+use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount, GUEST_KERNEL};
 
 /// Run Paratick guests on KVM.
 #[derive(Debug, Parser)]
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let vm = Vm::start(args.vm.config("vm")).context("cannot start the VM")?;
+    let vm = Vm::start(args.vm.config("vm"), GUEST_KERNEL).context("cannot start the VM")?;
     let report = vm.wait().context("the VM failed")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use paratick_common::guest::TickMode;
 use paratick_vmm::control::{self, VmEnd, VmProcessStatus, VmReply, VmRequest, MAX_LINE_BYTES};
-use paratick_vmm::{Vm, VmState};
+use paratick_vmm::{Vm, VmState, GUEST_KERNEL};
 
 use crate::VmArgs;
 
@@ -87,7 +87,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         }
     }
     let mode = config.mode;
-    let vm = match Vm::start(config) {
+    let vm = match Vm::start(config, GUEST_KERNEL) {
         Ok(vm) => vm,
         Err(e) => {
             let error = format!("cannot start the VM: {e}");

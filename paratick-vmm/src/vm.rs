@@ -24,7 +24,9 @@ use crate::guest_input::GuestWarnings;
 use crate::host_tick::HostTick;
 use crate::injector::{self, TickControl};
 use crate::kvm_stats::KvmExitCounts;
-use crate::loader::{load_elf, GUEST_KERNEL};
+use crate::loader::load_elf;
+#[cfg(doc)]
+use crate::loader::GUEST_KERNEL;
 use crate::memory::GuestMemory;
 use crate::stats::VcpuStats;
 use crate::vcpu::{install_kick_handler, kick_signal, ExitContext, Outcome, Shared, VcpuThread};
@@ -166,8 +168,9 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
-    /// Creates the VM and starts its guest.
-    pub fn start(config: VmConfig) -> Result<Vm, VmError> {
+    /// Creates the VM and starts the guest `kernel` (an ELF; [`GUEST_KERNEL`] is
+    /// Paratick's own, which the workloads and tick modes of `config` are for).
+    pub fn start(config: VmConfig, kernel: &[u8]) -> Result<Vm, VmError> {
         config.validate()?;
         install_kick_handler();
         let kvm = Kvm::new().map_err(VmError::kvm("open /dev/kvm"))?;
@@ -175,7 +178,7 @@ impl Vm {
         vm.create_irq_chip().map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
         let memory = Arc::new(GuestMemory::new(&vm)?);
         memory.write_boot_structures()?;
-        let entry = load_elf(&memory, GUEST_KERNEL)?;
+        let entry = load_elf(&memory, kernel)?;
 
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();

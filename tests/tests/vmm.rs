@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use paratick_common::guest::{TickMode, Workload};
 use paratick_tests::{one_vm_at_a_time, workspace_binary};
-use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, VmError, WorkAmount};
+use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, VmError, WorkAmount, GUEST_KERNEL};
 use serde_json::Value;
 use strum::VariantArray;
 
@@ -23,7 +23,7 @@ fn run(mode: TickMode, workload: Workload, vcpus: u32, seconds: f64) -> RunRepor
 
 fn run_with(config: VmConfig) -> RunReport {
     let what = format!("{} {} on {} vCPUs", config.mode.name(), config.workload.name(), config.vcpus);
-    Vm::start(config).and_then(Vm::wait).unwrap_or_else(|e| panic!("{what}: {e}"))
+    Vm::start(config, GUEST_KERNEL).and_then(Vm::wait).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
 /// Guest time must follow the TSC within one tick whatever the tick did (it catches
@@ -228,7 +228,7 @@ fn an_operator_rate_change_shows_in_the_guest_tick_rate_at_once() {
     let _lock = one_vm_at_a_time();
     let mut config = config(TickMode::Paratick, Workload::Contended, 1, WorkAmount::Seconds(30.0));
     config.name = "rate".into();
-    let vm = Vm::start(config).unwrap();
+    let vm = Vm::start(config, GUEST_KERNEL).unwrap();
     // A thread names itself once it runs: wait (bounded) until all three have.
     let named = Instant::now() + Duration::from_secs(5);
     while threads_named("rate-").len() < 3 && Instant::now() < named {
@@ -277,7 +277,7 @@ fn failure(name: &str, workload: Workload, amount: WorkAmount, deadline: Duratio
     config.name = name.to_string();
     config.deadline = deadline;
     let started = Instant::now();
-    let error = Vm::start(config).and_then(Vm::wait).expect_err("the VM must fail");
+    let error = Vm::start(config, GUEST_KERNEL).and_then(Vm::wait).expect_err("the VM must fail");
     assert_eq!(threads_named(&format!("{name}-")), Vec::<String>::new(), "threads left behind");
     (error, started.elapsed())
 }
@@ -491,7 +491,7 @@ fn lapic_timer_delivery_lays_ticks_on_the_host_tick_and_needs_no_injector_thread
     let mut config = config(TickMode::Paratick, Workload::Contended, 1, WorkAmount::Seconds(30.0));
     config.delivery = TickDelivery::LapicTimer;
     config.name = "lapic".into();
-    let vm = Vm::start(config).unwrap();
+    let vm = Vm::start(config, GUEST_KERNEL).unwrap();
     let named = Instant::now() + Duration::from_secs(5);
     while threads_named("lapic-").len() < 2 && Instant::now() < named {
         std::thread::sleep(Duration::from_millis(1));
@@ -586,4 +586,27 @@ fn a_vm_process_answers_bad_requests_with_an_error_and_changes_nothing() {
     let end = paratick_vmm::control::read_end(&dir, "bad").expect("an end record").unwrap();
     assert_eq!(end.state, paratick_vmm::VmState::Stopped, "{end:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_kernel_that_is_not_a_loadable_x86_64_elf_is_refused_with_its_reason() {
+    let _lock = one_vm_at_a_time();
+    let amount = WorkAmount::Units(1);
+    let mut wrong_machine = GUEST_KERNEL.to_vec();
+    wrong_machine[18] = 183; // e_machine: AArch64
+    let mut outside = GUEST_KERNEL.to_vec();
+    // The first program header's physical address: far beyond guest memory.
+    let phoff = u64::from_le_bytes(outside[32..40].try_into().unwrap()) as usize;
+    outside[phoff + 24..phoff + 32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let cases: [(&[u8], &str); 4] = [
+        (b"MZ not an ELF", "guest kernel: not a 64-bit ELF"),
+        (&wrong_machine, "guest kernel: an ELF for machine 183, not x86-64"),
+        (&GUEST_KERNEL[..GUEST_KERNEL.len() / 2], "guest kernel: a segment runs past the end of the file"),
+        (&outside, "is outside the kernel's area"),
+    ];
+    for (kernel, reason) in cases {
+        let config = config(TickMode::Paratick, Workload::Sequential, 1, amount);
+        let error = Vm::start(config, kernel).expect_err("refused").to_string();
+        assert!(error.contains(reason), "{error}");
+    }
 }

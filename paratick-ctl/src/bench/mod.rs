@@ -19,7 +19,7 @@ use strum::VariantArray;
 use anyhow::{bail, Context, Result};
 use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::{TickMode, Workload};
-use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount};
+use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount, GUEST_KERNEL};
 
 use crate::model::{ModelBackend, TimerModel};
 use crate::observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
@@ -106,7 +106,7 @@ impl Bench<'_> {
         config.start_paused = true;
         let owner = SYNTHETIC_OWNER_BASE + self.next_owner;
         self.next_owner += 1;
-        let vm = Vm::start(config.clone()).with_context(|| format!("starting {}", config.name))?;
+        let vm = Vm::start(config.clone(), GUEST_KERNEL).with_context(|| format!("starting {}", config.name))?;
         let threads = vm.thread_ids();
         if let Some(observer) = &mut self.observer {
             observer.attribute_threads(owner, &threads)?;
