@@ -342,6 +342,40 @@ pub struct BlockRequest {
     pub buffer: u64,
 }
 
+/// The structures the VMM reads from and writes to guest memory are plain old data for
+/// vm-memory's `Bytes::read_obj` / `write_obj`.
+#[cfg(feature = "vm-memory")]
+mod byte_valued {
+    use super::{BlockRequest, BootInfo, GuestResults, VcpuCounters};
+    use crate::abi::TickPage;
+
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers (and arrays of
+    // them), and laid out without padding (sizes asserted below), so every byte pattern
+    // the guest leaves in its memory is a valid value.
+    unsafe impl vm_memory::ByteValued for BootInfo {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for GuestResults {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for VcpuCounters {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for BlockRequest {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for TickPage {}
+
+    // No padding: each size is the sum of its fields' sizes.
+    const _: () = {
+        use core::mem::size_of;
+        assert!(size_of::<BootInfo>() == 8 * 4 + 4 * 4 + 8 + 4 * 2);
+        assert!(size_of::<TickPage>() == 4 * 8);
+        assert!(size_of::<VcpuCounters>() == 8 * 8 + 4 * super::TICK_INTERVAL_BINS);
+        assert!(size_of::<BlockRequest>() == 4 + 4 + 8 + 4 + 4 + 8);
+        assert!(
+            size_of::<GuestResults>()
+                == 4 + 4 + 8 * 3 + size_of::<VcpuCounters>() * super::MAX_VCPUS + super::PANIC_MESSAGE_LEN
+        );
+    };
+}
+
 // The memory map must not overlap: checked when anything using it is compiled.
 const _: () = {
     assert!(BOOT_GDT_ADDR + 24 <= BOOT_INFO_ADDR);

@@ -349,10 +349,7 @@ impl Vm {
     }
 
     fn guest_results(&self) -> Result<GuestResults, VmError> {
-        let mut raw = vec![0u8; std::mem::size_of::<GuestResults>()];
-        self.memory.read(RESULTS_ADDR, &mut raw)?;
-        // SAFETY: GuestResults is plain integers and byte arrays: any bytes are valid.
-        Ok(unsafe { std::ptr::read_unaligned(raw.as_ptr().cast::<GuestResults>()) })
+        self.memory.read_obj(RESULTS_ADDR)
     }
 
     fn vcpu_counters(&self) -> Result<Vec<VcpuCounters>, VmError> {
