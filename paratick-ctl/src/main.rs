@@ -598,14 +598,9 @@ fn remember(known: &mut HashMap<u32, ProcessInfo>, pids: impl IntoIterator<Item 
 
 /// Whether the child has exited, leaving it a zombie so that /proc still names it.
 fn exited_without_reaping(child: &Child) -> Result<bool> {
-    // SAFETY: siginfo_t is plain data for which all-zero is a valid value.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid with WNOHANG|WNOWAIT only reads the state of our own child and
-    // writes into `info`, which lives for the duration of the call.
-    let rc = unsafe { libc::waitid(libc::P_PID, child.id(), &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("waitid on the command");
-    }
-    // SAFETY: waitid filled `info`; si_pid is 0 when the child has not changed state.
-    Ok(unsafe { info.si_pid() } != 0)
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    let status = waitid(Id::Pid(pid), flags).context("waitid on the command")?;
+    Ok(status != WaitStatus::StillAlive)
 }

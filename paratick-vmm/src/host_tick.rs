@@ -4,6 +4,7 @@
 //! `skew_tick=1`). A timer of ours that expires at the same instant is handled in the
 //! same host timer interrupt, so a vCPU on that CPU exits once for both.
 
+use nix::time::{clock_gettime, ClockId};
 use std::time::Duration;
 
 /// Period of the host tick, if known (from the running kernel's `CONFIG_HZ`).
@@ -56,18 +57,14 @@ fn read_proc_config() -> Option<String> {
 
 /// CLOCK_MONOTONIC now, in ns (the clock of hrtimers, KVM's LAPIC timer and `Instant`).
 pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes a timespec we own; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC always exists");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
 /// CPU time the calling thread has used.
 pub fn thread_cpu_time() -> Duration {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: as `monotonic_ns`; CLOCK_THREAD_CPUTIME_ID is the calling thread's clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    let now = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).expect("the calling thread's clock exists");
+    Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! 0 when it finished or was stopped, 1 when it failed.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use paratick_common::guest::TickMode;
 use paratick_vmm::control::{self, VmEnd, VmProcessStatus, VmReply, VmRequest, MAX_LINE_BYTES};
 use paratick_vmm::{Vm, VmState, GUEST_KERNEL};
@@ -45,7 +48,7 @@ fn check_name(name: &str) -> Result<String, String> {
 /// How long a client may take to send its request, or to take the reply.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the VM's state is looked at while no request comes.
-const POLL_INTERVAL_MS: i32 = 200;
+const POLL_INTERVAL_MS: u16 = 200;
 
 /// Set by SIGTERM and SIGINT.
 static TERMINATE: AtomicBool = AtomicBool::new(false);
@@ -55,18 +58,12 @@ extern "C" fn on_terminate(_signal: libc::c_int) {
 }
 
 fn install_terminate_handler() -> Result<()> {
-    for signal in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler only
-        // stores to an atomic, which is async-signal-safe. No SA_RESTART: poll(2) returns
-        // EINTR at once, so a stop is not delayed by the poll interval.
-        let rc = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_terminate as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigaction(signal, &action, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot install the SIGTERM handler");
-        }
+    // No SA_RESTART: poll(2) returns EINTR at once, so a stop is not delayed by the
+    // poll interval.
+    let action = SigAction::new(SigHandler::Handler(on_terminate), SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.with_context(|| format!("cannot install the {signal} handler"))?;
     }
     Ok(())
 }
@@ -169,14 +166,12 @@ fn bind(path: &Path) -> Result<UnixListener> {
 
 /// Waits up to the poll interval for a connection; a signal ends the wait early.
 fn readable(listener: &UnixListener) -> Result<bool> {
-    let mut poll = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd that lives across the call.
-    let rc = unsafe { libc::poll(&mut poll, 1, POLL_INTERVAL_MS) };
-    if rc < 0 {
-        let error = std::io::Error::last_os_error();
-        return if error.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(error).context("poll") };
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(POLL_INTERVAL_MS)) {
+        Ok(ready) => Ok(ready > 0),
+        Err(Errno::EINTR) => Ok(false),
+        Err(e) => Err(e).context("poll"),
     }
-    Ok(rc > 0)
 }
 
 /// Answers one client; returns it when it asked for a stop (answered after the stop).

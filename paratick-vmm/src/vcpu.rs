@@ -108,8 +108,7 @@ pub struct Shared {
 impl Shared {
     /// Records the calling thread as one of the VM's (for the observer's attribution).
     pub fn register_current_thread(&self) {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() } as u32;
+        let tid = nix::unistd::gettid().as_raw() as u32;
         self.thread_ids.lock().expect("thread ids lock").push(tid);
     }
 

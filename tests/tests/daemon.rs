@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use paratick_tests::{
     free_port, kvm_unit_test, metric, one_vm_at_a_time, parse_metrics, qemu_args, single_error_line, workspace_binary,
     Sample,
@@ -139,8 +141,7 @@ impl Daemon {
 
     /// Sends SIGTERM and returns the exit status.
     fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -171,8 +172,7 @@ impl Drop for Daemon {
             return;
         }
         for pid in vm_processes(&self.dir) {
-            // SAFETY: kill(2) of a VM process of this test's daemon.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -585,8 +585,7 @@ fn a_killed_vm_process_is_marked_failed_with_its_exit_status_and_the_others_run_
     let _lock = one_vm_at_a_time();
     let daemon = Daemon::start("vmkill", TWO_VMS);
     let a = pid_of(&daemon, "a");
-    // SAFETY: kill(2) of the test daemon's VM process.
-    assert_eq!(unsafe { libc::kill(a as i32, libc::SIGKILL) }, 0);
+    assert_eq!(kill(Pid::from_raw(a as i32), Signal::SIGKILL), Ok(()));
     let samples = daemon.wait_for(Duration::from_secs(5), |s| {
         metric(s, "paratick_vm_state", &[("vm", "a"), ("state", "failed")]) == Some(1.0)
     });

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use paratick_tests::{one_vm_at_a_time, workspace_binary};
 use serde_json::Value;
 
@@ -157,8 +159,7 @@ impl Drop for Container {
     fn drop(&mut self) {
         // SIGKILL to PID 1 ends every process of the PID namespace, and with them the
         // mount namespace and the overlay.
-        // SAFETY: kill(2) of the container's init, a process this test started.
-        unsafe { libc::kill(self.init as i32, libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(self.init as i32), Signal::SIGKILL);
         let _ = self.unshare.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
         // The container's cgroups (and the BPF programs its units attached to them).

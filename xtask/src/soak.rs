@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 const SCRAPES_PER_SAMPLE: usize = 10;
@@ -93,8 +95,7 @@ struct Daemon(Child);
 impl Drop for Daemon {
     fn drop(&mut self) {
         // SIGTERM: the daemon stops its VM processes (process launcher).
-        // SAFETY: kill(2) of our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
         let _ = self.0.wait();
     }
 }

@@ -108,15 +108,11 @@ async fn serve(config: DaemonConfig) -> Result<()> {
 }
 
 fn group_id(name: &str) -> Result<u32> {
-    let c_name = std::ffi::CString::new(name).context("socket_group: not a valid group name")?;
-    // SAFETY: getgrnam reads the group database; the returned pointer (or null) is only
-    // dereferenced before any other call into the database on this thread.
-    let entry = unsafe { libc::getgrnam(c_name.as_ptr()) };
-    if entry.is_null() {
-        bail!("socket_group: no group named {name:?}");
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => bail!("socket_group: no group named {name:?}"),
+        Err(e) => bail!("socket_group: cannot look up group {name:?}: {e}"),
     }
-    // SAFETY: non-null entry returned just above.
-    Ok(unsafe { (*entry).gr_gid })
 }
 
 /// Binds the control socket (mode 0660, group `group`), replacing a stale one.

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use paratick_vmm::control::{self, ControlError, VmEnd, VmProcessStatus, VmReply, VmRequest};
 use paratick_vmm::{VmConfig, VmState};
 
@@ -281,8 +283,7 @@ impl VmProcesses for Supervisor {
         if let Err(e) = self.request(name, &VmRequest::Stop {}) {
             log::warn!("VM {name}: stop request: {e}; sending SIGTERM to {}", process.pid);
             if process.pid != 0 {
-                // SAFETY: kill has no memory effects; the pid is the VM process's.
-                unsafe { libc::kill(process.pid as libc::pid_t, libc::SIGTERM) };
+                let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGTERM);
             }
         }
         let deadline = Instant::now() + EXIT_TIMEOUT;
@@ -296,8 +297,7 @@ impl VmProcesses for Supervisor {
                     return VmEnd { name: name.into(), pid: 0, state: VmState::Failed, error, counters: None };
                 }
                 log::error!("VM {name}: the process {} did not exit after a stop: killing it", process.pid);
-                // SAFETY: as above.
-                unsafe { libc::kill(process.pid as libc::pid_t, libc::SIGKILL) };
+                let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
             }
             std::thread::sleep(POLL);
         }

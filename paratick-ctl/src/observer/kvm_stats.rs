@@ -21,13 +21,9 @@ pub fn ensure_debugfs() -> Result<(), String> {
     if Path::new(DEBUGFS_KVM).is_dir() {
         return Ok(());
     }
-    let source = c"debugfs";
-    let target = c"/sys/kernel/debug";
-    // SAFETY: the strings are NUL-terminated constants; mount(2) reads them only.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(format!("cannot mount debugfs on {DEBUGFS}: {}", std::io::Error::last_os_error()));
-    }
+    let flags = nix::mount::MsFlags::empty();
+    nix::mount::mount(Some("debugfs"), DEBUGFS, Some("debugfs"), flags, None::<&str>)
+        .map_err(|e| format!("cannot mount debugfs on {DEBUGFS}: {e}"))?;
     if Path::new(DEBUGFS_KVM).is_dir() {
         Ok(())
     } else {

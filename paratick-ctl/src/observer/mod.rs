@@ -169,8 +169,7 @@ pub fn find_tracefs_in(candidates: &[&Path]) -> Result<PathBuf, ObserverError> {
 /// Whether this process may load BPF programs: root, or CAP_BPF (39) and CAP_PERFMON (38)
 /// in its effective set.
 pub fn may_load_bpf() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         return true;
     }
     const CAP_PERFMON: u32 = 38;
