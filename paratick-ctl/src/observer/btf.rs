@@ -125,4 +125,25 @@ mod tests {
         assert!(btf.member_offset("kvm_vcpu", "no_such_member").unwrap_err().contains("has no member"));
         assert!(btf.member_offset("no_such_struct_xyz", "a").unwrap_err().contains("no struct"));
     }
+
+    /// BTF is a second source of the tracepoint layouts (`struct trace_event_raw_NAME`):
+    /// on the running kernel it must agree with the format files the observer uses.
+    #[test]
+    fn the_format_files_field_offsets_agree_with_btf() {
+        use paratick_common::event::{EventKind, FORK_CHILD_PID};
+        let btf = KernelBtf::load(Path::new("/sys/kernel/btf"), &["kvm"]).unwrap();
+        let events = EventKind::ALL.iter().map(|kind| ("kvm", kind.tracepoint(), kind.fields()));
+        let mut checked = 0;
+        for (group, event, fields) in events.chain([("sched", "sched_process_fork", &[FORK_CHILD_PID][..])]) {
+            let path = format!("/sys/kernel/tracing/events/{group}/{event}/format");
+            let format = crate::observer::format::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            for name in fields.iter().flat_map(|spec| spec.names) {
+                let Some(field) = format.field(name) else { continue };
+                let from_btf = btf.member_offset(&format!("trace_event_raw_{event}"), name).unwrap();
+                assert_eq!(from_btf, field.offset, "{event}.{name}: BTF and {path} disagree");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "only {checked} fields checked");
+    }
 }
