@@ -15,7 +15,7 @@ use paratick_vmm::{Counters, VmConfig, VmState};
 use tokio::sync::oneshot;
 
 use super::config::DaemonConfig;
-use super::metrics::Metrics;
+use super::metrics::{CounterFamily, Metrics};
 use super::supervisor::{Probe, Supervisor, VmLauncher, VmProcess, VmProcesses};
 use crate::backend::Backend;
 use crate::model::{ModelBackend, TimerModel};
@@ -85,9 +85,6 @@ impl ManagedVm {
 /// the host's KVM events behind `O` ([`Observer`]).
 pub struct Manager<P = Supervisor, O = Observer> {
     vms: Vec<ManagedVm>,
-    /// Label sets of the `paratick_observed_vm_exits_total` series of each process that
-    /// has its own (removed when it leaves the top N or exits).
-    observed_series: BTreeMap<u32, Vec<Vec<String>>>,
     /// The exits model of this host (calibrated by the bench, or its backend's defaults).
     model: TimerModel,
     /// The model the projections use: `model`, with the exits per tickless tick measured
@@ -156,7 +153,6 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         log::info!("exits model: {} ({}, {})", model.backend, model.source, config.timer_model.display());
         let mut manager = Self {
             vms,
-            observed_series: BTreeMap::new(),
             projection: model.clone(),
             model,
             supervisor,
@@ -560,28 +556,30 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 let _ = metrics.tick_rate.remove_label_values(&[&name, "configured"]);
             }
         }
-        metrics.feed.feed(&metrics.ticks_injected, &[&name], counters.ticks_injected);
-        metrics.feed.feed(&metrics.ticks_ridden, &[&name], counters.ticks_ridden);
-        metrics.feed.feed(&metrics.ticks_skipped_idle, &[&name], counters.ticks_skipped_idle);
-        metrics.feed.feed(&metrics.tick_requests_clamped, &[&name], counters.tick_requests_clamped);
-        metrics.feed.feed(&metrics.guest_ticks, &[&name], counters.guest_ticks.total);
-        metrics.feed.feed(&metrics.exits_saved, &[&name], self.projection.exits_saved(&counters));
+        metrics.counters.report_own(CounterFamily::TicksInjected, &[&name], counters.ticks_injected);
+        metrics.counters.report_own(CounterFamily::TicksRidden, &[&name], counters.ticks_ridden);
+        metrics.counters.report_own(CounterFamily::TicksSkippedIdle, &[&name], counters.ticks_skipped_idle);
+        metrics.counters.report_own(CounterFamily::TickRequestsClamped, &[&name], counters.tick_requests_clamped);
+        metrics.counters.report_own(CounterFamily::GuestTicks, &[&name], counters.guest_ticks.total);
+        metrics.counters.report_own(CounterFamily::ExitsSaved, &[&name], self.projection.exits_saved(&counters));
         metrics.vcpus_halted.with_label_values(&[&name]).set(f64::from(status.halted_vcpus));
         match observed {
             Some(observed) => {
                 for (kind, count) in &observed.tick_requests_by_kind {
-                    metrics.feed.feed(&metrics.tick_requests, &[&name, kind], *count);
+                    metrics.counters.report_own(CounterFamily::TickRequests, &[&name, kind], *count);
                 }
             }
-            None => metrics.feed.feed(&metrics.tick_requests, &[&name, "paratick"], counters.tick_requests),
+            None => {
+                metrics.counters.report_own(CounterFamily::TickRequests, &[&name, "paratick"], counters.tick_requests)
+            }
         }
         if exits_traced {
             for (reason, count) in observed.map(|o| &o.exit_reasons).into_iter().flatten() {
-                metrics.feed.feed(&metrics.exits, &[&name, reason], *count);
+                metrics.counters.report_own(CounterFamily::Exits, &[&name, reason], *count);
             }
         } else {
             for (stat, count) in counters.kvm_stats.by_category() {
-                metrics.feed.feed(&metrics.exits, &[&name, stat], count);
+                metrics.counters.report_own(CounterFamily::Exits, &[&name, stat], count);
             }
         }
         managed.sample = Some((now, counters));
@@ -606,7 +604,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         }
         let Some(snapshot) = snapshot else { return };
         for (reason, count) in snapshot.drops_by_name() {
-            metrics.feed.feed(&metrics.observer_drops, &[reason], count);
+            metrics.counters.report_own(CounterFamily::ObserverDrops, &[reason], count);
         }
         // Other KVM processes: their exits by reason where kvm_exit fires; else KVM's own
         // counters by category (the observer's copies); else what fires for every exit
@@ -630,42 +628,29 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             .collect();
 
         others.sort_by_key(|(pid, exits)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
-        // The series of processes that are gone, or fell out of the top N, go.
-        let named: std::collections::BTreeSet<u32> = others.iter().take(OBSERVED_TOP_N).map(|(pid, _)| *pid).collect();
-        self.observed_series.retain(|pid, series| {
-            let keep = named.contains(pid);
-            if !keep {
-                for labels in series.iter() {
-                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-                    let _ = metrics.observed_exits.remove_label_values(&labels);
-                }
-            }
-            keep
+        // The series of processes that are gone, or fell out of the top N, go; so do
+        // the sources of processes that are gone (what they counted stays counted).
+        let named: std::collections::BTreeSet<String> =
+            others.iter().take(OBSERVED_TOP_N).map(|(pid, _)| pid.to_string()).collect();
+        let counters = &metrics.counters;
+        counters
+            .retain_series(CounterFamily::ObservedExits, |labels| labels[0] == "other" || named.contains(&labels[0]));
+        let alive: std::collections::BTreeSet<String> = others.iter().map(|(pid, _)| pid.to_string()).collect();
+        counters.retain_sources(CounterFamily::ObservedExits, |source| {
+            source.split_once('/').is_some_and(|(pid, _)| alive.contains(pid))
         });
         for (rank, (pid, exits)) in others.into_iter().enumerate() {
-            if rank < OBSERVED_TOP_N {
-                let name = procfs::process_info(pid).map_or_else(|| "?".to_string(), |p| p.name);
-                let series = self.observed_series.entry(pid).or_default();
-                for (reason, count) in exits {
-                    let source = format!("{pid}/{reason}");
-                    let labels = [pid.to_string(), name.clone(), reason];
-                    metrics.feed.feed_from(
-                        &metrics.observed_exits,
-                        &[&labels[0], &labels[1], &labels[2]],
-                        &source,
-                        count,
-                    );
-                    if !series.contains(&labels.to_vec()) {
-                        series.push(labels.to_vec());
-                    }
-                }
+            // Each process's own count is the source, so a process moving in or out of
+            // the "other" group adds to it only what it counted while in it.
+            let name = if rank < OBSERVED_TOP_N {
+                procfs::process_info(pid).map_or_else(|| "?".to_string(), |p| p.name)
             } else {
-                // Each process's own count feeds the group, so a process moving in or out
-                // of it adds only what it counted while in it.
-                for (reason, count) in exits {
-                    let source = format!("{pid}/{reason}");
-                    metrics.feed.feed_from(&metrics.observed_exits, &["other", "other", &reason], &source, count);
-                }
+                "other".to_string()
+            };
+            let pid_label = if rank < OBSERVED_TOP_N { pid.to_string() } else { "other".to_string() };
+            for (reason, count) in exits {
+                let source = format!("{pid}/{reason}");
+                counters.report(CounterFamily::ObservedExits, &[&pid_label, &name, &reason], &source, count);
             }
         }
     }

@@ -1,12 +1,20 @@
 //! The daemon's Prometheus metrics: names follow Prometheus practice (`paratick_`
-//! prefix, base units, counters ending in `_total`, bounded labels). Counters are fed
-//! with the sources' cumulative values; a source that restarts (a VM started again)
-//! continues the counter rather than making it go down.
+//! prefix, base units, counters ending in `_total`, bounded labels).
+//!
+//! Counters are not incremented: the manager reports each source's cumulative value
+//! (a VM's counters, a process's exits) to [`ScrapedCounters`], a `Collector` that
+//! works the series out from the latest values when it is scraped. A source that
+//! restarts (a VM started again) continues its series rather than making it go down;
+//! a source that moves between series (a process entering `pid="other"`) adds to each
+//! only what it counted while in it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
-use prometheus::core::Collector;
-use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
+use prometheus::{Encoder, GaugeVec, IntGauge, Opts, Registry, TextEncoder};
+use strum::VariantArray;
 
 /// Every metric the daemon exports.
 pub struct Metrics {
@@ -15,67 +23,269 @@ pub struct Metrics {
     pub tick_rate: GaugeVec,
     /// One series per VM, its configuration in labels (always 1).
     pub vm_info: GaugeVec,
-    /// Ticks delivered by the injector.
-    pub ticks_injected: IntCounterVec,
-    /// Of those, ticks that rode on an exit that happened anyway.
-    pub ticks_ridden: IntCounterVec,
-    /// Due ticks not delivered because the vCPU was halted.
-    pub ticks_skipped_idle: IntCounterVec,
-    /// Guest tick requests for a rate out of range (clamped).
-    pub tick_requests_clamped: IntCounterVec,
-    /// Ticks the guest handled.
-    pub guest_ticks: IntCounterVec,
-    /// Guest tick requests by kind.
-    pub tick_requests: IntCounterVec,
-    /// VM exits by reason.
-    pub exits: IntCounterVec,
-    /// Estimated exits saved.
-    pub exits_saved: IntCounterVec,
     /// Halted vCPUs now.
     pub vcpus_halted: GaugeVec,
     /// 1 for the VM's current state.
     pub vm_state: GaugeVec,
-    /// Exits of KVM processes the daemon did not start.
-    pub observed_exits: IntCounterVec,
     /// Whether the eBPF observer is loaded.
     pub observer_up: IntGauge,
     /// Per tracepoint: 1 when attached.
     pub tracepoint_attached: GaugeVec,
+    /// Every counter ([`CounterFamily`]), read at scrape time.
+    pub counters: ScrapedCounters,
+}
+
+/// The daemon's counters: one row each of name, help and labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+pub enum CounterFamily {
+    /// Ticks delivered by the injector.
+    TicksInjected,
+    /// Of those, ticks that rode on an exit that happened anyway.
+    TicksRidden,
+    /// Due ticks not delivered because the vCPU was halted.
+    TicksSkippedIdle,
+    /// Guest tick requests for a rate out of range (clamped).
+    TickRequestsClamped,
+    /// Ticks the guest handled.
+    GuestTicks,
+    /// Guest tick requests by kind.
+    TickRequests,
+    /// VM exits by reason.
+    Exits,
+    /// Projected exits saved.
+    ExitsSaved,
+    /// Exits of KVM processes the daemon did not start.
+    ObservedExits,
     /// Events the observer could not record.
-    pub observer_drops: IntCounterVec,
-    /// Feeds cumulative values to the counters.
-    pub feed: CounterFeed,
+    ObserverDrops,
 }
 
-/// Remembers the last cumulative value of each source fed to a counter, so that each
-/// feed adds only what the source counted since.
-#[derive(Default)]
-pub struct CounterFeed {
-    last: HashMap<(String, String), u64>,
+impl CounterFamily {
+    /// Name, help and label names.
+    const fn spec(self) -> (&'static str, &'static str, &'static [&'static str]) {
+        match self {
+            CounterFamily::TicksInjected => {
+                ("paratick_vm_ticks_injected_total", "Ticks injected into the VM.", &["vm"])
+            }
+            CounterFamily::TicksRidden => (
+                "paratick_vm_ticks_ridden_total",
+                "Injected ticks that rode on a VM exit that happened anyway (no kick).",
+                &["vm"],
+            ),
+            CounterFamily::TicksSkippedIdle => (
+                "paratick_vm_ticks_skipped_idle_total",
+                "Due ticks not injected because the vCPU was halted.",
+                &["vm"],
+            ),
+            CounterFamily::TickRequestsClamped => (
+                "paratick_vm_tick_requests_clamped_total",
+                "Guest tick requests for a rate out of range, clamped to it.",
+                &["vm"],
+            ),
+            CounterFamily::GuestTicks => {
+                ("paratick_vm_guest_ticks_total", "Scheduler ticks the guest handled.", &["vm"])
+            }
+            CounterFamily::TickRequests => (
+                "paratick_vm_tick_requests_total",
+                "Guest tick requests: paratick requests, TSC-deadline writes, LAPIC timer writes.",
+                &["vm", "kind"],
+            ),
+            CounterFamily::Exits => (
+                "paratick_vm_exits_total",
+                "VM exits by reason: kvm_exit reasons where that tracepoint fires, else KVM's per-vCPU exit statistics by name.",
+                &["vm", "reason"],
+            ),
+            CounterFamily::ExitsSaved => (
+                "paratick_vm_exits_saved_projected_total",
+                "Projection, not a measurement: VM exits a tickless guest doing the same work would have taken beyond this paratick VM's, by the exits model of this host's backend (calibrated by paratick-ctl bench where it ran, else its defaults; see README).",
+                &["vm"],
+            ),
+            CounterFamily::ObservedExits => (
+                "paratick_observed_vm_exits_total",
+                "Exits of KVM processes the daemon did not start (top 10 by exits, the rest as pid=\"other\").",
+                &["pid", "name", "reason"],
+            ),
+            CounterFamily::ObserverDrops => (
+                "paratick_observer_drops_total",
+                "Events the eBPF programs could not record, by reason.",
+                &["reason"],
+            ),
+        }
+    }
 }
 
-impl CounterFeed {
-    /// Feeds a cumulative value to a counter series whose only source it is.
-    pub fn feed(&mut self, counter: &IntCounterVec, labels: &[&str], value: u64) {
-        self.feed_from(counter, labels, &labels.join("\u{1f}"), value);
+/// One source of a counter series: where it counts now (`None` once its series was
+/// removed), its value when it joined that series, and its latest value.
+#[derive(Debug)]
+struct Source {
+    series: Option<Vec<String>>,
+    joined_at: u64,
+    now: u64,
+}
+
+/// What the collector knows between scrapes.
+#[derive(Debug, Default)]
+struct CounterState {
+    /// Per series: what it counted from sources that have left it or restarted.
+    carried: BTreeMap<(CounterFamily, Vec<String>), u64>,
+    /// Per source (its family and name).
+    sources: HashMap<(CounterFamily, String), Source>,
+}
+
+impl CounterState {
+    /// Moves what `source` counted in its series into that series' carried count.
+    fn settle(carried: &mut BTreeMap<(CounterFamily, Vec<String>), u64>, family: CounterFamily, source: &Source) {
+        if let Some(series) = &source.series {
+            if let Some(count) = carried.get_mut(&(family, series.clone())) {
+                *count += source.now - source.joined_at;
+            }
+        }
+    }
+}
+
+/// The counters of [`CounterFamily`], as a `prometheus` collector that reads the
+/// sources' latest cumulative values when scraped. Clones share their state.
+#[derive(Clone)]
+pub struct ScrapedCounters {
+    descs: Arc<Vec<Desc>>,
+    state: Arc<Mutex<CounterState>>,
+}
+
+impl ScrapedCounters {
+    fn new() -> ScrapedCounters {
+        let descs = CounterFamily::VARIANTS
+            .iter()
+            .map(|family| {
+                let (name, help, labels) = family.spec();
+                let labels = labels.iter().map(|l| l.to_string()).collect();
+                Desc::new(name.into(), help.into(), labels, HashMap::new()).expect("valid metric")
+            })
+            .collect();
+        ScrapedCounters { descs: Arc::new(descs), state: Arc::default() }
     }
 
-    /// Feeds the cumulative value of `source` (e.g. one process's exits of one reason)
-    /// to the series `labels`. The increase is remembered per source, not per series: a
-    /// series that sums several sources, whose members change (`pid="other"`), gains
-    /// exactly what its members counted while they were in it.
-    pub fn feed_from(&mut self, counter: &IntCounterVec, labels: &[&str], source: &str, value: u64) {
-        let name = counter.desc().first().map(|d| d.fq_name.clone()).unwrap_or_default();
-        let last = self.last.insert((name, source.to_string()), value).unwrap_or(0);
-        // A lower value means the source restarted from zero: continue from there.
-        counter.with_label_values(labels).inc_by(if value >= last { value - last } else { value });
+    fn state(&self) -> std::sync::MutexGuard<'_, CounterState> {
+        // The state stays consistent at every step: a panic elsewhere cannot break it.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reports the cumulative `value` of a series' only source.
+    pub fn report_own(&self, family: CounterFamily, labels: &[&str], value: u64) {
+        self.report(family, labels, &labels.join("\u{1f}"), value);
+    }
+
+    /// Reports the cumulative `value` of `source` (e.g. one process's exits of one
+    /// reason), which counts in the series `labels`.
+    pub fn report(&self, family: CounterFamily, labels: &[&str], source: &str, value: u64) {
+        debug_assert_eq!(labels.len(), family.spec().2.len(), "{family:?}: label values");
+        let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        let mut state = self.state();
+        let CounterState { carried, sources } = &mut *state;
+        carried.entry((family, labels.clone())).or_insert(0);
+        match sources.get_mut(&(family, source.to_string())) {
+            None => {
+                sources.insert((family, source.to_string()), Source { series: Some(labels), joined_at: 0, now: value });
+            }
+            Some(known) => {
+                let restarted = value < known.now;
+                if restarted || known.series.as_ref() != Some(&labels) {
+                    CounterState::settle(carried, family, known);
+                    // A restarted source counts from zero; a moved one from where it was.
+                    known.joined_at = if restarted { 0 } else { known.now };
+                    known.series = Some(labels);
+                }
+                known.now = value;
+            }
+        }
+    }
+
+    /// Removes the series of `family` that `keep` refuses; their sources are
+    /// remembered, so that they add only their increase wherever they count next.
+    pub fn retain_series(&self, family: CounterFamily, keep: impl Fn(&[String]) -> bool) {
+        let mut state = self.state();
+        let CounterState { carried, sources } = &mut *state;
+        carried.retain(|(f, labels), _| *f != family || keep(labels));
+        for ((f, _), source) in sources.iter_mut() {
+            if *f == family && source.series.as_ref().is_some_and(|s| !carried.contains_key(&(family, s.clone()))) {
+                source.series = None;
+            }
+        }
+    }
+
+    /// Forgets the sources of `family` that `keep` refuses (processes that are gone);
+    /// what they counted stays in their series.
+    pub fn retain_sources(&self, family: CounterFamily, keep: impl Fn(&str) -> bool) {
+        let mut state = self.state();
+        let CounterState { carried, sources } = &mut *state;
+        sources.retain(|(f, name), source| {
+            let kept = *f != family || keep(name);
+            if !kept {
+                CounterState::settle(carried, family, source);
+            }
+            kept
+        });
+    }
+
+    /// Every series' value now.
+    fn values(&self) -> BTreeMap<(CounterFamily, Vec<String>), u64> {
+        let state = self.state();
+        let mut values = state.carried.clone();
+        for ((family, _), source) in &state.sources {
+            if let Some(count) = source.series.as_ref().and_then(|s| values.get_mut(&(*family, s.clone()))) {
+                *count += source.now - source.joined_at;
+            }
+        }
+        values
     }
 }
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
-    metric
+impl Collector for ScrapedCounters {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let values = self.values();
+        CounterFamily::VARIANTS
+            .iter()
+            .filter_map(|&family| {
+                let (name, help, label_names) = family.spec();
+                // Label pairs in name order, as the prometheus crate's own vectors have them.
+                let mut order: Vec<usize> = (0..label_names.len()).collect();
+                order.sort_by_key(|&i| label_names[i]);
+                let metrics: Vec<proto::Metric> = values
+                    .range((family, Vec::new())..)
+                    .take_while(|((f, _), _)| *f == family)
+                    .map(|((_, labels), value)| {
+                        let pairs = order
+                            .iter()
+                            .map(|&i| {
+                                let mut pair = LabelPair::default();
+                                pair.set_name(label_names[i].to_string());
+                                pair.set_value(labels[i].clone());
+                                pair
+                            })
+                            .collect();
+                        let mut metric = proto::Metric::default();
+                        metric.set_label(pairs);
+                        let mut counter = proto::Counter::default();
+                        counter.set_value(*value as f64);
+                        metric.set_counter(counter);
+                        metric
+                    })
+                    .collect();
+                if metrics.is_empty() {
+                    return None;
+                }
+                let mut out = MetricFamily::default();
+                out.set_name(name.into());
+                out.set_help(help.into());
+                out.set_field_type(MetricType::COUNTER);
+                out.set_metric(metrics);
+                Some(out)
+            })
+            .collect()
+    }
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -93,6 +303,8 @@ impl Metrics {
         let observer_up =
             IntGauge::new("paratick_observer_up", "Whether the eBPF KVM observer is loaded.").expect("valid metric");
         registry.register(Box::new(observer_up.clone())).expect("unique metric");
+        let counters = ScrapedCounters::new();
+        registry.register(Box::new(counters.clone())).expect("unique metrics");
         Metrics {
             tick_rate: gauge(
                 &registry,
@@ -106,52 +318,8 @@ impl Metrics {
                 "A configured VM (always 1): its tick mode, guest tick rate and vCPUs.",
                 &["vm", "mode", "hz", "vcpus"],
             ),
-            ticks_injected: counter(&registry, "paratick_vm_ticks_injected_total", "Ticks injected into the VM.", &["vm"]),
-            ticks_ridden: counter(
-                &registry,
-                "paratick_vm_ticks_ridden_total",
-                "Injected ticks that rode on a VM exit that happened anyway (no kick).",
-                &["vm"],
-            ),
-            ticks_skipped_idle: counter(
-                &registry,
-                "paratick_vm_ticks_skipped_idle_total",
-                "Due ticks not injected because the vCPU was halted.",
-                &["vm"],
-            ),
-            tick_requests_clamped: counter(
-                &registry,
-                "paratick_vm_tick_requests_clamped_total",
-                "Guest tick requests for a rate out of range, clamped to it.",
-                &["vm"],
-            ),
-            guest_ticks: counter(&registry, "paratick_vm_guest_ticks_total", "Scheduler ticks the guest handled.", &["vm"]),
-            tick_requests: counter(
-                &registry,
-                "paratick_vm_tick_requests_total",
-                "Guest tick requests: paratick requests, TSC-deadline writes, LAPIC timer writes.",
-                &["vm", "kind"],
-            ),
-            exits: counter(
-                &registry,
-                "paratick_vm_exits_total",
-                "VM exits by reason: kvm_exit reasons where that tracepoint fires, else KVM's per-vCPU exit statistics by name.",
-                &["vm", "reason"],
-            ),
-            exits_saved: counter(
-                &registry,
-                "paratick_vm_exits_saved_projected_total",
-                "Projection, not a measurement: VM exits a tickless guest doing the same work would have taken beyond this paratick VM's, by the exits model of this host's backend (calibrated by paratick-ctl bench where it ran, else its defaults; see README).",
-                &["vm"],
-            ),
             vcpus_halted: gauge(&registry, "paratick_vm_vcpus_halted", "vCPUs halted in KVM right now.", &["vm"]),
             vm_state: gauge(&registry, "paratick_vm_state", "1 for the VM's current state.", &["vm", "state"]),
-            observed_exits: counter(
-                &registry,
-                "paratick_observed_vm_exits_total",
-                "Exits of KVM processes the daemon did not start (top 10 by exits, the rest as pid=\"other\").",
-                &["pid", "name", "reason"],
-            ),
             observer_up,
             tracepoint_attached: gauge(
                 &registry,
@@ -159,14 +327,8 @@ impl Metrics {
                 "1 when the observer's program is attached to this KVM tracepoint.",
                 &["tracepoint"],
             ),
-            observer_drops: counter(
-                &registry,
-                "paratick_observer_drops_total",
-                "Events the eBPF programs could not record, by reason.",
-                &["reason"],
-            ),
             registry,
-            feed: CounterFeed::default(),
+            counters,
         }
     }
 
@@ -182,21 +344,55 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn value(counters: &ScrapedCounters, family: CounterFamily, labels: &[&str]) -> Option<u64> {
+        let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        counters.values().get(&(family, labels)).copied()
+    }
+
     #[test]
     fn a_source_moving_between_series_adds_only_its_increase() {
-        let counter = IntCounterVec::new(Opts::new("t_total", "test"), &["pid"]).unwrap();
-        let mut feed = CounterFeed::default();
+        let counters = ScrapedCounters::new();
+        let family = CounterFamily::ObservedExits;
+        let report = |pid: &str, source: &str, count| counters.report(family, &[pid, pid, "io"], source, count);
         // Process 7 is first in the top group, then falls into "other", then returns.
-        feed.feed_from(&counter, &["7"], "7/io", 100);
-        feed.feed_from(&counter, &["other"], "8/io", 50);
-        feed.feed_from(&counter, &["other"], "7/io", 130);
-        feed.feed_from(&counter, &["other"], "8/io", 60);
-        feed.feed_from(&counter, &["7"], "7/io", 135);
-        let value = |pid: &str| counter.with_label_values(&[pid]).get();
-        assert_eq!(value("7"), 100 + 5);
-        assert_eq!(value("other"), 50 + 30 + 10, "only the increases while in the group");
+        report("7", "7/io", 100);
+        report("other", "8/io", 50);
+        report("other", "7/io", 130);
+        report("other", "8/io", 60);
+        report("7", "7/io", 135);
+        assert_eq!(value(&counters, family, &["7", "7", "io"]), Some(100 + 5));
+        assert_eq!(value(&counters, family, &["other", "other", "io"]), Some(50 + 30 + 10), "increases while in it");
         // A restarted source continues from its new value.
-        feed.feed_from(&counter, &["7"], "7/io", 4);
-        assert_eq!(value("7"), 109);
+        report("7", "7/io", 4);
+        assert_eq!(value(&counters, family, &["7", "7", "io"]), Some(109));
+    }
+
+    #[test]
+    fn removed_series_vanish_and_forgotten_sources_leave_their_counts() {
+        let counters = ScrapedCounters::new();
+        let family = CounterFamily::ObservedExits;
+        counters.report(family, &["7", "qemu", "io"], "7/io", 100);
+        counters.report(family, &["other", "other", "io"], "8/io", 50);
+        // 7 leaves the top N: its series goes; back in "other" it adds its increase.
+        counters.retain_series(family, |labels| labels[0] != "7");
+        assert_eq!(value(&counters, family, &["7", "qemu", "io"]), None);
+        counters.report(family, &["other", "other", "io"], "7/io", 120);
+        assert_eq!(value(&counters, family, &["other", "other", "io"]), Some(50 + 20));
+        // 8 exits: forgotten, but what it counted stays counted.
+        counters.retain_sources(family, |source| !source.starts_with("8/"));
+        assert_eq!(value(&counters, family, &["other", "other", "io"]), Some(70));
+        assert_eq!(counters.state().sources.len(), 1);
+    }
+
+    #[test]
+    fn the_collector_renders_counters_with_their_help_and_sorted_labels() {
+        let metrics = Metrics::new();
+        metrics.counters.report_own(CounterFamily::TicksInjected, &["a"], 42);
+        metrics.counters.report(CounterFamily::ObservedExits, &["9", "qemu", "hlt"], "9/hlt", 3);
+        let text = metrics.render();
+        assert!(text.contains("# TYPE paratick_vm_ticks_injected_total counter\n"), "{text}");
+        assert!(text.contains("paratick_vm_ticks_injected_total{vm=\"a\"} 42\n"), "{text}");
+        assert!(text.contains("paratick_observed_vm_exits_total{name=\"qemu\",pid=\"9\",reason=\"hlt\"} 3\n"));
+        assert!(!text.contains("paratick_vm_guest_ticks_total"), "no series, no family: {text}");
     }
 }
