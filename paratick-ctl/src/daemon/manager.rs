@@ -642,12 +642,11 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         for (rank, (pid, exits)) in others.into_iter().enumerate() {
             // Each process's own count is the source, so a process moving in or out of
             // the "other" group adds to it only what it counted while in it.
-            let name = if rank < OBSERVED_TOP_N {
-                procfs::process_info(pid).map_or_else(|| "?".to_string(), |p| p.name)
+            let (pid_label, name) = if rank < OBSERVED_TOP_N {
+                (pid.to_string(), procfs::process_info(pid).map_or_else(|| "?".to_string(), |p| p.name))
             } else {
-                "other".to_string()
+                ("other".to_string(), "other".to_string())
             };
-            let pid_label = if rank < OBSERVED_TOP_N { pid.to_string() } else { "other".to_string() };
             for (reason, count) in exits {
                 let source = format!("{pid}/{reason}");
                 counters.report(CounterFamily::ObservedExits, &[&pid_label, &name, &reason], &source, count);
