@@ -1,9 +1,15 @@
-//! KVM's own per-vCPU exit counters of any VMM's VMs, read in the kernel by the
-//! observer's raw tracepoint programs from `struct kvm_vcpu`: KVM refuses the stats
-//! file of a vCPU to any process but the VM's, and a locked-down kernel refuses reads of
-//! KVM's debugfs. Userspace finds the field offsets (BTF for `kvm_vcpu` and
-//! `kvm_lapic`, KVM's stats descriptors for `kvm_vcpu_stat`) and writes them to the
-//! layout map; the programs copy the counters.
+//! KVM's own per-vCPU exit counters of any VMM's VMs, read in the kernel from
+//! `struct kvm_vcpu`: KVM refuses the stats file of a vCPU to any process but the VM's,
+//! and a locked-down kernel refuses reads of KVM's debugfs.
+//!
+//! They are sampled, never copied per event: a BPF iterator over every open file of the
+//! host (`iter/task_file`), run by userspace once per interval, copies the counters of
+//! each vCPU file (`kvm-vcpu:N`, whose `private_data` is its `struct kvm_vcpu`) and
+//! notes which thread last ran that vCPU; when such a thread exits (`sched_process_exit`,
+//! a rare event) its vCPU's counters are copied one last time, so that a VM's final
+//! counts are exact. Userspace finds the field offsets (BTF for `file`, `dentry`,
+//! `task_struct`, `pid` and `kvm_vcpu`, KVM's stats descriptors for `kvm_vcpu_stat`)
+//! and writes them to the layout map.
 
 /// How many counters are copied: the fields of `paratick_vmm::kvm_stats::KvmExitCounts`,
 /// in its order.
@@ -26,7 +32,11 @@ pub const KVM_COUNTER_NAMES: [&str; KVM_COUNTERS] = [
 /// Capacity of the per-vCPU counters map (one entry per vCPU on the host).
 pub const KVM_VCPU_CAPACITY: u32 = 8192;
 
-/// Where the counters are in the running kernel's `struct kvm_vcpu`.
+/// The name KVM gives a vCPU's file (`anon_inode:kvm-vcpu:N` in `/proc/PID/fd`): the
+/// start of its dentry's name.
+pub const VCPU_FILE_NAME_PREFIX: [u8; 9] = *b"kvm-vcpu:";
+
+/// Where the fields the iterator reads are in the running kernel's structures.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KvmCounterLayout {
@@ -34,12 +44,30 @@ pub struct KvmCounterLayout {
     pub ready: u32,
     /// Offset of `vcpu_id` in `struct kvm_vcpu`.
     pub vcpu_id_offset: u32,
-    /// Offset of `vcpu` in `struct kvm_lapic`.
-    pub lapic_vcpu_offset: u32,
-    /// Unused (keeps the layout free of padding).
-    pub reserved: u32,
+    /// Offset of `pid` (the `struct pid` of the thread that last ran it) in `struct kvm_vcpu`.
+    pub vcpu_pid_offset: u32,
+    /// Offset of `numbers[0].nr` (the thread id) in `struct pid`.
+    pub pid_nr_offset: u32,
+    /// Offset of `f_path.dentry` in `struct file`.
+    pub file_dentry_offset: u32,
+    /// Offset of `private_data` in `struct file`.
+    pub file_private_data_offset: u32,
+    /// Offset of `d_name.name` in `struct dentry`.
+    pub dentry_name_offset: u32,
+    /// Offset of `tgid` in `struct task_struct`.
+    pub task_tgid_offset: u32,
     /// Offset of each counter in `struct kvm_vcpu` (`stat` plus its offset there).
     pub offsets: [u32; KVM_COUNTERS],
+}
+
+/// A vCPU known to have been run by a thread: what its exit copies the counters of.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadVcpu {
+    /// Address of its `struct kvm_vcpu`.
+    pub vcpu: u64,
+    /// Its VM process and vCPU id (checked against the structure before reading it).
+    pub key: KvmVcpuKey,
 }
 
 /// A vCPU: its VM process and KVM's vCPU id.
@@ -62,13 +90,9 @@ pub struct KvmVcpuCounters {
     pub values: [u64; KVM_COUNTERS],
 }
 
-/// How often, at most, the per-exit probe copies a vCPU's counters (the probes on
-/// KVM_RUN's entry and return always do): enough for a live view, cheap on the exit path.
-pub const KVM_COUNTERS_MIN_INTERVAL_NS: u64 = 5_000_000;
-
 #[cfg(feature = "user")]
 mod pod {
-    use super::{KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey};
+    use super::{KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, ThreadVcpu};
 
     // SAFETY: `#[repr(C)]`, `Copy`, integers only, no padding (sizes asserted below):
     // every byte pattern is a valid value.
@@ -77,9 +101,12 @@ mod pod {
     unsafe impl aya::Pod for KvmVcpuKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for KvmVcpuCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ThreadVcpu {}
 
     const _: () = {
-        assert!(core::mem::size_of::<KvmCounterLayout>() == 56);
+        assert!(core::mem::size_of::<KvmCounterLayout>() == 72);
+        assert!(core::mem::size_of::<ThreadVcpu>() == 16);
         assert!(core::mem::size_of::<KvmVcpuKey>() == 8);
         assert!(core::mem::size_of::<KvmVcpuCounters>() == 88);
     };

@@ -84,6 +84,15 @@ struct BenchArgs {
     /// Where the calibrated exits model goes (what `observe` and the daemon read).
     #[arg(long, value_name = "FILE", default_value = paratick_ctl::model::DEFAULT_MODEL_FILE)]
     model_out: PathBuf,
+    /// Directory of the kvm-unit-tests kernels: the observer's cost is then also measured
+    /// on QEMU running tscdeadline_latency.flat (a third-party VMM and guest).
+    #[arg(long, value_name = "DIR")]
+    kvm_unit_tests: Option<PathBuf>,
+    /// Measure only what the eBPF observer costs the VMs it watches (every workload, QEMU,
+    /// and the daemon beside a VM), PAIRS alternating pairs a case; prints one line a case
+    /// and writes DIR/observer-overhead.json and .md.
+    #[arg(long, value_name = "PAIRS", value_parser = clap::value_parser!(u32).range(1..=100))]
+    observer_overhead: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -206,7 +215,22 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         hz: args.hz,
         vcpus: args.vcpus,
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        kvm_unit_tests: args.kvm_unit_tests,
     };
+    if let Some(pairs) = args.observer_overhead {
+        let overhead = paratick_ctl::bench::observer_overhead(&options, pairs)?;
+        std::fs::create_dir_all(&options.out).with_context(|| format!("cannot create {}", options.out.display()))?;
+        let json = options.out.join("observer-overhead.json");
+        std::fs::write(&json, serde_json::to_string_pretty(&overhead)? + "\n")
+            .with_context(|| format!("cannot write {}", json.display()))?;
+        let md = options.out.join("observer-overhead.md");
+        std::fs::write(&md, format!("# Observer overhead\n\nCommand: `{}`\n{}", options.command, overhead.markdown()))
+            .with_context(|| format!("cannot write {}", md.display()))?;
+        for line in overhead.lines() {
+            println!("{line}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let results = paratick_ctl::bench::run(&options)?;
     for w in &results.summary {
         for c in w.comparisons.iter().filter(|c| c.mode == "paratick") {
@@ -241,6 +265,9 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
             );
         }
         None => println!("no exits model: the runs did not allow a calibration"),
+    }
+    for line in results.observer_overhead.lines() {
+        println!("{line}");
     }
     println!("results in {}", options.out.display());
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,9 @@
 //! eBPF programs on KVM tracepoints: count events per (VM process, vCPU, kind, detail),
 //! time exits from `kvm_exit` to `kvm_entry`, remember each VM's LAPIC timer vector, and
-//! follow a watched command's forks.
+//! follow a watched command's forks; and a BPF iterator that samples KVM's own per-vCPU
+//! counters. No program runs on a tracepoint that fires at instruction-emulation or
+//! page-fault rate (`kvm_emulate_insn`, `kvm_page_fault`): what runs per event runs at
+//! the rate of what it counts.
 //!
 //! The programs are deliberately thin: field offsets come from userspace (read from the
 //! running kernel's format files), and what a record means is decided by
@@ -23,7 +26,7 @@ use paratick_common::event::{
     PROCESS_MAP_CAPACITY, THREAD_OWNER_CAPACITY, VCPU_THREAD_CAPACITY,
 };
 use paratick_common::kvm_counters::{
-    KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, KVM_COUNTERS, KVM_COUNTERS_MIN_INTERVAL_NS, KVM_VCPU_CAPACITY,
+    KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, ThreadVcpu, KVM_COUNTERS, KVM_VCPU_CAPACITY, VCPU_FILE_NAME_PREFIX,
 };
 
 /// Event counts, per CPU so that the hot path takes no lock.
@@ -246,7 +249,7 @@ fn read_slot(ctx: &TracePointContext, slot: FieldSlot) -> Result<u64, i64> {
     }
 }
 
-/// Where KVM's counters are in `struct kvm_vcpu`; written by userspace.
+/// Where the fields the KVM-counter programs read are; written by userspace.
 #[map]
 static KVM_LAYOUT: Array<KvmCounterLayout> = Array::with_max_entries(1, 0);
 
@@ -254,103 +257,134 @@ static KVM_LAYOUT: Array<KvmCounterLayout> = Array::with_max_entries(1, 0);
 #[map]
 static KVM_VCPU_COUNTERS: HashMap<KvmVcpuKey, KvmVcpuCounters> = HashMap::with_max_entries(KVM_VCPU_CAPACITY, 0);
 
-/// The vCPU each thread last ran (thread id → `struct kvm_vcpu *`), learnt from the
-/// raw tracepoints that carry the vCPU; the ones that do not (a KVM_RUN's return, a
-/// wake-up) look it up. LRU: threads come and go.
+/// The vCPU each thread last ran (thread id → vCPU), as the iterator last saw it: what
+/// the thread's exit copies the counters of. LRU: threads come and go.
 #[map]
-static THREAD_VCPUS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(VCPU_THREAD_CAPACITY, 0);
+static THREAD_VCPUS: LruHashMap<u32, ThreadVcpu> = LruHashMap::with_max_entries(VCPU_THREAD_CAPACITY, 0);
 
-/// Raw tracepoint programs (BPF_PROG_TYPE_RAW_TRACEPOINT: the arguments of the
-/// tracepoint call, pointers included) that keep KVM's own counters copied. Where the
-/// kernel has kprobes or BPF trampolines, probes on KVM_RUN would do; this works on
-/// hosts with neither (such as PVM hosts).
-macro_rules! kvm_counter_programs {
-    ($($program:ident => $handler:expr),+ $(,)?) => {$(
-        #[doc = concat!("The raw tracepoint program `", stringify!($program), "`.")]
-        #[no_mangle]
-        #[link_section = "raw_tracepoint"]
-        pub fn $program(ctx: *mut core::ffi::c_void) -> i32 {
-            $handler(&RawTracePointContext::new(ctx));
-            0
-        }
-    )+};
+/// The context of an `iter/task_file` program (`struct bpf_iter__task_file`): every
+/// open file of every process, one call each.
+#[repr(C)]
+struct TaskFileContext {
+    meta: u64,
+    task: u64,
+    fd: u32,
+    padding: u32,
+    file: u64,
 }
 
-kvm_counter_programs! {
-    // kvm_emulate_insn(vcpu, failed) and kvm_page_fault(vcpu, address, error): the vCPU.
-    kvm_counters_emulate_insn => |ctx: &RawTracePointContext| vcpu_seen(ctx, ctx.arg::<u64>(0)),
-    kvm_counters_page_fault => |ctx: &RawTracePointContext| vcpu_seen(ctx, ctx.arg::<u64>(0)),
-    // kvm_eoi(apic, vector): the vCPU is the LAPIC's.
-    kvm_counters_eoi => |ctx: &RawTracePointContext| {
-        if let Some(layout) = KVM_LAYOUT.get(0) {
-            let apic: u64 = ctx.arg(0);
-            // SAFETY: bpf_probe_read_kernel fails rather than faults; the offset of
-            // `vcpu` in `struct kvm_lapic` is from this kernel's BTF.
-            if let Ok(vcpu) = unsafe { bpf_probe_read_kernel((apic + layout.lapic_vcpu_offset as u64) as *const u64) } {
-                vcpu_seen(ctx, vcpu);
-            }
-        }
-    },
-    // kvm_userspace_exit(reason, errno): KVM_RUN returns to the VMM, after the
-    // accounting of its last exit.
-    kvm_counters_userspace_exit => |ctx: &RawTracePointContext| thread_vcpu_copy(ctx, false),
-    // kvm_vcpu_wakeup(ns, waited, valid): a halt ended.
-    kvm_counters_vcpu_wakeup => |ctx: &RawTracePointContext| thread_vcpu_copy(ctx, true),
-}
+/// A BPF iterator program's context, for the log of [`count_drop`].
+struct IterContext(*mut core::ffi::c_void);
 
-#[inline(always)]
-fn vcpu_seen(ctx: &RawTracePointContext, vcpu: u64) {
-    let _ = THREAD_VCPUS.insert(bpf_get_current_pid_tgid() as u32, vcpu, 0);
-    copy_kvm_counters(ctx, vcpu, true);
-}
-
-#[inline(always)]
-fn thread_vcpu_copy(ctx: &RawTracePointContext, rate_limited: bool) {
-    // SAFETY: a plain u64 value of this thread's own entry.
-    if let Some(&vcpu) = unsafe { THREAD_VCPUS.get(bpf_get_current_pid_tgid() as u32) } {
-        copy_kvm_counters(ctx, vcpu, rate_limited);
+impl EbpfContext for IterContext {
+    fn as_ptr(&self) -> *mut core::ffi::c_void {
+        self.0
     }
 }
 
+/// The BPF iterator (BPF_TRACE_ITER over `task_file`) that samples KVM's counters:
+/// userspace runs it once per interval by reading an iterator file; it visits every
+/// open file of the host and copies the counters of each vCPU file. Nothing runs per KVM
+/// event. It prints nothing: what it learns goes to [`KVM_VCPU_COUNTERS`] and
+/// [`THREAD_VCPUS`].
+#[no_mangle]
+#[link_section = "iter/task_file"]
+pub fn kvm_vcpu_files(ctx: *mut core::ffi::c_void) -> i32 {
+    let context = IterContext(ctx);
+    let _ = sample_vcpu_file(&context, ctx as *const TaskFileContext);
+    0
+}
+
+/// Reads a kernel value at `base + offset`; `None` if the read fails.
 #[inline(always)]
-fn copy_kvm_counters<C: EbpfContext>(ctx: &C, vcpu: u64, rate_limited: bool) {
-    let Some(layout) = KVM_LAYOUT.get(0) else { return };
-    let tgid = current_tgid();
-    if layout.ready == 0 || !is_tracked(tgid) {
-        return;
-    }
+fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails rather than
-    // faulting; the address is the probed function's vcpu argument plus an offset that
-    // userspace took from this kernel's BTF.
-    let Ok(vcpu_id) = (unsafe { bpf_probe_read_kernel((vcpu + layout.vcpu_id_offset as u64) as *const u32) }) else {
+    // faulting; a wrong address yields an error, never a fault.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+#[inline(always)]
+fn sample_vcpu_file(ctx: &IterContext, files: *const TaskFileContext) -> Option<()> {
+    let layout = KVM_LAYOUT.get(0)?;
+    if layout.ready == 0 {
+        return None;
+    }
+    // The kernel passes the task and the file (NULL at the end of the iteration).
+    let task: u64 = read_kernel(files as u64, core::mem::offset_of!(TaskFileContext, task) as u32)?;
+    let file: u64 = read_kernel(files as u64, core::mem::offset_of!(TaskFileContext, file) as u32)?;
+    if task == 0 || file == 0 {
+        return None;
+    }
+    let dentry: u64 = read_kernel(file, layout.file_dentry_offset)?;
+    let name: u64 = read_kernel(dentry, layout.dentry_name_offset)?;
+    if read_kernel::<[u8; 9]>(name, 0)? != VCPU_FILE_NAME_PREFIX {
+        return None;
+    }
+    let tgid: u32 = read_kernel(task, layout.task_tgid_offset)?;
+    if !is_tracked(tgid) {
+        return None;
+    }
+    let vcpu: u64 = read_kernel(file, layout.file_private_data_offset)?;
+    let Some(vcpu_id) = read_kernel::<u32>(vcpu, layout.vcpu_id_offset) else {
         count_drop(ctx, DropReason::KvmCounterReadFailed);
-        return;
+        return None;
     };
     let key = KvmVcpuKey { tgid, vcpu_id };
-    let now = now_ns();
-    if rate_limited {
-        // SAFETY: a plain value of this map.
-        if let Some(last) = unsafe { KVM_VCPU_COUNTERS.get(key) } {
-            if now.wrapping_sub(last.copied_ns) < KVM_COUNTERS_MIN_INTERVAL_NS {
-                return;
-            }
-        }
+    copy_kvm_counters(ctx, layout, vcpu, key);
+    // The thread that last ran the vCPU (none before its first KVM_RUN).
+    if let Some(tid) = vcpu_thread(layout, vcpu) {
+        let _ = THREAD_VCPUS.insert(tid, ThreadVcpu { vcpu, key }, 0);
     }
-    let mut counters = KvmVcpuCounters { copied_ns: now, values: [0; KVM_COUNTERS] };
+    Some(())
+}
+
+/// The id of the thread that last ran `vcpu` (`vcpu->pid`), if any.
+#[inline(always)]
+fn vcpu_thread(layout: &KvmCounterLayout, vcpu: u64) -> Option<u32> {
+    let pid: u64 = read_kernel(vcpu, layout.vcpu_pid_offset)?;
+    if pid == 0 {
+        return None;
+    }
+    read_kernel(pid, layout.pid_nr_offset)
+}
+
+/// Copies a vCPU's counters into [`KVM_VCPU_COUNTERS`].
+#[inline(always)]
+fn copy_kvm_counters<C: EbpfContext>(ctx: &C, layout: &KvmCounterLayout, vcpu: u64, key: KvmVcpuKey) {
+    let mut counters = KvmVcpuCounters { copied_ns: now_ns(), values: [0; KVM_COUNTERS] };
     for i in 0..KVM_COUNTERS {
-        let address = (vcpu + layout.offsets[i] as u64) as *const u64;
-        // SAFETY: as above.
-        match unsafe { bpf_probe_read_kernel(address) } {
-            Ok(value) => counters.values[i] = value,
-            Err(_) => {
+        match read_kernel(vcpu, layout.offsets[i]) {
+            Some(value) => counters.values[i] = value,
+            None => {
                 count_drop(ctx, DropReason::KvmCounterReadFailed);
                 return;
             }
         }
     }
-    if KVM_VCPU_COUNTERS.insert(key, counters, 0).is_err() {
+    if KVM_VCPU_COUNTERS.insert(&key, &counters, 0).is_err() {
         count_drop(ctx, DropReason::KvmCountersFull);
     }
+}
+
+/// On `sched_process_exit` (a raw tracepoint: a thread ends, a rare event): a thread that
+/// ran a vCPU has done its last exit, so its vCPU's counters are copied one last time and
+/// a VM's final counts are exact however long the sampling interval. The vCPU lives on
+/// while its VM's files are open, which they are until the process's last thread exits
+/// after this; the vCPU id and thread are checked before anything is copied.
+#[no_mangle]
+#[link_section = "raw_tracepoint"]
+pub fn kvm_vcpu_thread_exit(ctx: *mut core::ffi::c_void) -> i32 {
+    let context = RawTracePointContext::new(ctx);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: a plain value of this map, copied out at once.
+    let Some(thread) = (unsafe { THREAD_VCPUS.get(&tid) }).copied() else { return 0 };
+    let _ = THREAD_VCPUS.remove(&tid);
+    let Some(layout) = KVM_LAYOUT.get(0) else { return 0 };
+    let same_vcpu = read_kernel::<u32>(thread.vcpu, layout.vcpu_id_offset) == Some(thread.key.vcpu_id);
+    if same_vcpu && vcpu_thread(layout, thread.vcpu) == Some(tid) {
+        copy_kvm_counters(&context, layout, thread.vcpu, thread.key);
+    }
+    0
 }
 
 #[inline(always)]

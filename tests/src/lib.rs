@@ -142,28 +142,9 @@ pub fn kvm_unit_test(name: &str) -> PathBuf {
 /// The command line of Debian's QEMU on KVM running a kvm-unit-tests kernel. (ARCH_CAPABILITIES is off: this
 /// PVM host refuses QEMU's write of that MSR.)
 pub fn qemu_args(kernel: &Path, append: &str) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "qemu-system-x86_64",
-        "-enable-kvm",
-        "-cpu",
-        "host,+x2apic,+tsc-deadline,-arch-capabilities",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-display",
-        "none",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x4",
-        "-kernel",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(kernel.to_str().unwrap().into());
-    args.extend(["-append".into(), append.into()]);
+    let mut args = vec!["qemu-system-x86_64".to_string()];
+    args.extend(paratick_ctl::bench::overhead::QEMU_KVM_UNIT_TESTS_ARGS.iter().map(|s| s.to_string()));
+    args.extend(["-kernel".into(), kernel.to_str().unwrap().into(), "-append".into(), append.into()]);
     args
 }
 

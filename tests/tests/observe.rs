@@ -127,10 +127,12 @@ fn the_report_names_the_backend_and_the_state_of_every_tracepoint() {
     }
 }
 
-/// Starts a count guest that runs for a while, and waits until it owns a KVM VM.
+/// Starts a count guest that runs for a while, and waits until it owns a KVM VM. Its 10
+/// million port writes take tens of seconds at the fastest exits seen here (about 5 µs
+/// each), far longer than any window a test observes: the caller kills it.
 #[expect(clippy::zombie_processes, reason = "the caller kills and waits for the returned child")]
 fn start_long_guest() -> Child {
-    let mut child = Command::new(count_guest()).args(["40000", "0"]).stdout(Stdio::null()).spawn().expect("guest");
+    let mut child = Command::new(count_guest()).args(["10000000", "0"]).stdout(Stdio::null()).spawn().expect("guest");
     let deadline = Instant::now() + Duration::from_secs(10);
     let fd_dir = PathBuf::from(format!("/proc/{}/fd", child.id()));
     loop {

@@ -8,6 +8,7 @@
 //! each way of delivering ticks where every tick is needed (the contended workload), the
 //! observer's overhead, and tick precision.
 
+pub mod overhead;
 mod plot;
 pub mod report;
 
@@ -40,6 +41,8 @@ pub struct BenchOptions {
     pub vcpus: u32,
     /// The command line, for the report.
     pub command: String,
+    /// Where the kvm-unit-tests kernels are (the observer's third-party case).
+    pub kvm_unit_tests: Option<PathBuf>,
 }
 
 impl BenchOptions {
@@ -168,6 +171,15 @@ impl Bench<'_> {
     }
 }
 
+/// Measures only the observer's cost (`bench --observer-overhead`), `pairs` pairs a case.
+pub fn observer_overhead(options: &BenchOptions, pairs: u32) -> Result<overhead::ObserverOverhead> {
+    options.validate()?;
+    let model = TimerModel::default_for(ModelBackend::of_host());
+    let total = overhead::runs(pairs);
+    let mut bench = Bench { options, model, observer: None, next_owner: 0, done: 0, total };
+    overhead::measure(&mut bench, pairs, options.kvm_unit_tests.as_deref())
+}
+
 /// Runs the whole evaluation and writes results.json, results.csv, results.md and the
 /// plots to `options.out`.
 pub fn run(options: &BenchOptions) -> Result<report::Results> {
@@ -178,7 +190,8 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     let modes = TickMode::VARIANTS;
     let main_runs = workloads.len() * modes.len() * options.reps as usize * 2;
     let delivery_runs = (TickDelivery::VARIANTS.len() + 2) * options.reps as usize;
-    let total = main_runs + delivery_runs + 2 * options.reps as usize + PRECISION_HZ.len();
+    let overhead_runs = overhead::runs(options.reps.max(overhead::MIN_PAIRS));
+    let total = main_runs + delivery_runs + overhead_runs + PRECISION_HZ.len();
     let model = TimerModel::default_for(ModelBackend::of_host());
     let mut bench = Bench { options, model, observer: Some(observer), next_owner: 0, done: 0, total };
 
@@ -211,25 +224,11 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
 
     let delivery = deliveries(&mut bench)?;
 
-    // Observer overhead: the exit-heaviest workload with and without the programs.
-    let heaviest = report::heaviest_workload(&records);
-    let mut with = Vec::new();
-    let mut without = Vec::new();
-    for rep in 0..options.reps {
-        for attached in [false, true] {
-            bench.observer = if attached { Some(Observer::start(&PidFilter::All)?) } else { None };
-            let config = bench.config(
-                heaviest,
-                TickMode::Tickless,
-                options.hz,
-                WorkAmount::Seconds(options.duration.as_secs_f64()),
-            );
-            let (report, _) = bench.run_vm(config)?;
-            (if attached { &mut with } else { &mut without }).push(report.throughput_per_s);
-            bench.progress(&format!("observer {} rep {}", if attached { "on" } else { "off" }, rep + 1));
-        }
-    }
-    let overhead = report::ObserverOverhead::new(heaviest, &with, &without);
+    // The observer's cost: every workload, QEMU and the daemon, with and without it.
+    bench.observer = None;
+    let overhead =
+        overhead::measure(&mut bench, options.reps.max(overhead::MIN_PAIRS), options.kvm_unit_tests.as_deref())?;
+    bench.observer = Some(Observer::start(&PidFilter::All)?);
 
     // Tick precision: the guest's rate and intervals at several rates.
     let mut precision = Vec::new();

@@ -17,6 +17,7 @@ use paratick_common::guest::{TickMode, Workload, TICK_INTERVAL_BINS, TICK_INTERV
 use paratick_vmm::{RunReport, TickDelivery};
 use serde::Serialize;
 
+use super::overhead::ObserverOverhead;
 use super::BenchOptions;
 use crate::model::TimerModel;
 use crate::observer::ProcessCounts;
@@ -325,53 +326,6 @@ impl<'a> ExecutionRuns<'a> {
                 (*base > 0.0).then(|| 1.0 - timer / base)
             })
             .collect()
-    }
-}
-
-/// The workload with the most (modelled) exits per second.
-pub fn heaviest_workload(records: &[Record]) -> Workload {
-    Workload::EVALUATED
-        .into_iter()
-        .max_by(|a, b| {
-            let rate = |w: &Workload| {
-                median(
-                    records
-                        .iter()
-                        .filter(|r| r.workload == w.name() && r.kind == "throughput")
-                        .map(|r| r.modelled_vmx_exits as f64 / r.elapsed_s.max(1e-9)),
-                )
-            };
-            rate(a).total_cmp(&rate(b))
-        })
-        .expect("three workloads")
-}
-
-/// Throughput with and without the eBPF programs attached.
-#[derive(Debug, Clone, Serialize)]
-pub struct ObserverOverhead {
-    /// Workload name.
-    pub workload: &'static str,
-    /// Tick mode name.
-    pub mode: &'static str,
-    /// Throughput with the programs attached.
-    pub with_observer_per_s: Spread,
-    /// Throughput without.
-    pub without_observer_per_s: Spread,
-    /// Median throughput with / without (1.0 = no overhead).
-    pub ratio: f64,
-}
-
-impl ObserverOverhead {
-    /// From the throughputs of the two sets of runs.
-    pub fn new(workload: Workload, with: &[f64], without: &[f64]) -> ObserverOverhead {
-        let (with, without) = (Spread::of(with), Spread::of(without));
-        ObserverOverhead {
-            workload: workload.name(),
-            mode: TickMode::Tickless.name(),
-            ratio: if without.median > 0.0 { with.median / without.median } else { 0.0 },
-            with_observer_per_s: with,
-            without_observer_per_s: without,
-        }
     }
 }
 
@@ -731,13 +685,7 @@ impl Results {
                 d.precision.interval_p99_us
             );
         }
-        let o = &self.observer_overhead;
-        let _ = writeln!(md, "\n## Observer overhead\n");
-        let _ = writeln!(
-            md,
-            "{} workload, {} guest: {:.1} units/s with the eBPF programs attached, {:.1} without: ratio {:.3}.",
-            o.workload, o.mode, o.with_observer_per_s.median, o.without_observer_per_s.median, o.ratio
-        );
+        md.push_str(&self.observer_overhead.markdown());
         let _ = writeln!(md, "\n## Tick precision (paratick, contended workload, as the guest took its ticks)\n");
         let _ = writeln!(md, "| requested Hz | delivery | effective Hz | intervals | p1 (µs) | p50 (µs) | p99 (µs) |");
         let _ = writeln!(md, "|---|---|---|---|---|---|---|");

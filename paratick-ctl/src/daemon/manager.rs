@@ -408,7 +408,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             self.sample_vm(index, status.as_deref(), observed, exits_traced);
         }
         // KVM's own counters of every process (copied by the observer), summed per process.
-        let kvm_counters: BTreeMap<u32, KvmExitCounts> = match &self.observer {
+        let kvm_counters: BTreeMap<u32, KvmExitCounts> = match &mut self.observer {
             Ok(observer) if observer.kvm_counters_state().is_ok() => match observer.kvm_counters() {
                 Ok(counters) => counters
                     .into_iter()
@@ -826,7 +826,7 @@ mod tests {
             Ok(())
         }
 
-        fn kvm_counters(&self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
+        fn kvm_counters(&mut self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
             let counts = |exits| KvmExitCounts { exits, io_exits: exits, ..KvmExitCounts::default() };
             Ok(self.exits.iter().map(|(&pid, &exits)| (pid, BTreeMap::from([(0, counts(exits))]))).collect())
         }

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod manager;
+pub use manager::SAMPLE_INTERVAL;
 mod metrics;
 mod supervisor;
 

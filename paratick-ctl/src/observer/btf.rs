@@ -7,6 +7,9 @@ use std::path::Path;
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+/// TYPEDEF, VOLATILE, CONST, RESTRICT and TYPE_TAG: a type's name or qualifier only.
+const MODIFIER_KINDS: [u32; 5] = [8, 9, 10, 11, 18];
 
 /// One BTF blob (the base, or a module's split BTF on top of it).
 struct Blob {
@@ -34,9 +37,26 @@ impl Blob {
     }
 }
 
-/// The kernel's BTF: the base and any split module blobs, searched in order.
+/// One type's header, found by its id.
+#[derive(Clone, Copy)]
+struct TypeEntry {
+    blob: usize,
+    name_off: usize,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    /// `size` or `type`, by kind.
+    size_or_type: u32,
+    /// Where the kind-specific data starts in the blob's type section.
+    data: usize,
+}
+
+/// The kernel's BTF: the base and any split module blobs, its types indexed by id (split
+/// BTF ids continue after the base's).
 pub struct KernelBtf {
     blobs: Vec<Blob>,
+    /// Index 0 is `void`, which has no entry of its own.
+    types: Vec<Option<TypeEntry>>,
 }
 
 impl KernelBtf {
@@ -50,7 +70,25 @@ impl KernelBtf {
                 blobs.push(Blob::parse(&read(module)?).map_err(|e| format!("{module} BTF: {e}"))?);
             }
         }
-        Ok(KernelBtf { blobs })
+        let mut types = vec![None];
+        for (blob, Blob { types: section, .. }) in blobs.iter().enumerate() {
+            let mut at = 0;
+            while at + 12 <= section.len() {
+                let info = u32_at(section, at + 4).expect("in range");
+                let entry = TypeEntry {
+                    blob,
+                    name_off: u32_at(section, at).expect("in range") as usize,
+                    kind: (info >> 24) & 0x1f,
+                    vlen: (info & 0xffff) as usize,
+                    kind_flag: info >> 31 == 1,
+                    size_or_type: u32_at(section, at + 8).expect("in range"),
+                    data: at + 12,
+                };
+                at = entry.data + kind_data_len(entry.kind, entry.vlen);
+                types.push(Some(entry));
+            }
+        }
+        Ok(KernelBtf { blobs, types })
     }
 
     /// A name by string offset: split BTF offsets continue after the base's strings.
@@ -64,33 +102,59 @@ impl KernelBtf {
         std::str::from_utf8(&rest[..rest.iter().position(|&b| b == 0)?]).ok()
     }
 
-    /// The byte offset of `member` in `struct name` (a direct member).
-    pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, String> {
-        for blob in 0..self.blobs.len() {
-            let types = &self.blobs[blob].types;
-            let mut at = 0;
-            while at + 12 <= types.len() {
-                let name_off = u32_at(types, at).expect("in range") as usize;
-                let info = u32_at(types, at + 4).expect("in range");
-                let (kind, vlen, kind_flag) = ((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31);
-                let data = at + 12;
-                if kind == KIND_STRUCT && self.name(blob, name_off) == Some(name) && vlen > 0 {
-                    for index in 0..vlen {
-                        let m = data + 12 * index;
-                        let (m_name, m_offset) = (u32_at(types, m), u32_at(types, m + 8));
-                        let (Some(m_name), Some(m_offset)) = (m_name, m_offset) else { break };
-                        if self.name(blob, m_name as usize) == Some(member) {
-                            // With kind_flag the low 24 bits are the bit offset.
-                            let bits = if kind_flag == 1 { m_offset & 0xff_ffff } else { m_offset };
-                            return Ok(bits / 8);
-                        }
+    fn entry(&self, id: u32) -> Option<TypeEntry> {
+        self.types.get(id as usize).copied().flatten()
+    }
+
+    /// The type behind typedefs and qualifiers.
+    fn resolve(&self, mut id: u32) -> u32 {
+        while let Some(entry) = self.entry(id).filter(|e| MODIFIER_KINDS.contains(&e.kind)) {
+            id = entry.size_or_type;
+        }
+        id
+    }
+
+    /// The bit offset and type of `member` in the struct or union `id`, looking inside
+    /// its anonymous struct and union members too.
+    fn find_member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
+        let entry = self.entry(id).filter(|e| e.kind == KIND_STRUCT || e.kind == KIND_UNION)?;
+        let types = &self.blobs[entry.blob].types;
+        for index in 0..entry.vlen {
+            let m = entry.data + 12 * index;
+            let (name, ty, offset) = (u32_at(types, m)?, u32_at(types, m + 4)?, u32_at(types, m + 8)?);
+            // With kind_flag the low 24 bits are the bit offset.
+            let bits = if entry.kind_flag { offset & 0xff_ffff } else { offset };
+            match self.name(entry.blob, name as usize) {
+                Some(found) if found == member => return Some((bits, ty)),
+                Some("") => {
+                    if let Some((inner, ty)) = self.find_member(self.resolve(ty), member) {
+                        return Some((bits + inner, ty));
                     }
-                    return Err(format!("struct {name} has no member {member}"));
                 }
-                at = data + kind_data_len(kind, vlen);
+                _ => {}
             }
         }
-        Err(format!("no struct {name} in the kernel's BTF"))
+        None
+    }
+
+    /// The byte offset of `path` in `struct name`: a member, or members of members
+    /// separated by dots (`f_path.dentry`); members of anonymous structs and unions are
+    /// found as C finds them.
+    pub fn member_offset(&self, name: &str, path: &str) -> Result<u32, String> {
+        let id = (1..self.types.len() as u32)
+            .find(|&id| {
+                self.entry(id)
+                    .is_some_and(|e| e.kind == KIND_STRUCT && e.vlen > 0 && self.name(e.blob, e.name_off) == Some(name))
+            })
+            .ok_or_else(|| format!("no struct {name} in the kernel's BTF"))?;
+        let (mut current, mut bits) = (id, 0);
+        for member in path.split('.') {
+            let (offset, ty) =
+                self.find_member(current, member).ok_or_else(|| format!("struct {name} has no member {path}"))?;
+            bits += offset;
+            current = self.resolve(ty);
+        }
+        Ok(bits / 8)
     }
 }
 
@@ -123,6 +187,12 @@ mod tests {
         // A well-known layout: `struct list_head { next, prev }`.
         assert_eq!(btf.member_offset("list_head", "prev").unwrap(), 8);
         assert!(btf.member_offset("kvm_vcpu", "no_such_member").unwrap_err().contains("has no member"));
+        // Paths, through anonymous unions (`file.f_path`, `dentry.d_name`, `qstr.name`).
+        let f_path = btf.member_offset("file", "f_path").unwrap();
+        assert_eq!(btf.member_offset("file", "f_path.dentry").unwrap(), f_path + 8);
+        assert_eq!(btf.member_offset("qstr", "name").unwrap(), 8);
+        let d_name = btf.member_offset("dentry", "d_name").unwrap();
+        assert_eq!(btf.member_offset("dentry", "d_name.name").unwrap(), d_name + 8);
         assert!(btf.member_offset("no_such_struct_xyz", "a").unwrap_err().contains("no struct"));
     }
 

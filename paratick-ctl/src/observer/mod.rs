@@ -11,10 +11,11 @@ pub mod report;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
-use aya::programs::{RawTracePoint, TracePoint};
+use aya::programs::{Iter, RawTracePoint, TracePoint};
 use aya::Ebpf;
 use paratick_common::event::{
     EventKey, EventKind, EventStats, ObserverConfig, TracepointLayout, VcpuThread, DROP_REASON_COUNT, FORK_CHILD_PID,
@@ -61,6 +62,9 @@ pub enum ObserverError {
         /// Cause.
         source: aya::maps::MapError,
     },
+    /// The iterator that samples KVM's counters could not be run.
+    #[error("sampling KVM's counters: {0}")]
+    KvmCounterSample(String),
     /// A tracepoint every kernel we support has could not be used.
     #[error("tracepoint {name}: {reason}")]
     Tracepoint {
@@ -113,8 +117,9 @@ pub trait EventSource {
     /// Whether KVM's own counters are available, or why not.
     fn kvm_counters_state(&self) -> Result<(), &str>;
 
-    /// KVM's own counters of every vCPU seen, by process and vCPU id, as last copied.
-    fn kvm_counters(&self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError>;
+    /// KVM's own counters of every vCPU on the host, by process and vCPU id: sampled now,
+    /// or as copied when the vCPU's thread exited.
+    fn kvm_counters(&mut self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError>;
 
     /// Forgets everything the programs recorded of processes that are gone (`gone`
     /// says which): their event counts, timer vectors, vCPU threads and KVM counters, so
@@ -140,7 +145,7 @@ pub struct Observer {
     ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     tracepoints: BTreeMap<&'static str, TracepointState>,
-    /// Whether KVM's own counters are copied by the raw tracepoint programs, or why not.
+    /// Whether KVM's own counters are sampled (by the iterator), or why not.
     kvm_counters: Result<(), String>,
     backend: Backend,
     tracefs: PathBuf,
@@ -338,12 +343,13 @@ impl Observer {
         Ok(())
     }
 
-    /// Finds KVM's counters in this kernel's `struct kvm_vcpu` and attaches the raw
-    /// tracepoint programs that copy them (see the eBPF crate).
+    /// Finds the fields the KVM-counter programs read in this kernel's structures, loads
+    /// the iterator that samples them and attaches the program that copies a vCPU's
+    /// counters when its thread exits (see the eBPF crate).
     fn attach_kvm_counters(&mut self) -> Result<(), String> {
         let btf = btf::KernelBtf::load(Path::new("/sys/kernel/btf"), &["kvm"])?;
-        let stat = btf.member_offset("kvm_vcpu", "stat")?;
-        let vcpu_id_offset = btf.member_offset("kvm_vcpu", "vcpu_id")?;
+        let offset = |name: &str, path: &str| btf.member_offset(name, path);
+        let stat = offset("kvm_vcpu", "stat")?;
         let descriptors = paratick_vmm::stats::VcpuStats::of_this_kernel()
             .map_err(|e| format!("cannot read KVM's stats descriptors: {e}"))?;
         let mut offsets = [0u32; KVM_COUNTERS];
@@ -353,37 +359,79 @@ impl Observer {
         {
             *slot = stat + offset.ok_or_else(|| format!("this kernel's KVM has no {name} statistic"))?;
         }
-        let lapic_vcpu_offset = btf.member_offset("kvm_lapic", "vcpu")?;
-        let layout = KvmCounterLayout { ready: 1, vcpu_id_offset, lapic_vcpu_offset, reserved: 0, offsets };
+        let layout = KvmCounterLayout {
+            ready: 1,
+            vcpu_id_offset: offset("kvm_vcpu", "vcpu_id")?,
+            vcpu_pid_offset: offset("kvm_vcpu", "pid")?,
+            pid_nr_offset: offset("pid", "numbers")? + offset("upid", "nr")?,
+            file_dentry_offset: offset("file", "f_path.dentry")?,
+            file_private_data_offset: offset("file", "private_data")?,
+            dentry_name_offset: offset("dentry", "d_name.name")?,
+            task_tgid_offset: offset("task_struct", "tgid")?,
+            offsets,
+        };
         let mut map: Array<&mut MapData, KvmCounterLayout> =
             Array::try_from(self.ebpf.map_mut("KVM_LAYOUT").expect("KVM_LAYOUT map")).map_err(|e| e.to_string())?;
         map.set(0, layout, 0).map_err(|e| e.to_string())?;
-        for (program, tracepoint) in [
-            ("kvm_counters_emulate_insn", "kvm_emulate_insn"),
-            ("kvm_counters_page_fault", "kvm_page_fault"),
-            ("kvm_counters_eoi", "kvm_eoi"),
-            ("kvm_counters_userspace_exit", "kvm_userspace_exit"),
-            ("kvm_counters_vcpu_wakeup", "kvm_vcpu_wakeup"),
-        ] {
-            let probe: &mut RawTracePoint = self
-                .ebpf
-                .program_mut(program)
-                .ok_or_else(|| format!("program {program} is not in the eBPF object"))?
-                .try_into()
-                .map_err(|e| format!("{e}"))?;
-            probe.load().map_err(|e| format!("{program}: load: {e}"))?;
-            probe.attach(tracepoint).map_err(|e| format!("{program} on {tracepoint}: {e}"))?;
+
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+        let iterator: &mut Iter = self
+            .ebpf
+            .program_mut(KVM_ITERATOR)
+            .ok_or_else(|| format!("program {KVM_ITERATOR} is not in the eBPF object"))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        iterator.load("task_file", &kernel_btf).map_err(|e| format!("{KVM_ITERATOR}: load: {e}"))?;
+        let (program, tracepoint) = ("kvm_vcpu_thread_exit", "sched_process_exit");
+        let probe: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("program {program} is not in the eBPF object"))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        probe.load().map_err(|e| format!("{program}: load: {e}"))?;
+        probe.attach(tracepoint).map_err(|e| format!("{program} on {tracepoint}: {e}"))?;
+        self.sample_kvm_counters().map_err(|e| e.to_string())
+    }
+
+    /// Runs the iterator once: every vCPU file on the host has its counters copied.
+    fn sample_kvm_counters(&mut self) -> Result<(), ObserverError> {
+        let sample_error = |what: String| ObserverError::KvmCounterSample(what);
+        let iterator: &mut Iter = self
+            .ebpf
+            .program_mut(KVM_ITERATOR)
+            .expect("the iterator is in the object")
+            .try_into()
+            .map_err(|e| sample_error(format!("{e}")))?;
+        let link = iterator.attach().map_err(|e| sample_error(format!("attach: {e}")))?;
+        let link = iterator.take_link(link).map_err(|e| sample_error(format!("link: {e}")))?;
+        let mut file = link.into_file().map_err(|e| sample_error(format!("create: {e}")))?;
+        // The program writes maps, not the file: reading to the end runs it over every
+        // file. A read that visited very many files without output ends early with
+        // EAGAIN and the next continues where it stopped.
+        let mut sink = [0u8; 64];
+        loop {
+            match file.read(&mut sink) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
+                }
+                Err(e) => return Err(sample_error(format!("read: {e}"))),
+            }
         }
-        Ok(())
     }
 }
+
+/// The BPF iterator that samples KVM's per-vCPU counters.
+const KVM_ITERATOR: &str = "kvm_vcpu_files";
 
 impl EventSource for Observer {
     fn kvm_counters_state(&self) -> Result<(), &str> {
         self.kvm_counters.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
-    fn kvm_counters(&self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
+    fn kvm_counters(&mut self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
+        self.sample_kvm_counters()?;
         let map: BpfHashMap<&MapData, KvmVcpuKey, KvmVcpuCounters> =
             BpfHashMap::try_from(self.ebpf.map("KVM_VCPU_COUNTERS").expect("KVM_VCPU_COUNTERS map"))
                 .map_err(map_err("KVM_VCPU_COUNTERS"))?;

@@ -1,0 +1,343 @@
+//! What the eBPF observer costs the VMs it watches: each case runs with and without it,
+//! alternating (off, on, off, on, …) so that drift on a noisy host hits both alike, and
+//! each pair gives one ratio of performance with / without. The cases: our three
+//! workloads (tickless, throughput), a third-party VMM and CPL0-heavy guest (QEMU running
+//! a kvm-unit-tests kernel, by its run time), and the daemon (an I/O VM with a
+//! `paratick-ctl daemon` and its observer running beside it, as on a host it watches).
+//!
+//! "With the observer" means what the daemon and `observe` do: the programs attached to
+//! every KVM tracepoint and the host's KVM counters sampled by the iterator every
+//! [`SAMPLE_INTERVAL`], its cost counted in the VM's result.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use paratick_common::guest::{TickMode, Workload};
+use paratick_vmm::{Vm, VmConfig, WorkAmount, GUEST_KERNEL};
+use serde::Serialize;
+
+use super::report::Spread;
+use super::Bench;
+use crate::daemon::SAMPLE_INTERVAL;
+use crate::observer::{EventSource, Observer, PidFilter};
+
+/// Fewest pairs a case runs, whatever `--reps` says: a median of fewer is noise here.
+pub const MIN_PAIRS: u32 = 5;
+
+/// The goal: the observer costs at most 1% (median ratio of performance with / without).
+pub const OVERHEAD_GOAL: f64 = 0.99;
+
+/// QEMU's command line for a kvm-unit-tests kernel on these hosts, but for `-kernel FILE
+/// -append ARGS` (the kernels' README; `-arch-capabilities`: PVM refuses QEMU's write of
+/// MSR 0x10a). The observer's tests run the same.
+pub const QEMU_KVM_UNIT_TESTS_ARGS: [&str; 13] = [
+    "-enable-kvm",
+    "-cpu",
+    "host,+x2apic,+tsc-deadline,-arch-capabilities",
+    "-m",
+    "256",
+    "-nodefaults",
+    "-nographic",
+    "-serial",
+    "stdio",
+    "-display",
+    "none",
+    "-device",
+    "isa-debug-exit,iobase=0xf4,iosize=0x4",
+];
+
+/// The kvm-unit-tests kernel of the third-party case, and its arguments: TSC-deadline
+/// expiries one after another, the guest's code all at CPL0 (emulated on PVM hosts).
+const THIRD_PARTY_KERNEL: &str = "tscdeadline_latency.flat";
+const THIRD_PARTY_ARGS: &str = "20000000 200";
+
+/// One case, over its pairs.
+#[derive(Debug, Clone, Serialize)]
+pub struct OverheadCase {
+    /// What ran.
+    pub case: String,
+    /// What is compared: `throughput_per_s` (higher is better) or `run_time_s` (lower).
+    pub measure: &'static str,
+    /// The measure of each run without the observer, in order.
+    pub without: Vec<f64>,
+    /// The measure of each run with it, in order (run `i` right after `without[i]`).
+    pub with: Vec<f64>,
+    /// Performance with / without, per pair (1.0: no cost; 0.99: 1% slower).
+    pub ratio: Spread,
+    /// Whether the median ratio meets [`OVERHEAD_GOAL`].
+    pub meets_goal: bool,
+}
+
+impl OverheadCase {
+    fn new(case: String, measure: &'static str, without: Vec<f64>, with: Vec<f64>) -> OverheadCase {
+        let ratios: Vec<f64> = without
+            .iter()
+            .zip(&with)
+            .map(|(&off, &on)| if measure == MEASURE_RUN_TIME { off / on } else { on / off })
+            .collect();
+        let ratio = Spread::of(&ratios);
+        OverheadCase { case, measure, without, with, meets_goal: ratio.median >= OVERHEAD_GOAL, ratio }
+    }
+}
+
+const MEASURE_THROUGHPUT: &str = "throughput_per_s";
+const MEASURE_RUN_TIME: &str = "run_time_s";
+
+/// The observer's cost, every case.
+#[derive(Debug, Clone, Serialize)]
+pub struct ObserverOverhead {
+    /// The goal each case's median ratio is held to.
+    pub goal: f64,
+    /// Pairs per case.
+    pub pairs: u32,
+    /// The cases that ran.
+    pub cases: Vec<OverheadCase>,
+    /// Cases that could not run here, and why.
+    pub not_run: Vec<String>,
+}
+
+impl ObserverOverhead {
+    /// One line per case, for the terminal.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .cases
+            .iter()
+            .map(|c| {
+                format!(
+                    "observer overhead {:<34} ratio {:.3} (min {:.3}, max {:.3}; goal >= {:.2}: {})",
+                    c.case,
+                    c.ratio.median,
+                    c.ratio.min,
+                    c.ratio.max,
+                    self.goal,
+                    if c.meets_goal { "met" } else { "NOT met" }
+                )
+            })
+            .collect();
+        lines.extend(self.not_run.iter().map(|why| format!("observer overhead: not run: {why}")));
+        lines
+    }
+
+    /// The markdown section of the report.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "\n## Observer overhead\n");
+        let _ = writeln!(
+            md,
+            "Each case ran {} times without and {} times with the observer (its programs attached, KVM's counters \
+             sampled every {} s as the daemon does), alternating; a pair's ratio is performance with / without \
+             (throughput, or the inverse of run time). Goal: median ratio >= {:.2} (at most 1% cost).\n",
+            self.pairs,
+            self.pairs,
+            SAMPLE_INTERVAL.as_secs_f64(),
+            self.goal
+        );
+        let _ = writeln!(md, "| case | measure | without (median) | with (median) | ratio median | min | max | goal |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+        for c in &self.cases {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {} |",
+                c.case,
+                c.measure,
+                super::report::median(c.without.iter().copied()),
+                super::report::median(c.with.iter().copied()),
+                c.ratio.median,
+                c.ratio.min,
+                c.ratio.max,
+                if c.meets_goal { "met" } else { "**not met**" }
+            );
+        }
+        for why in &self.not_run {
+            let _ = writeln!(md, "\nNot run: {why}.");
+        }
+        md
+    }
+}
+
+/// Runs `work` on a thread of its own while this thread samples `observer` (if any)
+/// every [`SAMPLE_INTERVAL`], as the daemon does; both arms wake alike otherwise.
+fn sampled<T: Send>(mut observer: Option<&mut Observer>, work: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(work);
+        let mut next_sample = Instant::now();
+        while !handle.is_finished() {
+            if let Some(observer) = observer.as_deref_mut() {
+                if Instant::now() >= next_sample {
+                    observer.snapshot()?;
+                    observer.kvm_counters()?;
+                    next_sample += SAMPLE_INTERVAL;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(handle.join().expect("the measured run does not panic"))
+    })
+}
+
+/// One of our VMs, by its throughput.
+fn vm_throughput(config: &VmConfig, observer: Option<&mut Observer>) -> Result<f64> {
+    let vm = Vm::start(config.clone(), GUEST_KERNEL).with_context(|| format!("starting {}", config.name))?;
+    let report = sampled(observer, move || vm.wait())?.with_context(|| format!("running {}", config.name))?;
+    Ok(report.throughput_per_s)
+}
+
+/// The third-party guest under QEMU, by its run time.
+fn qemu_run_time(kernel: &Path, observer: Option<&mut Observer>) -> Result<f64> {
+    let started = Instant::now();
+    let status = sampled(observer, || {
+        Command::new("qemu-system-x86_64")
+            .args(QEMU_KVM_UNIT_TESTS_ARGS)
+            .arg("-kernel")
+            .arg(kernel)
+            .args(["-append", THIRD_PARTY_ARGS])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+    })?
+    .context("cannot run qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    // isa-debug-exit: (0 << 1) | 1 when every test passed.
+    if status.status.code() != Some(1) {
+        bail!("QEMU with {}: {} {}", kernel.display(), status.status, String::from_utf8_lossy(&status.stderr).trim());
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// A `paratick-ctl daemon` with no VMs of its own, its observer watching the host.
+struct BesideDaemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl BesideDaemon {
+    fn start() -> Result<BesideDaemon> {
+        let dir = std::env::temp_dir().join(format!("paratick-bench-daemon-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let socket = dir.join("paratick.sock");
+        let _ = std::fs::remove_file(&socket);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let config = dir.join("paratick.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "metrics_listen = \"127.0.0.1:{port}\"\nsocket = \"{}\"\nvm_launcher = \"process\"\n",
+                socket.display()
+            ),
+        )?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("daemon")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start paratick-ctl daemon")?;
+        let mut daemon = BesideDaemon { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("the daemon beside the VM ended at start: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon beside the VM did not open {} in 20 s", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(daemon)
+    }
+}
+
+impl Drop for BesideDaemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs every case, `pairs` pairs each. `kvm_unit_tests`: the directory of the
+/// kvm-unit-tests kernels (the third-party case is not run without it).
+pub(super) fn measure(bench: &mut Bench<'_>, pairs: u32, kvm_unit_tests: Option<&Path>) -> Result<ObserverOverhead> {
+    let duration = WorkAmount::Seconds(bench.options.duration.as_secs_f64());
+    let mut cases = Vec::new();
+    let mut not_run = Vec::new();
+    for workload in Workload::EVALUATED {
+        let config = bench.config(workload, TickMode::Tickless, bench.options.hz, duration);
+        let (mut without, mut with) = (Vec::new(), Vec::new());
+        for pair in 0..pairs {
+            without.push(vm_throughput(&config, None)?);
+            let mut observer = Observer::start(&PidFilter::All)?;
+            with.push(vm_throughput(&config, Some(&mut observer))?);
+            drop(observer);
+            bench.progress(&format!("observer overhead {} pair {}", workload.name(), pair + 1));
+        }
+        cases.push(OverheadCase::new(format!("{} (tickless)", workload.name()), MEASURE_THROUGHPUT, without, with));
+    }
+
+    match kvm_unit_tests.map(|dir| dir.join(THIRD_PARTY_KERNEL)) {
+        Some(kernel) if kernel.is_file() => {
+            let (mut without, mut with) = (Vec::new(), Vec::new());
+            for pair in 0..pairs {
+                without.push(qemu_run_time(&kernel, None)?);
+                let mut observer = Observer::start(&PidFilter::All)?;
+                with.push(qemu_run_time(&kernel, Some(&mut observer))?);
+                drop(observer);
+                bench.progress(&format!("observer overhead QEMU pair {}", pair + 1));
+            }
+            cases.push(OverheadCase::new(
+                format!("QEMU {THIRD_PARTY_KERNEL} {THIRD_PARTY_ARGS}"),
+                MEASURE_RUN_TIME,
+                without,
+                with,
+            ));
+        }
+        Some(kernel) => {
+            bench.done += pairs as usize;
+            not_run.push(format!("QEMU: {} does not exist", kernel.display()));
+        }
+        None => {
+            bench.done += pairs as usize;
+            not_run.push("QEMU: no --kvm-unit-tests DIR given".to_string());
+        }
+    }
+
+    let config = bench.config(Workload::Io, TickMode::Tickless, bench.options.hz, duration);
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for pair in 0..pairs {
+        without.push(vm_throughput(&config, None)?);
+        let daemon = BesideDaemon::start()?;
+        with.push(vm_throughput(&config, None)?);
+        drop(daemon);
+        bench.progress(&format!("observer overhead daemon pair {}", pair + 1));
+    }
+    cases.push(OverheadCase::new("io (tickless), daemon beside".to_string(), MEASURE_THROUGHPUT, without, with));
+    Ok(ObserverOverhead { goal: OVERHEAD_GOAL, pairs, cases, not_run })
+}
+
+/// Runs of [`measure`] (for the progress bar): three workloads, QEMU and the daemon.
+pub(super) fn runs(pairs: u32) -> usize {
+    (Workload::EVALUATED.len() + 2) * pairs as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pair_ratio_is_performance_with_over_without() {
+        let throughput =
+            OverheadCase::new("t".into(), MEASURE_THROUGHPUT, vec![100.0, 200.0, 100.0], vec![99.0, 200.0, 90.0]);
+        assert_eq!((throughput.ratio.median, throughput.ratio.min, throughput.ratio.max), (0.99, 0.9, 1.0));
+        assert!(throughput.meets_goal);
+        // Run time: slower with the observer is a ratio below 1.
+        let time = OverheadCase::new("q".into(), MEASURE_RUN_TIME, vec![5.0, 5.0, 5.0], vec![5.5, 5.0, 6.0]);
+        assert!((time.ratio.median - 5.0 / 5.5).abs() < 1e-12);
+        assert!(!time.meets_goal);
+    }
+}
