@@ -118,13 +118,6 @@ impl EventKind {
             None
         }
     }
-
-    /// Whether the tracepoint fires in the context of the vCPU's own thread (so the
-    /// current thread identifies a vCPU). `kvm_apic_accept_irq` does not: it fires in
-    /// whoever raised the interrupt (a timer, an I/O thread, another vCPU).
-    pub const fn fires_on_vcpu_thread(self) -> bool {
-        !matches!(self, EventKind::KvmApicAcceptIrq)
-    }
 }
 
 /// Where one field sits in a tracepoint record; `size == 0` means absent.
@@ -145,14 +138,8 @@ pub struct TracepointLayout {
     pub fields: [FieldSlot; MAX_FIELDS],
 }
 
-/// Index in the layouts map of `sched:sched_process_fork` (after the KVM events), whose
-/// single slot is `child_pid`; used to follow a watched command's process tree.
-pub const FORK_LAYOUT_INDEX: u32 = EVENT_KIND_COUNT as u32;
-
-/// Number of entries of the layouts map.
-pub const LAYOUT_COUNT: u32 = FORK_LAYOUT_INDEX + 1;
-
-/// The field `sched:sched_process_fork` is read for.
+/// The field `sched:sched_process_fork` is read for (the only slot of its program's
+/// layout): a watched command's process tree is followed.
 pub const FORK_CHILD_PID: FieldSpec = required!("child_pid");
 
 /// Settings userspace writes before attaching.
@@ -164,6 +151,24 @@ pub struct ObserverConfig {
     pub filter_by_pid: u32,
     /// Non-zero: children forked by a tracked process are tracked too.
     pub follow_forks: u32,
+    /// Non-zero: threads registered in the thread-owners map count under their owner.
+    pub thread_owners: u32,
+    /// Unused (keeps the layout free of padding).
+    pub reserved: u32,
+}
+
+/// One program's entry of the programs map (per CPU): what it reads on every event, in
+/// one lookup, and how many events it handled there.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgramSlot {
+    /// Events the program handled on this CPU (the iterator: files it visited).
+    pub events: u64,
+    /// The filter settings (the same in every slot).
+    pub config: ObserverConfig,
+    /// The program's tracepoint's field layout (KVM tracepoint programs and the fork
+    /// program; empty for the others).
+    pub layout: TracepointLayout,
 }
 
 /// Key of the event counts map: one entry per (VM process, vCPU, kind, detail).
@@ -171,7 +176,7 @@ pub struct ObserverConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventKey {
     /// Host process (thread-group) id of the VMM, or the owner id registered for the
-    /// current thread (a VM of the daemon's own, see [`SYNTHETIC_OWNER_BASE`]).
+    /// current thread (a VM of the bench, see [`SYNTHETIC_OWNER_BASE`]).
     pub tgid: u32,
     /// vCPU id where the tracepoint reports one, else [`VCPU_UNKNOWN`].
     pub vcpu: u32,
@@ -245,14 +250,37 @@ impl DropReason {
     }
 }
 
+/// Index in the programs map of the program on `sched:sched_process_fork`; the KVM
+/// tracepoint programs come first, at their [`EventKind`] discriminants.
+pub const PROGRAM_FORK: u32 = EVENT_KIND_COUNT as u32;
+/// Index of the program on `sched_process_exit` that copies an exiting vCPU thread's
+/// counters (it counts the threads that exit).
+pub const PROGRAM_THREAD_EXIT: u32 = PROGRAM_FORK + 1;
+/// Index of the iterator that samples KVM's counters (it counts the files it visits).
+pub const PROGRAM_VCPU_FILES: u32 = PROGRAM_FORK + 2;
+/// Number of entries of the programs map: every program of the observer.
+pub const PROGRAM_COUNT: u32 = PROGRAM_FORK + 3;
+
+/// The name of the observer's program at `index` of the programs map: its
+/// function in the eBPF object (a KVM tracepoint program is named after its tracepoint).
+pub const fn program_name(index: u32) -> Option<&'static str> {
+    match index {
+        PROGRAM_FORK => Some("sched_process_fork"),
+        PROGRAM_THREAD_EXIT => Some("kvm_vcpu_thread_exit"),
+        PROGRAM_VCPU_FILES => Some("kvm_vcpu_files"),
+        _ if index < PROGRAM_FORK => Some(EventKind::ALL[index as usize].tracepoint()),
+        _ => None,
+    }
+}
+
 /// Capacity of the event counts map. A busy host has a few hundred keys per VM (kinds ×
 /// MSRs × ports × vectors); past this, events are counted as drops, never silently lost.
 pub const EVENT_MAP_CAPACITY: u32 = 16384;
 
-/// Capacity of the thread-owners map: threads of the daemon's own VMs.
+/// Capacity of the thread-owners map: threads of the bench's VMs.
 pub const THREAD_OWNER_CAPACITY: u32 = 1024;
 
-/// Owner ids the daemon gives its VMs' threads start here: above any pid (pid_max is at
+/// Owner ids the bench gives its VMs' threads start here: above any pid (pid_max is at
 /// most 2^22), so an owner never collides with a real process.
 pub const SYNTHETIC_OWNER_BASE: u32 = 0x8000_0000;
 
@@ -352,7 +380,7 @@ pub const AUX_RUN_FAILED: u16 = 1;
 /// The map types are plain old data for aya's userspace map API.
 #[cfg(feature = "user")]
 mod pod {
-    use super::{EventKey, EventStats, ExitStart, ObserverConfig, TracepointLayout, VcpuThread};
+    use super::{EventKey, EventStats, ExitStart, ObserverConfig, ProgramSlot, TracepointLayout, VcpuThread};
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers, and laid out
     // without padding (their sizes are asserted below), so every byte pattern the
@@ -367,13 +395,16 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for TracepointLayout {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for ProgramSlot {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for VcpuThread {}
 
     const _: () = {
         assert!(core::mem::size_of::<EventKey>() == 16);
         assert!(core::mem::size_of::<EventStats>() == 16);
         assert!(core::mem::size_of::<ExitStart>() == 24);
-        assert!(core::mem::size_of::<ObserverConfig>() == 8);
+        assert!(core::mem::size_of::<ObserverConfig>() == 16);
+        assert!(core::mem::size_of::<ProgramSlot>() == 40);
         assert!(core::mem::size_of::<TracepointLayout>() == 16);
         assert!(core::mem::size_of::<VcpuThread>() == 8);
     };
@@ -395,6 +426,19 @@ mod tests {
             assert!(kind.fields().len() <= MAX_FIELDS);
         }
         assert_eq!(EventKind::from_u16(EVENT_KIND_COUNT as u16), None);
+    }
+
+    #[test]
+    fn every_program_has_one_name() {
+        let mut names = [""; PROGRAM_COUNT as usize];
+        for (index, name) in names.iter_mut().enumerate() {
+            *name = program_name(index as u32).unwrap();
+        }
+        assert_eq!(names[EventKind::KvmMsr as usize], "kvm_msr");
+        assert_eq!(names[PROGRAM_VCPU_FILES as usize], "kvm_vcpu_files");
+        names.sort_unstable();
+        assert!(names.windows(2).all(|pair| pair[0] != pair[1]), "{names:?}");
+        assert_eq!(program_name(PROGRAM_COUNT), None);
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //!
 //! They are sampled, never copied per event: a BPF iterator over every open file of the
 //! host (`iter/task_file`), run by userspace once per interval, copies the counters of
-//! each vCPU file (`kvm-vcpu:N`, whose `private_data` is its `struct kvm_vcpu`) and
-//! notes which thread last ran that vCPU; when such a thread exits (`sched_process_exit`,
-//! a rare event) its vCPU's counters are copied one last time, so that a VM's final
-//! counts are exact. Userspace finds the field offsets (BTF for `file`, `dentry`,
-//! `task_struct`, `pid` and `kvm_vcpu`, KVM's stats descriptors for `kvm_vcpu_stat`)
-//! and writes them to the layout map.
+//! each vCPU file (`kvm-vcpu:N`, whose `private_data` is its `struct kvm_vcpu`). When a
+//! thread that ran a vCPU exits (`sched_process_exit`, a rare event), the program there
+//! finds its vCPU through the VM file in the thread's file table (`kvm-vm`, whose
+//! `private_data` is the `struct kvm`, whose `vcpu_array` holds the vCPUs: the one
+//! whose `pid` is that thread) and copies its counters one last time, so that a VM's
+//! final counts are exact however short its life, even where the VMM closed the vCPU's
+//! own file first. Userspace finds the field offsets (BTF for `file`, `dentry`,
+//! `task_struct`, `files_struct`, `fdtable`, `kvm`, `xa_node`, `pid` and `kvm_vcpu`,
+//! KVM's stats descriptors for `kvm_vcpu_stat`) and writes them to the layout map.
 
 /// How many counters are copied: the fields of `paratick_vmm::kvm_stats::KvmExitCounts`,
 /// in its order.
@@ -36,6 +39,13 @@ pub const KVM_VCPU_CAPACITY: u32 = 8192;
 /// start of its dentry's name.
 pub const VCPU_FILE_NAME_PREFIX: [u8; 9] = *b"kvm-vcpu:";
 
+/// The name KVM gives a VM's file (`anon_inode:kvm-vm`), with its terminating NUL.
+pub const VM_FILE_NAME: [u8; 7] = *b"kvm-vm\0";
+
+/// How many vCPUs of a VM an exiting thread's vCPU is looked for among: one node of
+/// KVM's `vcpu_array` (an xarray) holds 64.
+pub const VCPU_ARRAY_SEARCH_LIMIT: u32 = 64;
+
 /// Where the fields the iterator reads are in the running kernel's structures.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -56,19 +66,25 @@ pub struct KvmCounterLayout {
     pub dentry_name_offset: u32,
     /// Offset of `tgid` in `struct task_struct`.
     pub task_tgid_offset: u32,
+    /// Offset of `files` in `struct task_struct`.
+    pub task_files_offset: u32,
+    /// Offset of `fdt` in `struct files_struct`.
+    pub files_fdt_offset: u32,
+    /// Offset of `max_fds` in `struct fdtable`.
+    pub fdtable_max_fds_offset: u32,
+    /// Offset of `fd` (the array of `struct file *`) in `struct fdtable`.
+    pub fdtable_fd_offset: u32,
+    /// Offset of `vcpu_array.xa_head` in `struct kvm`.
+    pub kvm_vcpus_head_offset: u32,
+    /// Offset of `slots` in `struct xa_node`.
+    pub xa_node_slots_offset: u32,
     /// Offset of each counter in `struct kvm_vcpu` (`stat` plus its offset there).
     pub offsets: [u32; KVM_COUNTERS],
 }
 
-/// A vCPU known to have been run by a thread: what its exit copies the counters of.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ThreadVcpu {
-    /// Address of its `struct kvm_vcpu`.
-    pub vcpu: u64,
-    /// Its VM process and vCPU id (checked against the structure before reading it).
-    pub key: KvmVcpuKey,
-}
+/// How many descriptors of an exiting vCPU thread's file table are searched for its VM
+/// file: VMMs open it early (QEMU's is below 20, ours below 5).
+pub const VM_FD_SEARCH_LIMIT: u32 = 128;
 
 /// A vCPU: its VM process and KVM's vCPU id.
 #[repr(C)]
@@ -92,7 +108,7 @@ pub struct KvmVcpuCounters {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, ThreadVcpu};
+    use super::{KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey};
 
     // SAFETY: `#[repr(C)]`, `Copy`, integers only, no padding (sizes asserted below):
     // every byte pattern is a valid value.
@@ -101,12 +117,9 @@ mod pod {
     unsafe impl aya::Pod for KvmVcpuKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for KvmVcpuCounters {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ThreadVcpu {}
 
     const _: () = {
-        assert!(core::mem::size_of::<KvmCounterLayout>() == 72);
-        assert!(core::mem::size_of::<ThreadVcpu>() == 16);
+        assert!(core::mem::size_of::<KvmCounterLayout>() == 96);
         assert!(core::mem::size_of::<KvmVcpuKey>() == 8);
         assert!(core::mem::size_of::<KvmVcpuCounters>() == 88);
     };

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use paratick_ctl::model::{ModelBackend, TimerModel};
 use paratick_ctl::observer::report::{
-    render_table, render_timer_reports, CommandReport, ObserveReport, Row, TimerReport, VmReport,
+    render_table, render_timer_reports, CommandReport, ObserveReport, ObserverCost, Row, TimerReport, VmReport,
 };
 use paratick_ctl::observer::{kvm_stats, plot};
 use paratick_ctl::observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
@@ -156,6 +156,10 @@ struct ObserveArgs {
     /// where the file is missing.
     #[arg(long, value_name = "FILE", default_value = paratick_ctl::model::DEFAULT_MODEL_FILE)]
     model: std::path::PathBuf,
+    /// Turn the kernel's BPF run statistics on while observing, and report each of the
+    /// observer's programs' runs and run time (each run then costs two clock reads more).
+    #[arg(long)]
+    program_stats: bool,
     /// Run COMMAND (after attaching), watch its process tree, stop when it exits.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -384,6 +388,11 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
         }
         PidFilter::Pids { pids, follow_forks: !args.command.is_empty() }
     };
+    // Statistics on before the programs load: their run counts then cover every run.
+    let program_stats = match args.program_stats {
+        true => Some(paratick_ctl::observer::enable_bpf_stats()?),
+        false => None,
+    };
     let mut observer = Observer::start(&filter).context("cannot start the eBPF observer")?;
     let (model, model_problem) = TimerModel::load(&args.model, ModelBackend::of_host());
     if let Some(problem) = &model_problem {
@@ -415,6 +424,7 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
     let mut known: HashMap<u32, ProcessInfo> = HashMap::new();
     let mut previous: Option<Interval> = None;
     let mut next_table = started + args.interval;
+    let mut next_kvm_sample = started;
     let live_table = !json;
     let clear_screen = std::io::stdout().is_terminal();
     loop {
@@ -428,7 +438,11 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
         remember(&mut known, snapshot.pids().into_iter().filter(|&p| p != own_pid));
         let now = Instant::now();
         if kvm_stats_problem.is_none() {
-            let counters = if ebpf_counters { Some(observer.kvm_counters()?) } else { None };
+            // KVM's counters once an interval (the first poll gives the baseline): each
+            // sample visits every open file of the host. A VM's final counts need no
+            // sample: its vCPU threads' exits copy them.
+            let kvm_due = now >= next_kvm_sample || child_done;
+            let counters = if ebpf_counters && kvm_due { Some(observer.kvm_counters()?) } else { None };
             let mut pids: BTreeSet<u32> = known.iter().filter(|(_, i)| i.is_kvm()).map(|(p, _)| *p).collect();
             pids.extend(&args.pids);
             if let Some(counters) = &counters {
@@ -439,10 +453,15 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
                 // One read of /proc/PID/stat says both whether it lives and when it began.
                 let start = procfs::start_ticks(pid);
                 let new_in_window = start.is_some_and(|start| start >= own_start);
-                kvm.sample(pid, new_in_window, counters.as_ref().map(|c| c.get(&pid).unwrap_or(&none)));
+                if kvm_due {
+                    kvm.sample(pid, new_in_window, counters.as_ref().map(|c| c.get(&pid).unwrap_or(&none)));
+                }
                 if start.is_some() {
                     lifetimes.entry(pid).and_modify(|(_, last)| *last = now).or_insert((now, now));
                 }
+            }
+            if kvm_due {
+                next_kvm_sample = now + args.interval;
             }
         }
         let sample_interval = live_table || args.svg.is_some();
@@ -535,8 +554,8 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
     for pid in &args.pids {
         per_pid.entry(*pid).or_default();
     }
-    // A last sample: the final counts of VMs whose process has just exited (the
-    // eBPF programs copied them as its last KVM_RUN returned).
+    // A last sample: the final counts of VMs whose process has just exited (copied as
+    // their vCPU threads exited).
     if ebpf_counters {
         let counters = observer.kvm_counters()?;
         for (&pid, vcpus) in &counters {
@@ -589,6 +608,12 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
             duration_s,
             command: command.clone(),
             vms,
+            observer: ObserverCost {
+                // Read now, after the last sample, as the kernel's counts below are.
+                program_events: observer.snapshot()?.program_events,
+                program_runs: (program_stats.is_some() || paratick_ctl::observer::bpf_stats_enabled())
+                    .then(|| observer.program_run_stats()),
+            },
         };
         let document = serde_json::to_string_pretty(&report)? + "\n";
         match &args.output {

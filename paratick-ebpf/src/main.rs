@@ -5,6 +5,14 @@
 //! page-fault rate (`kvm_emulate_insn`, `kvm_page_fault`): what runs per event runs at
 //! the rate of what it counts.
 //!
+//! # Per-CPU writes
+//! The counts in per-CPU maps are plain (non-atomic) read-modify-writes. A slot is only
+//! written from its own CPU and a program runs with migration disabled, so each pointer
+//! stays valid and no other CPU races on it. Tracepoint programs also run with
+//! preemption disabled and do not nest (the kernel's per-CPU recursion guard); the
+//! iterator runs preemptibly, so should two readers run it on one CPU at once an
+//! increment of its count can be lost: a miscount, never memory unsafety.
+//!
 //! The programs are deliberately thin: field offsets come from userspace (read from the
 //! running kernel's format files), and what a record means is decided by
 //! `paratick_common::event::summarize`, which is unit-tested on the host.
@@ -13,7 +21,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{RawTracePointContext, TracePointContext},
@@ -21,28 +29,29 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use paratick_common::event::{
-    summarize, DropReason, EventKey, EventKind, EventStats, ExitStart, FieldSlot, ObserverConfig, TracepointLayout,
-    VcpuThread, DROP_REASON_COUNT, EVENT_MAP_CAPACITY, FORK_LAYOUT_INDEX, LAYOUT_COUNT, MAX_FIELDS,
-    PROCESS_MAP_CAPACITY, THREAD_OWNER_CAPACITY, VCPU_THREAD_CAPACITY,
+    summarize, DropReason, EventKey, EventKind, EventStats, ExitStart, FieldSlot, ObserverConfig, ProgramSlot,
+    VcpuThread, DROP_REASON_COUNT, EVENT_MAP_CAPACITY, MAX_FIELDS, PROCESS_MAP_CAPACITY, PROGRAM_COUNT, PROGRAM_FORK,
+    PROGRAM_THREAD_EXIT, PROGRAM_VCPU_FILES, THREAD_OWNER_CAPACITY, VCPU_THREAD_CAPACITY,
 };
 use paratick_common::kvm_counters::{
-    KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, ThreadVcpu, KVM_COUNTERS, KVM_VCPU_CAPACITY, VCPU_FILE_NAME_PREFIX,
+    KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, KVM_COUNTERS, KVM_VCPU_CAPACITY, VCPU_ARRAY_SEARCH_LIMIT,
+    VCPU_FILE_NAME_PREFIX, VM_FD_SEARCH_LIMIT, VM_FILE_NAME,
 };
 
 /// Event counts, per CPU so that the hot path takes no lock.
 #[map]
 static EVENTS: PerCpuHashMap<EventKey, EventStats> = PerCpuHashMap::with_max_entries(EVENT_MAP_CAPACITY, 0);
 
-/// Field layouts, indexed by `EventKind` (and `FORK_LAYOUT_INDEX`); written by userspace.
+/// Each program's slot, per CPU: its event count, the filter settings and its
+/// tracepoint's field layout, so that an event costs one array lookup here and one
+/// hash lookup for its count. Userspace writes the settings and layouts before it
+/// attaches anything and never again (the programs own `events` from then on).
 #[map]
-static LAYOUTS: Array<TracepointLayout> = Array::with_max_entries(LAYOUT_COUNT, 0);
-
-/// Filtering settings; written by userspace.
-#[map]
-static CONFIG: Array<ObserverConfig> = Array::with_max_entries(1, 0);
+static PROGRAMS: PerCpuArray<ProgramSlot> = PerCpuArray::with_max_entries(PROGRAM_COUNT, 0);
 
 /// Threads whose events belong to a VM other than their process (thread id → owner
-/// id): the daemon runs several VMs in one process and registers each VM's threads.
+/// id), consulted only where the settings say so: `paratick-ctl bench` runs its VMs in
+/// its own process, one after another, and registers each VM's threads.
 #[map]
 static THREAD_OWNERS: HashMap<u32, u32> = HashMap::with_max_entries(THREAD_OWNER_CAPACITY, 0);
 
@@ -59,7 +68,8 @@ static TIMER_VECTORS: HashMap<u32, u32> = HashMap::with_max_entries(PROCESS_MAP_
 #[map]
 static EXIT_STARTS: LruHashMap<u32, ExitStart> = LruHashMap::with_max_entries(VCPU_THREAD_CAPACITY, 0);
 
-/// Threads that ran a vCPU, so that the vCPU count of a VM outlives the VM process.
+/// Threads that ran a vCPU, so that the vCPU count of a VM outlives the VM process, and
+/// so that such a thread's exit copies its vCPU's counters.
 #[map]
 static VCPU_THREADS: HashMap<VcpuThread, u8> = HashMap::with_max_entries(VCPU_THREAD_CAPACITY, 0);
 
@@ -75,25 +85,39 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_COUNT
 /// written out by hand, in the same `tracepoint` ELF section the macro would use.
 const PASS_EVENT_ON: u32 = 1;
 
-/// Defines a tracepoint entry point `name` that runs `handler(ctx)` and returns
-/// [`PASS_EVENT_ON`].
+/// Defines a tracepoint entry point `name` that counts the event in its slot of
+/// [`PROGRAMS`] (at `index`), runs `handler(ctx, slot)` and returns [`PASS_EVENT_ON`].
 macro_rules! tracepoint_program {
-    ($program:ident => $handler:expr) => {
+    ($program:ident, $index:expr => $handler:expr) => {
         #[doc = concat!("The program on the `", stringify!($program), "` tracepoint.")]
         #[no_mangle]
         #[link_section = "tracepoint"]
         pub fn $program(ctx: *mut core::ffi::c_void) -> u32 {
-            $handler(&TracePointContext::new(ctx));
+            if let Some(slot) = count_program_event($index) {
+                $handler(&TracePointContext::new(ctx), slot);
+            }
             PASS_EVENT_ON
         }
     };
+}
+
+/// Counts an event of program `index` and returns its slot's settings and layout.
+#[inline(always)]
+fn count_program_event(index: u32) -> Option<&'static ProgramSlot> {
+    let slot = PROGRAMS.get_ptr_mut(index)?;
+    // SAFETY: a valid pointer to this CPU's slot (the lookup succeeded); only this
+    // program writes its `events`. See "Per-CPU writes" in the crate docs.
+    unsafe {
+        (*slot).events += 1;
+        Some(&*slot)
+    }
 }
 
 /// One program per row of paratick-common's KVM event table, named after its
 /// tracepoint, each recording its [`EventKind`].
 macro_rules! kvm_event_programs {
     ($($(#[$doc:meta])* $variant:ident = $value:literal, $tracepoint:ident, [$($field:tt)*];)+) => {
-        $(tracepoint_program!($tracepoint => |ctx| observe(ctx, EventKind::$variant));)+
+        $(tracepoint_program!($tracepoint, EventKind::$variant as u32 => |ctx, slot| observe(ctx, slot, EventKind::$variant));)+
     };
 }
 
@@ -101,15 +125,13 @@ paratick_common::for_each_kvm_event!(kvm_event_programs);
 
 // A tracked process's children are tracked too, so that `observe -- COMMAND` sees VMs
 // started anywhere in the command's process tree.
-tracepoint_program!(sched_process_fork => follow_fork);
+tracepoint_program!(sched_process_fork, PROGRAM_FORK => follow_fork);
 
-fn follow_fork(ctx: &TracePointContext) {
-    let Some(config) = CONFIG.get(0) else { return };
-    if config.follow_forks == 0 || !is_tracked(current_tgid()) {
+fn follow_fork(ctx: &TracePointContext, slot: &ProgramSlot) {
+    if slot.config.follow_forks == 0 || !is_tracked(&slot.config, current_tgid()) {
         return;
     }
-    let Some(layout) = LAYOUTS.get(FORK_LAYOUT_INDEX) else { return };
-    match read_slot(ctx, layout.fields[0]) {
+    match read_slot(ctx, slot.layout.fields[0]) {
         Ok(child) => {
             if TRACKED_PIDS.insert(child as u32, 1, 0).is_err() {
                 count_drop(ctx, DropReason::TrackedPidsFull);
@@ -125,27 +147,24 @@ fn current_tgid() -> u32 {
 }
 
 #[inline(always)]
-fn is_tracked(tgid: u32) -> bool {
-    match CONFIG.get(0) {
-        Some(config) if config.filter_by_pid != 0 => TRACKED_PIDS.get_ptr(tgid).is_some(),
-        _ => true,
-    }
+fn is_tracked(config: &ObserverConfig, tgid: u32) -> bool {
+    config.filter_by_pid == 0 || TRACKED_PIDS.get_ptr(tgid).is_some()
 }
 
 #[inline(always)]
-fn observe(ctx: &TracePointContext, kind: EventKind) {
+fn observe(ctx: &TracePointContext, slot: &ProgramSlot, kind: EventKind) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let process = (pid_tgid >> 32) as u32;
-    if !is_tracked(process) {
+    if !is_tracked(&slot.config, process) {
         return;
     }
-    let tgid = match THREAD_OWNERS.get_ptr(tid) {
+    let tgid = match slot.config.thread_owners != 0 {
         // SAFETY: the pointer came from a successful lookup of a plain u32 value.
-        Some(owner) => unsafe { *owner },
-        None => process,
+        true => THREAD_OWNERS.get_ptr(tid).map_or(process, |owner| unsafe { *owner }),
+        false => process,
     };
-    let Some(layout) = LAYOUTS.get(kind as u32) else { return };
+    let layout = &slot.layout;
     let mut values = [0u64; MAX_FIELDS];
     let mut present = [false; MAX_FIELDS];
     for i in 0..MAX_FIELDS {
@@ -168,7 +187,9 @@ fn observe(ctx: &TracePointContext, kind: EventKind) {
     let key = EventKey { tgid, vcpu: summary.vcpu, kind: kind as u16, aux: summary.aux, detail: summary.detail };
     add(ctx, &key, 1, summary.add_ns);
 
-    if kind.fires_on_vcpu_thread() {
+    // A vCPU thread, learnt where the rate is that of what is counted: its returns to
+    // userspace and its wake-ups (every vCPU thread returns at least once).
+    if matches!(kind, EventKind::KvmUserspaceExit | EventKind::KvmVcpuWakeup) {
         let thread = VcpuThread { tgid, tid };
         if VCPU_THREADS.get_ptr(thread).is_none() && VCPU_THREADS.insert(thread, 1, 0).is_err() {
             count_drop(ctx, DropReason::VcpuThreadsFull);
@@ -208,8 +229,8 @@ fn now_ns() -> u64 {
 #[inline(always)]
 fn add(ctx: &TracePointContext, key: &EventKey, count: u64, ns: u64) {
     if let Some(stats) = EVENTS.get_ptr_mut(key) {
-        // SAFETY: per-CPU value of this CPU; BPF programs are not preempted by another
-        // program on the same CPU writing the same tracepoint map slot.
+        // SAFETY: a valid pointer to this CPU's value (the lookup succeeded); only
+        // tracepoint programs write it. See "Per-CPU writes" in the crate docs.
         unsafe {
             (*stats).count += count;
             (*stats).sum_ns += ns;
@@ -257,11 +278,6 @@ static KVM_LAYOUT: Array<KvmCounterLayout> = Array::with_max_entries(1, 0);
 #[map]
 static KVM_VCPU_COUNTERS: HashMap<KvmVcpuKey, KvmVcpuCounters> = HashMap::with_max_entries(KVM_VCPU_CAPACITY, 0);
 
-/// The vCPU each thread last ran (thread id → vCPU), as the iterator last saw it: what
-/// the thread's exit copies the counters of. LRU: threads come and go.
-#[map]
-static THREAD_VCPUS: LruHashMap<u32, ThreadVcpu> = LruHashMap::with_max_entries(VCPU_THREAD_CAPACITY, 0);
-
 /// The context of an `iter/task_file` program (`struct bpf_iter__task_file`): every
 /// open file of every process, one call each.
 #[repr(C)]
@@ -290,8 +306,9 @@ impl EbpfContext for IterContext {
 #[no_mangle]
 #[link_section = "iter/task_file"]
 pub fn kvm_vcpu_files(ctx: *mut core::ffi::c_void) -> i32 {
-    let context = IterContext(ctx);
-    let _ = sample_vcpu_file(&context, ctx as *const TaskFileContext);
+    if let Some(slot) = count_program_event(PROGRAM_VCPU_FILES) {
+        let _ = sample_vcpu_file(&IterContext(ctx), slot, ctx as *const TaskFileContext);
+    }
     0
 }
 
@@ -304,7 +321,7 @@ fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
 }
 
 #[inline(always)]
-fn sample_vcpu_file(ctx: &IterContext, files: *const TaskFileContext) -> Option<()> {
+fn sample_vcpu_file(ctx: &IterContext, slot: &ProgramSlot, files: *const TaskFileContext) -> Option<()> {
     let layout = KVM_LAYOUT.get(0)?;
     if layout.ready == 0 {
         return None;
@@ -315,13 +332,11 @@ fn sample_vcpu_file(ctx: &IterContext, files: *const TaskFileContext) -> Option<
     if task == 0 || file == 0 {
         return None;
     }
-    let dentry: u64 = read_kernel(file, layout.file_dentry_offset)?;
-    let name: u64 = read_kernel(dentry, layout.dentry_name_offset)?;
-    if read_kernel::<[u8; 9]>(name, 0)? != VCPU_FILE_NAME_PREFIX {
+    if file_name::<9>(layout, file)? != VCPU_FILE_NAME_PREFIX {
         return None;
     }
     let tgid: u32 = read_kernel(task, layout.task_tgid_offset)?;
-    if !is_tracked(tgid) {
+    if !is_tracked(&slot.config, tgid) {
         return None;
     }
     let vcpu: u64 = read_kernel(file, layout.file_private_data_offset)?;
@@ -329,13 +344,16 @@ fn sample_vcpu_file(ctx: &IterContext, files: *const TaskFileContext) -> Option<
         count_drop(ctx, DropReason::KvmCounterReadFailed);
         return None;
     };
-    let key = KvmVcpuKey { tgid, vcpu_id };
-    copy_kvm_counters(ctx, layout, vcpu, key);
-    // The thread that last ran the vCPU (none before its first KVM_RUN).
-    if let Some(tid) = vcpu_thread(layout, vcpu) {
-        let _ = THREAD_VCPUS.insert(tid, ThreadVcpu { vcpu, key }, 0);
-    }
+    copy_kvm_counters(ctx, layout, vcpu, KvmVcpuKey { tgid, vcpu_id });
     Some(())
+}
+
+/// The first `N` bytes of `file`'s name.
+#[inline(always)]
+fn file_name<const N: usize>(layout: &KvmCounterLayout, file: u64) -> Option<[u8; N]> {
+    let dentry: u64 = read_kernel(file, layout.file_dentry_offset)?;
+    let name: u64 = read_kernel(dentry, layout.dentry_name_offset)?;
+    read_kernel(name, 0)
 }
 
 /// The id of the thread that last ran `vcpu` (`vcpu->pid`), if any.
@@ -361,36 +379,84 @@ fn copy_kvm_counters<C: EbpfContext>(ctx: &C, layout: &KvmCounterLayout, vcpu: u
             }
         }
     }
-    if KVM_VCPU_COUNTERS.insert(&key, &counters, 0).is_err() {
+    if KVM_VCPU_COUNTERS.insert(key, counters, 0).is_err() {
         count_drop(ctx, DropReason::KvmCountersFull);
     }
 }
 
-/// On `sched_process_exit` (a raw tracepoint: a thread ends, a rare event): a thread that
-/// ran a vCPU has done its last exit, so its vCPU's counters are copied one last time and
-/// a VM's final counts are exact however long the sampling interval. The vCPU lives on
-/// while its VM's files are open, which they are until the process's last thread exits
-/// after this; the vCPU id and thread are checked before anything is copied.
+/// On `sched_process_exit` (a raw tracepoint: a thread ends, a rare event): a thread
+/// that ran a vCPU ([`VCPU_THREADS`]) has done its last exit, so its vCPU's counters are
+/// copied one last time and a VM's final counts are exact however short its life. Its
+/// vCPU is the one of the VM file in its file table whose `pid` is this thread; the file
+/// table is still there (the kernel closes it after this tracepoint), and so is the VM
+/// while its file is open.
 #[no_mangle]
 #[link_section = "raw_tracepoint"]
 pub fn kvm_vcpu_thread_exit(ctx: *mut core::ffi::c_void) -> i32 {
-    let context = RawTracePointContext::new(ctx);
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: a plain value of this map, copied out at once.
-    let Some(thread) = (unsafe { THREAD_VCPUS.get(&tid) }).copied() else { return 0 };
-    let _ = THREAD_VCPUS.remove(&tid);
-    let Some(layout) = KVM_LAYOUT.get(0) else { return 0 };
-    let same_vcpu = read_kernel::<u32>(thread.vcpu, layout.vcpu_id_offset) == Some(thread.key.vcpu_id);
-    if same_vcpu && vcpu_thread(layout, thread.vcpu) == Some(tid) {
-        copy_kvm_counters(&context, layout, thread.vcpu, thread.key);
+    if count_program_event(PROGRAM_THREAD_EXIT).is_none() {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let thread = VcpuThread { tgid: (pid_tgid >> 32) as u32, tid: pid_tgid as u32 };
+    if VCPU_THREADS.get_ptr(thread).is_some() {
+        let _ = copy_exiting_vcpu(&RawTracePointContext::new(ctx), thread);
     }
     0
 }
 
 #[inline(always)]
+fn copy_exiting_vcpu(ctx: &RawTracePointContext, thread: VcpuThread) -> Option<()> {
+    let layout = KVM_LAYOUT.get(0).filter(|layout| layout.ready != 0)?;
+    // SAFETY: bpf_get_current_task has no preconditions; the pointer is only read
+    // through bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read_kernel(task, layout.task_files_offset)?;
+    let fdt: u64 = read_kernel(files, layout.files_fdt_offset)?;
+    let max_fds: u32 = read_kernel(fdt, layout.fdtable_max_fds_offset)?;
+    let fds: u64 = read_kernel(fdt, layout.fdtable_fd_offset)?;
+    for fd in 0..VM_FD_SEARCH_LIMIT.min(max_fds) {
+        let file: u64 = read_kernel(fds, fd * 8)?;
+        if file == 0 || file_name::<7>(layout, file) != Some(VM_FILE_NAME) {
+            continue;
+        }
+        let kvm: u64 = read_kernel(file, layout.file_private_data_offset)?;
+        if let Some(vcpu) = vcpu_of_thread(layout, kvm, thread.tid) {
+            let vcpu_id: u32 = read_kernel(vcpu, layout.vcpu_id_offset)?;
+            copy_kvm_counters(ctx, layout, vcpu, KvmVcpuKey { tgid: thread.tgid, vcpu_id });
+            return Some(());
+        }
+    }
+    None
+}
+
+/// The vCPU of VM `kvm` that thread `tid` ran last, from KVM's `vcpu_array`: an xarray
+/// whose head is the vCPU itself when it holds only index 0, else (tagged 2) a node
+/// of 64 slots.
+#[inline(always)]
+fn vcpu_of_thread(layout: &KvmCounterLayout, kvm: u64, tid: u32) -> Option<u64> {
+    const XA_INTERNAL_TAG: u64 = 2;
+    let head: u64 = read_kernel(kvm, layout.kvm_vcpus_head_offset)?;
+    if head & 3 == 0 {
+        return (head != 0 && vcpu_thread(layout, head) == Some(tid)).then_some(head);
+    }
+    if head & 3 != XA_INTERNAL_TAG {
+        return None;
+    }
+    let slots = head - XA_INTERNAL_TAG + layout.xa_node_slots_offset as u64;
+    for index in 0..VCPU_ARRAY_SEARCH_LIMIT {
+        let vcpu: u64 = read_kernel(slots, index * 8)?;
+        if vcpu != 0 && vcpu & 3 == 0 && vcpu_thread(layout, vcpu) == Some(tid) {
+            return Some(vcpu);
+        }
+    }
+    None
+}
+
+#[inline(always)]
 fn count_drop<C: EbpfContext>(ctx: &C, reason: DropReason) {
     if let Some(drops) = DROPS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU array slot of this CPU.
+        // SAFETY: a valid pointer to this CPU's slot (the lookup succeeded). See
+        // [`PER_CPU_WRITES`].
         let previous = unsafe {
             let previous = *drops;
             *drops = previous + 1;

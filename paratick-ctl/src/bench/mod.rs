@@ -185,7 +185,7 @@ pub fn observer_overhead(options: &BenchOptions, pairs: u32) -> Result<overhead:
 pub fn run(options: &BenchOptions) -> Result<report::Results> {
     options.validate()?;
     std::fs::create_dir_all(&options.out).with_context(|| format!("cannot create {}", options.out.display()))?;
-    let observer = Observer::start(&PidFilter::All).context("the bench needs the eBPF observer")?;
+    let observer = Observer::start_attributing_threads(&PidFilter::All).context("the bench needs the eBPF observer")?;
     let workloads = Workload::EVALUATED;
     let modes = TickMode::VARIANTS;
     let main_runs = workloads.len() * modes.len() * options.reps as usize * 2;
@@ -228,7 +228,7 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     bench.observer = None;
     let overhead =
         overhead::measure(&mut bench, options.reps.max(overhead::MIN_PAIRS), options.kvm_unit_tests.as_deref())?;
-    bench.observer = Some(Observer::start(&PidFilter::All)?);
+    bench.observer = Some(Observer::start_attributing_threads(&PidFilter::All)?);
 
     // Tick precision: the guest's rate and intervals at several rates.
     let mut precision = Vec::new();

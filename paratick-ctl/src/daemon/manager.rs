@@ -602,9 +602,20 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             let attached = f64::from(u8::from(*state == TracepointState::Attached));
             metrics.tracepoint_attached.with_label_values(&[tracepoint]).set(attached);
         }
+        let stats_enabled = crate::observer::bpf_stats_enabled();
+        metrics.bpf_stats_enabled.set(i64::from(stats_enabled));
+        // The kernel's counts stand still while stats are off: nothing to report then
+        // (and nothing ever, if they never were on).
+        for (program, stats) in observer.program_run_stats().into_iter().filter(|(_, s)| s.runs > 0) {
+            metrics.counters.report_own(CounterFamily::ObserverProgramRuns, &[program], stats.runs);
+            metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &[program], stats.run_ns);
+        }
         let Some(snapshot) = snapshot else { return };
         for (reason, count) in snapshot.drops_by_name() {
             metrics.counters.report_own(CounterFamily::ObserverDrops, &[reason], count);
+        }
+        for (program, &count) in &snapshot.program_events {
+            metrics.counters.report_own(CounterFamily::ObserverProgramEvents, &[program], count);
         }
         // Other KVM processes: their exits by reason where kvm_exit fires; else KVM's own
         // counters by category (the observer's copies); else what fires for every exit
@@ -687,7 +698,7 @@ mod tests {
     use paratick_vmm::control::{ControlError, VmReply};
 
     use super::*;
-    use crate::observer::{ObserverError, Snapshot};
+    use crate::observer::{ObserverError, ProgramRunStats, Snapshot};
 
     /// VM processes as a map: each "process" is a status the fake answers with.
     struct FakeProcesses {
@@ -824,6 +835,10 @@ mod tests {
     impl EventSource for FakeEvents {
         fn kvm_counters_state(&self) -> Result<(), &str> {
             Ok(())
+        }
+
+        fn program_run_stats(&self) -> BTreeMap<&'static str, ProgramRunStats> {
+            BTreeMap::new()
         }
 
         fn kvm_counters(&mut self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {

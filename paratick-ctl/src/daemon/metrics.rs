@@ -29,6 +29,8 @@ pub struct Metrics {
     pub vm_state: GaugeVec,
     /// Whether the eBPF observer is loaded.
     pub observer_up: IntGauge,
+    /// Whether the kernel counts BPF programs' runs and run time.
+    pub bpf_stats_enabled: IntGauge,
     /// Per tracepoint: 1 when attached.
     pub tracepoint_attached: GaugeVec,
     /// Every counter ([`CounterFamily`]), read at scrape time.
@@ -58,6 +60,12 @@ pub enum CounterFamily {
     ObservedExits,
     /// Events the observer could not record.
     ObserverDrops,
+    /// Events each of the observer's programs handled.
+    ObserverProgramEvents,
+    /// Runs of each program, by the kernel's BPF statistics.
+    ObserverProgramRuns,
+    /// Time in each program, by the kernel's BPF statistics (reported in nanoseconds).
+    ObserverProgramRunSeconds,
 }
 
 impl CounterFamily {
@@ -110,6 +118,30 @@ impl CounterFamily {
                 "Events the eBPF programs could not record, by reason.",
                 &["reason"],
             ),
+            CounterFamily::ObserverProgramEvents => (
+                "paratick_observer_program_events_total",
+                "Events each of the observer's eBPF programs handled (the iterator: files it visited), counted by the programs themselves: what the observer costs the host.",
+                &["program"],
+            ),
+            CounterFamily::ObserverProgramRuns => (
+                "paratick_observer_program_runs_total",
+                "Runs of each of the observer's eBPF programs, as the kernel counts them (bpf_prog_info run_cnt) while kernel.bpf_stats_enabled is 1; absent while it never was.",
+                &["program"],
+            ),
+            CounterFamily::ObserverProgramRunSeconds => (
+                "paratick_observer_program_run_seconds_total",
+                "Time spent in each of the observer's eBPF programs, as the kernel counts it (bpf_prog_info run_time_ns) while kernel.bpf_stats_enabled is 1; absent while it never was.",
+                &["program"],
+            ),
+        }
+    }
+
+    /// What a reported value is multiplied by for the exposition (nanoseconds reported,
+    /// seconds exported).
+    const fn scale(self) -> f64 {
+        match self {
+            CounterFamily::ObserverProgramRunSeconds => 1e-9,
+            _ => 1.0,
         }
     }
 }
@@ -269,7 +301,7 @@ impl Collector for ScrapedCounters {
                         let mut metric = proto::Metric::default();
                         metric.set_label(pairs);
                         let mut counter = proto::Counter::default();
-                        counter.set_value(*value as f64);
+                        counter.set_value(*value as f64 * family.scale());
                         metric.set_counter(counter);
                         metric
                     })
@@ -303,6 +335,12 @@ impl Metrics {
         let observer_up =
             IntGauge::new("paratick_observer_up", "Whether the eBPF KVM observer is loaded.").expect("valid metric");
         registry.register(Box::new(observer_up.clone())).expect("unique metric");
+        let bpf_stats_enabled = IntGauge::new(
+            "paratick_observer_bpf_stats_enabled",
+            "1 while the kernel counts BPF programs' runs and run time (kernel.bpf_stats_enabled): the paratick_observer_program_run* counters grow only then.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(bpf_stats_enabled.clone())).expect("unique metric");
         let counters = ScrapedCounters::new();
         registry.register(Box::new(counters.clone())).expect("unique metrics");
         Metrics {
@@ -321,6 +359,7 @@ impl Metrics {
             vcpus_halted: gauge(&registry, "paratick_vm_vcpus_halted", "vCPUs halted in KVM right now.", &["vm"]),
             vm_state: gauge(&registry, "paratick_vm_state", "1 for the VM's current state.", &["vm", "state"]),
             observer_up,
+            bpf_stats_enabled,
             tracepoint_attached: gauge(
                 &registry,
                 "paratick_observer_tracepoint_attached",
@@ -394,5 +433,9 @@ mod tests {
         assert!(text.contains("paratick_vm_ticks_injected_total{vm=\"a\"} 42\n"), "{text}");
         assert!(text.contains("paratick_observed_vm_exits_total{name=\"qemu\",pid=\"9\",reason=\"hlt\"} 3\n"));
         assert!(!text.contains("paratick_vm_guest_ticks_total"), "no series, no family: {text}");
+        // Run time is reported in nanoseconds and exported in seconds.
+        metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &["kvm_msr"], 1_500_000_000);
+        let text = metrics.render();
+        assert!(text.contains("paratick_observer_program_run_seconds_total{program=\"kvm_msr\"} 1.5\n"), "{text}");
     }
 }

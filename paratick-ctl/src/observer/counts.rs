@@ -23,6 +23,9 @@ pub struct Snapshot {
     pub vcpu_threads: HashMap<u32, u32>,
     /// Drops by [`DropReason`] index.
     pub drops: [u64; DROP_REASON_COUNT as usize],
+    /// Events each of the observer's programs handled, by program name
+    /// (`paratick_common::event::program_name`): what the observer costs.
+    pub program_events: BTreeMap<&'static str, u64>,
 }
 
 impl Snapshot {

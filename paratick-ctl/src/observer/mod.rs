@@ -14,12 +14,13 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::programs::{Iter, RawTracePoint, TracePoint};
 use aya::Ebpf;
 use paratick_common::event::{
-    EventKey, EventKind, EventStats, ObserverConfig, TracepointLayout, VcpuThread, DROP_REASON_COUNT, FORK_CHILD_PID,
-    FORK_LAYOUT_INDEX, SYNTHETIC_OWNER_BASE,
+    program_name, EventKey, EventKind, EventStats, ObserverConfig, ProgramSlot, TracepointLayout, VcpuThread,
+    DROP_REASON_COUNT, FORK_CHILD_PID, PROGRAM_COUNT, PROGRAM_FORK, PROGRAM_THREAD_EXIT, PROGRAM_VCPU_FILES,
+    SYNTHETIC_OWNER_BASE,
 };
 
 use paratick_common::kvm_counters::{KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, KVM_COUNTERS, KVM_COUNTER_NAMES};
@@ -65,6 +66,9 @@ pub enum ObserverError {
     /// The iterator that samples KVM's counters could not be run.
     #[error("sampling KVM's counters: {0}")]
     KvmCounterSample(String),
+    /// The kernel's BPF run statistics could not be turned on.
+    #[error("cannot turn the kernel's BPF statistics on (BPF_ENABLE_STATS needs kernel 5.8 and CAP_SYS_ADMIN): {0}")]
+    BpfStats(String),
     /// A tracepoint every kernel we support has could not be used.
     #[error("tracepoint {name}: {reason}")]
     Tracepoint {
@@ -73,6 +77,31 @@ pub enum ObserverError {
         /// What went wrong.
         reason: String,
     },
+}
+
+/// What one of the observer's programs cost, as the kernel counts it (`bpf_prog_info`
+/// `run_cnt` and `run_time_ns`) while its BPF statistics are on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProgramRunStats {
+    /// Runs.
+    pub runs: u64,
+    /// Nanoseconds spent in the program.
+    pub run_ns: u64,
+}
+
+/// Where the kernel says whether it counts BPF programs' runs and run time.
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Whether the kernel counts BPF programs' runs and run time now: `kernel.bpf_stats_enabled`
+/// is 1, or a process holds the statistics on (see [`enable_bpf_stats`]).
+pub fn bpf_stats_enabled() -> bool {
+    fs::read_to_string(BPF_STATS_SYSCTL).is_ok_and(|value| value.trim() == "1")
+}
+
+/// Turns the kernel's BPF run statistics on for as long as the returned descriptor is
+/// open (BPF_ENABLE_STATS): each program run then costs two clock reads more.
+pub fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd, ObserverError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| ObserverError::BpfStats(e.to_string()))
 }
 
 /// State of one tracepoint after start-up.
@@ -126,6 +155,10 @@ pub trait EventSource {
     /// that the maps never fill with the dead on a host with VM churn. Call it after the
     /// last snapshot that should still count them.
     fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError>;
+
+    /// Runs and run time of each of the observer's programs, by name, as the kernel
+    /// counts them while its BPF statistics are on (see [`bpf_stats_enabled`]).
+    fn program_run_stats(&self) -> BTreeMap<&'static str, ProgramRunStats>;
 
     /// State of every KVM tracepoint, by name.
     fn tracepoints(&self) -> &BTreeMap<&'static str, TracepointState>;
@@ -204,6 +237,18 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserverEr
 impl Observer {
     /// Loads the programs and attaches them to every KVM tracepoint the kernel has.
     pub fn start(filter: &PidFilter) -> Result<Observer, ObserverError> {
+        Self::load(filter, false)
+    }
+
+    /// As [`Observer::start`], and events of threads registered with
+    /// [`Observer::attribute_threads`] count under their owner: how the bench tells apart
+    /// the VMs it runs in its own process. (It costs every event a lookup more, so only
+    /// an observer started this way does it.)
+    pub fn start_attributing_threads(filter: &PidFilter) -> Result<Observer, ObserverError> {
+        Self::load(filter, true)
+    }
+
+    fn load(filter: &PidFilter, attribute_threads: bool) -> Result<Observer, ObserverError> {
         // Privilege first: tracefs is root-only, so an unprivileged user would otherwise
         // be told that tracefs is missing.
         if !may_load_bpf() {
@@ -234,8 +279,8 @@ impl Observer {
             backend: Backend::of_host(),
             tracefs,
         };
-        observer.configure(filter)?;
-        observer.attach_all()?;
+        let config = observer.configure(filter, attribute_threads)?;
+        observer.attach_all(config)?;
         observer.kvm_counters = observer.attach_kvm_counters();
         if let Err(why) = &observer.kvm_counters {
             log::warn!("KVM's own exit counters are unavailable: {why}");
@@ -243,19 +288,18 @@ impl Observer {
         Ok(observer)
     }
 
-    fn configure(&mut self, filter: &PidFilter) -> Result<(), ObserverError> {
-        let config = match filter {
-            PidFilter::All => ObserverConfig::default(),
+    /// Tracks the filter's processes and returns the programs' settings.
+    fn configure(&mut self, filter: &PidFilter, attribute_threads: bool) -> Result<ObserverConfig, ObserverError> {
+        let thread_owners = attribute_threads as u32;
+        Ok(match filter {
+            PidFilter::All => ObserverConfig { thread_owners, ..ObserverConfig::default() },
             PidFilter::Pids { pids, follow_forks } => {
                 for pid in pids {
                     self.track(*pid)?;
                 }
-                ObserverConfig { filter_by_pid: 1, follow_forks: *follow_forks as u32 }
+                ObserverConfig { filter_by_pid: 1, follow_forks: *follow_forks as u32, thread_owners, reserved: 0 }
             }
-        };
-        let mut map: Array<&mut MapData, ObserverConfig> =
-            Array::try_from(self.ebpf.map_mut("CONFIG").expect("CONFIG map")).map_err(map_err("CONFIG"))?;
-        map.set(0, config, 0).map_err(map_err("CONFIG"))
+        })
     }
 
     /// Records this process (and, if following forks, its future children) from now on.
@@ -266,8 +310,8 @@ impl Observer {
         map.insert(pid, 1, 0).map_err(map_err("TRACKED_PIDS"))
     }
 
-    /// Counts the events of these threads under `owner` instead of their process: how
-    /// the daemon tells apart the VMs it runs in its own process.
+    /// Counts the events of these threads under `owner` instead of their process (an
+    /// observer from [`Observer::start_attributing_threads`] only).
     pub fn attribute_threads(&mut self, owner: u32, tids: &[u32]) -> Result<(), ObserverError> {
         let mut map: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut("THREAD_OWNERS").expect("THREAD_OWNERS map"))
@@ -292,22 +336,42 @@ impl Observer {
         Ok(())
     }
 
-    fn set_layout(&mut self, index: u32, layout: TracepointLayout) -> Result<(), ObserverError> {
-        let mut map: Array<&mut MapData, TracepointLayout> =
-            Array::try_from(self.ebpf.map_mut("LAYOUTS").expect("LAYOUTS map")).map_err(map_err("LAYOUTS"))?;
-        map.set(index, layout, 0).map_err(map_err("LAYOUTS"))
+    /// Writes every program's slot (the settings, its layout) on every CPU. Only before
+    /// anything is attached: the programs own the slots' event counts from then on.
+    fn write_program_slots(
+        &mut self,
+        config: ObserverConfig,
+        layouts: &[TracepointLayout],
+    ) -> Result<(), ObserverError> {
+        let slots_error = |call: &'static str| {
+            move |io_error| ObserverError::Map {
+                name: "PROGRAMS",
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+            }
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| slots_error("nr_cpus")(e))?;
+        let mut map: PerCpuArray<&mut MapData, ProgramSlot> =
+            PerCpuArray::try_from(self.ebpf.map_mut("PROGRAMS").expect("PROGRAMS map")).map_err(map_err("PROGRAMS"))?;
+        for index in 0..PROGRAM_COUNT {
+            let layout = layouts.get(index as usize).copied().unwrap_or_default();
+            let slot = ProgramSlot { events: 0, config, layout };
+            let values = PerCpuValues::try_from(vec![slot; cpus]).map_err(slots_error("per-CPU values"))?;
+            map.set(index, values, 0).map_err(map_err("PROGRAMS"))?;
+        }
+        Ok(())
     }
 
-    fn attach_all(&mut self) -> Result<(), ObserverError> {
+    /// Resolves every tracepoint's layout, writes the programs' slots, then attaches.
+    fn attach_all(&mut self, config: ObserverConfig) -> Result<(), ObserverError> {
         // Fork tracking is needed for `observe -- COMMAND`: without it the command's VMs
         // would be invisible, so failing here is an error, not a missing tracepoint.
         let fork = read_format(&self.tracefs, "sched", "sched_process_fork")
             .unwrap_or_else(|| Err("not in tracefs".into()))
             .and_then(|f| f.layout(&[FORK_CHILD_PID]).map_err(|e| e.to_string()));
         let fork_error = |reason| ObserverError::Tracepoint { name: "sched:sched_process_fork".into(), reason };
-        self.set_layout(FORK_LAYOUT_INDEX, fork.map_err(fork_error)?)?;
-        self.attach("sched", "sched_process_fork").map_err(fork_error)?;
-
+        let mut layouts = vec![TracepointLayout::default(); PROGRAM_COUNT as usize];
+        layouts[PROGRAM_FORK as usize] = fork.map_err(fork_error)?;
+        let mut usable = Vec::new();
         for kind in EventKind::ALL {
             let name = kind.tracepoint();
             let state = match read_format(&self.tracefs, "kvm", name) {
@@ -315,18 +379,26 @@ impl Observer {
                 Some(format) => match format.and_then(|f| f.layout(kind.fields()).map_err(|e| e.to_string())) {
                     Err(why) => TracepointState::Failed(why),
                     Ok(layout) => {
-                        self.set_layout(kind as u32, layout)?;
-                        match self.attach("kvm", name) {
-                            Ok(()) => TracepointState::Attached,
-                            Err(why) => TracepointState::Failed(why),
-                        }
+                        layouts[kind as usize] = layout;
+                        usable.push(kind);
+                        TracepointState::Attached
                     }
                 },
             };
-            if state != TracepointState::Attached {
+            self.tracepoints.insert(name, state);
+        }
+        self.write_program_slots(config, &layouts)?;
+
+        self.attach("sched", "sched_process_fork").map_err(fork_error)?;
+        for kind in usable {
+            if let Err(why) = self.attach("kvm", kind.tracepoint()) {
+                self.tracepoints.insert(kind.tracepoint(), TracepointState::Failed(why));
+            }
+        }
+        for (name, state) in &self.tracepoints {
+            if *state != TracepointState::Attached {
                 log::info!("kvm:{name}: {}", state.describe());
             }
-            self.tracepoints.insert(name, state);
         }
         Ok(())
     }
@@ -368,6 +440,12 @@ impl Observer {
             file_private_data_offset: offset("file", "private_data")?,
             dentry_name_offset: offset("dentry", "d_name.name")?,
             task_tgid_offset: offset("task_struct", "tgid")?,
+            task_files_offset: offset("task_struct", "files")?,
+            files_fdt_offset: offset("files_struct", "fdt")?,
+            fdtable_max_fds_offset: offset("fdtable", "max_fds")?,
+            fdtable_fd_offset: offset("fdtable", "fd")?,
+            kvm_vcpus_head_offset: offset("kvm", "vcpu_array.xa_head")?,
+            xa_node_slots_offset: offset("xa_node", "slots")?,
             offsets,
         };
         let mut map: Array<&mut MapData, KvmCounterLayout> =
@@ -382,7 +460,7 @@ impl Observer {
             .try_into()
             .map_err(|e| format!("{e}"))?;
         iterator.load("task_file", &kernel_btf).map_err(|e| format!("{KVM_ITERATOR}: load: {e}"))?;
-        let (program, tracepoint) = ("kvm_vcpu_thread_exit", "sched_process_exit");
+        let (program, tracepoint) = (THREAD_EXIT_PROGRAM, "sched_process_exit");
         let probe: &mut RawTracePoint = self
             .ebpf
             .program_mut(program)
@@ -423,7 +501,16 @@ impl Observer {
 }
 
 /// The BPF iterator that samples KVM's per-vCPU counters.
-const KVM_ITERATOR: &str = "kvm_vcpu_files";
+const KVM_ITERATOR: &str = named(PROGRAM_VCPU_FILES);
+/// The program that copies a vCPU's counters when its thread exits.
+const THREAD_EXIT_PROGRAM: &str = named(PROGRAM_THREAD_EXIT);
+
+const fn named(index: u32) -> &'static str {
+    match program_name(index) {
+        Some(name) => name,
+        None => panic!("every program index has a name"),
+    }
+}
 
 impl EventSource for Observer {
     fn kvm_counters_state(&self) -> Result<(), &str> {
@@ -483,6 +570,17 @@ impl EventSource for Observer {
         &self.tracepoints
     }
 
+    fn program_run_stats(&self) -> BTreeMap<&'static str, ProgramRunStats> {
+        (0..PROGRAM_COUNT)
+            .map(named)
+            .filter_map(|name| {
+                // Programs that were not loaded (a tracepoint this kernel lacks) have none.
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((name, ProgramRunStats { runs: info.run_count(), run_ns: info.run_time().as_nanos() as u64 }))
+            })
+            .collect()
+    }
+
     fn backend(&self) -> Backend {
         self.backend
     }
@@ -524,6 +622,12 @@ impl EventSource for Observer {
         for index in 0..DROP_REASON_COUNT {
             let per_cpu = drops.get(&index, 0).map_err(map_err("DROPS"))?;
             snapshot.drops[index as usize] = per_cpu.iter().sum();
+        }
+        let programs: PerCpuArray<&MapData, ProgramSlot> =
+            PerCpuArray::try_from(self.ebpf.map("PROGRAMS").expect("PROGRAMS map")).map_err(map_err("PROGRAMS"))?;
+        for index in 0..PROGRAM_COUNT {
+            let per_cpu = programs.get(&index, 0).map_err(map_err("PROGRAMS"))?;
+            snapshot.program_events.insert(named(index), per_cpu.iter().map(|slot| slot.events).sum());
         }
         Ok(snapshot)
     }

@@ -147,6 +147,22 @@ pub struct ObserveReport {
     pub timer_model_problem: Option<String>,
     /// One entry per VM process, by pid.
     pub vms: Vec<VmReport>,
+    /// What the observer itself cost the host while it watched.
+    pub observer: ObserverCost,
+}
+
+/// What the observer's eBPF programs did while it watched: the events each handled
+/// (counted by the programs themselves, every event of the host's KVM tracepoints,
+/// whatever the pid filter), and where the kernel counted them, each program's runs and
+/// run time.
+#[derive(Debug, Clone, Serialize)]
+pub struct ObserverCost {
+    /// Events per program (the iterator: files it visited).
+    pub program_events: BTreeMap<&'static str, u64>,
+    /// Runs and run time per program, while the kernel's BPF statistics were on
+    /// (`observe --program-stats`, or `kernel.bpf_stats_enabled = 1`); else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub program_runs: Option<BTreeMap<&'static str, super::ProgramRunStats>>,
 }
 
 /// One row of the live table: rates over the last interval.
