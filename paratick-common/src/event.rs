@@ -7,11 +7,13 @@
 //! it is unit-tested on the host; the eBPF programs only read fields and update maps.
 
 /// The one table of the KVM tracepoints the observer attaches to: for each, its
-/// [`EventKind`] variant and discriminant, its tracepoint (and eBPF program) name, and
-/// the fields its program reads, slot by slot ([`summarize`] interprets the slots).
+/// [`EventKind`] variant and discriminant, its tracepoint (and eBPF program) name, the
+/// fields its program reads, slot by slot ([`summarize`] interprets the slots), and
+/// where a raw tracepoint program finds them among the tracepoint's arguments (`None`:
+/// only the tracepoint program can read them; `kvm_exit`'s reason is vendor state).
 ///
 /// `for_each_kvm_event!(callback)` calls `callback!` with every row as
-/// `#[doc] Variant = discriminant, tracepoint_name, [field, ...];`. This crate derives
+/// `#[doc] Variant = discriminant, tracepoint_name, [field, ...], raw;`. This crate derives
 /// [`EventKind`], [`EventKind::ALL`], [`EventKind::tracepoint`] and [`EventKind::fields`]
 /// from it, the eBPF crate its entry points: a new tracepoint is one row here.
 #[macro_export]
@@ -19,31 +21,78 @@ macro_rules! for_each_kvm_event {
     ($callback:ident) => {
         $callback! {
             /// `kvm:kvm_exit`: every VM exit (VMX/SVM hosts only).
-            KvmExit = 0, kvm_exit, [required!("exit_reason"), required!("isa"), optional!("vcpu_id")];
+            KvmExit = 0, kvm_exit, [required!("exit_reason"), required!("isa"), optional!("vcpu_id")], None;
             /// `kvm:kvm_entry`: every VM entry (VMX/SVM hosts only).
-            KvmEntry = 1, kvm_entry, [optional!("vcpu_id")];
+            KvmEntry = 1, kvm_entry, [optional!("vcpu_id")], raw!([VcpuIdOf(0)], [8, 1]);
             /// `kvm:kvm_msr`: an MSR access handled by KVM.
-            KvmMsr = 2, kvm_msr, [required!("write"), required!("ecx"), required!("data")];
+            KvmMsr = 2, kvm_msr, [required!("write"), required!("ecx"), required!("data")],
+                raw!([Value(0), Value(1), Value(2)], [4, 4, 8, 1]);
             /// `kvm:kvm_pio`: a port I/O access.
-            KvmPio = 3, kvm_pio, [required!("rw"), required!("port")];
+            KvmPio = 3, kvm_pio, [required!("rw"), required!("port")], raw!([Value(0), Value(1)], [4, 4, 4, 4, 8]);
             /// `kvm:kvm_mmio`: an MMIO access.
-            KvmMmio = 4, kvm_mmio, [required!("type")];
+            KvmMmio = 4, kvm_mmio, [required!("type")], raw!([Value(0)], [4, 4, 8, 8]);
             /// `kvm:kvm_userspace_exit`: KVM_RUN returned to the VMM.
-            KvmUserspaceExit = 5, kvm_userspace_exit, [required!("reason"), required!("errno")];
+            KvmUserspaceExit = 5, kvm_userspace_exit, [required!("reason"), required!("errno")],
+                raw!([Value(0), Value(1)], [4, 4]);
             /// `kvm:kvm_apic_accept_irq`: the LAPIC accepted an interrupt.
-            KvmApicAcceptIrq = 6, kvm_apic_accept_irq, [required!("vec"), required!("apicid")];
+            KvmApicAcceptIrq = 6, kvm_apic_accept_irq, [required!("vec"), required!("apicid")],
+                raw!([Value(3), Value(0)], [4, 2, 2, 1]);
             /// `kvm:kvm_inj_virq`: an interrupt was injected on VM entry (VMX/SVM hosts only).
-            KvmInjVirq = 7, kvm_inj_virq, [required!("vector", "irq"), optional!("soft")];
+            KvmInjVirq = 7, kvm_inj_virq, [required!("vector", "irq"), optional!("soft")],
+                raw!([Value(0), Value(1)], [4, 1, 1]);
             /// `kvm:kvm_eoi`: the guest signalled end of interrupt.
-            KvmEoi = 8, kvm_eoi, [required!("vector"), required!("apicid")];
+            KvmEoi = 8, kvm_eoi, [required!("vector"), required!("apicid")], raw!([Value(1), LapicVcpuIdOf(0)], [8, 4]);
             /// `kvm:kvm_vcpu_wakeup`: a halted vCPU woke up (or polled).
-            KvmVcpuWakeup = 9, kvm_vcpu_wakeup, [required!("ns"), required!("waited")];
+            KvmVcpuWakeup = 9, kvm_vcpu_wakeup, [required!("ns"), required!("waited")],
+                raw!([Value(0), Value(1)], [8, 1, 1]);
             /// `kvm:kvm_hypercall`: a hypercall (VMX/SVM hosts only).
-            KvmHypercall = 10, kvm_hypercall, [required!("nr")];
+            KvmHypercall = 10, kvm_hypercall, [required!("nr")], raw!([Value(0)], [8, 8, 8, 8, 8]);
             /// `kvm:kvm_apic`: a LAPIC register access.
-            KvmApic = 11, kvm_apic, [required!("rw"), required!("reg"), required!("val")];
+            KvmApic = 11, kvm_apic, [required!("rw"), required!("reg"), required!("val")],
+                raw!([Value(0), Value(1), Value(2)], [4, 4, 8]);
         }
     };
+}
+
+/// Where a raw tracepoint program finds one field slot among its tracepoint's arguments
+/// (`TP_PROTO`, after the hidden `__data`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawArg {
+    /// The slot is absent.
+    Absent,
+    /// Argument `n` itself.
+    Value(u8),
+    /// The vCPU id of the `struct kvm_vcpu *` in argument `n`.
+    VcpuIdOf(u8),
+    /// The vCPU id of the vCPU of the `struct kvm_lapic *` in argument `n`.
+    LapicVcpuIdOf(u8),
+}
+
+/// How a raw tracepoint program reads a tracepoint: from the arguments of the call
+/// itself, with no trace record built (cheaper per event than a tracepoint program).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawTracepoint {
+    /// Where each field slot is, slot by slot as [`EventKind::fields`].
+    pub slots: [RawArg; MAX_FIELDS],
+    /// The byte size of each argument, as this kernel's BTF must show them
+    /// (`btf_trace_NAME`) for the raw program to be used: arguments are read by position.
+    pub arg_sizes: &'static [u8],
+}
+
+/// A [`RawTracepoint`] row of the table.
+macro_rules! raw {
+    ([$($slot:expr),+], [$($size:literal),+]) => {{
+        #[allow(unused_imports)]
+        use RawArg::*;
+        let given = [$($slot),+];
+        let mut slots = [RawArg::Absent; MAX_FIELDS];
+        let mut i = 0;
+        while i < given.len() {
+            slots[i] = given[i];
+            i += 1;
+        }
+        Some(RawTracepoint { slots, arg_sizes: &[$($size),+] })
+    }};
 }
 
 /// Most fields any program reads from one tracepoint record.
@@ -73,7 +122,7 @@ macro_rules! optional {
 
 /// Defines [`EventKind`] and its table-driven methods from [`for_each_kvm_event!`].
 macro_rules! define_event_kind {
-    ($($(#[$doc:meta])* $variant:ident = $value:literal, $tracepoint:ident, [$($field:expr),* $(,)?];)+) => {
+    ($($(#[$doc:meta])* $variant:ident = $value:literal, $tracepoint:ident, [$($field:expr),* $(,)?], $raw:expr;)+) => {
         /// The KVM tracepoints the observer attaches to (rows of [`for_each_kvm_event!`]).
         #[repr(u16)]
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -101,6 +150,20 @@ macro_rules! define_event_kind {
             pub const fn fields(self) -> &'static [FieldSpec] {
                 match self {
                     $(EventKind::$variant => &[$($field),*],)+
+                }
+            }
+
+            /// Where the raw tracepoint program finds the fields, if it can.
+            pub const fn raw(self) -> Option<RawTracepoint> {
+                match self {
+                    $(EventKind::$variant => $raw,)+
+                }
+            }
+
+            /// Name of the raw tracepoint program in the eBPF object.
+            pub const fn raw_program(self) -> &'static str {
+                match self {
+                    $(EventKind::$variant => concat!("raw_", stringify!($tracepoint)),)+
                 }
             }
         }

@@ -78,6 +78,10 @@ pub struct KvmCounterLayout {
     pub kvm_vcpus_head_offset: u32,
     /// Offset of `slots` in `struct xa_node`.
     pub xa_node_slots_offset: u32,
+    /// Offset of `vcpu` in `struct kvm_lapic` (the vCPU id of a `kvm_eoi`).
+    pub lapic_vcpu_offset: u32,
+    /// Unused (keeps the layout free of padding).
+    pub reserved: u32,
     /// Offset of each counter in `struct kvm_vcpu` (`stat` plus its offset there).
     pub offsets: [u32; KVM_COUNTERS],
 }
@@ -119,7 +123,7 @@ mod pod {
     unsafe impl aya::Pod for KvmVcpuCounters {}
 
     const _: () = {
-        assert!(core::mem::size_of::<KvmCounterLayout>() == 96);
+        assert!(core::mem::size_of::<KvmCounterLayout>() == 104);
         assert!(core::mem::size_of::<KvmVcpuKey>() == 8);
         assert!(core::mem::size_of::<KvmVcpuCounters>() == 88);
     };

@@ -609,6 +609,7 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
             command: command.clone(),
             vms,
             observer: ObserverCost {
+                programs: observer.loaded_programs(),
                 // Read now, after the last sample, as the kernel's counts below are.
                 program_events: observer.snapshot()?.program_events,
                 program_runs: (program_stats.is_some() || paratick_ctl::observer::bpf_stats_enabled())

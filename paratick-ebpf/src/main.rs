@@ -29,9 +29,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use paratick_common::event::{
-    summarize, DropReason, EventKey, EventKind, EventStats, ExitStart, FieldSlot, ObserverConfig, ProgramSlot,
-    VcpuThread, DROP_REASON_COUNT, EVENT_MAP_CAPACITY, MAX_FIELDS, PROCESS_MAP_CAPACITY, PROGRAM_COUNT, PROGRAM_FORK,
-    PROGRAM_THREAD_EXIT, PROGRAM_VCPU_FILES, THREAD_OWNER_CAPACITY, VCPU_THREAD_CAPACITY,
+    summarize, DropReason, EventKey, EventKind, EventStats, ExitStart, FieldSlot, ObserverConfig, ProgramSlot, RawArg,
+    RawTracepoint, VcpuThread, DROP_REASON_COUNT, EVENT_MAP_CAPACITY, MAX_FIELDS, PROCESS_MAP_CAPACITY, PROGRAM_COUNT,
+    PROGRAM_FORK, PROGRAM_THREAD_EXIT, PROGRAM_VCPU_FILES, THREAD_OWNER_CAPACITY, VCPU_THREAD_CAPACITY,
 };
 use paratick_common::kvm_counters::{
     KvmCounterLayout, KvmVcpuCounters, KvmVcpuKey, KVM_COUNTERS, KVM_VCPU_CAPACITY, VCPU_ARRAY_SEARCH_LIMIT,
@@ -116,8 +116,27 @@ fn count_program_event(index: u32) -> Option<&'static ProgramSlot> {
 /// One program per row of paratick-common's KVM event table, named after its
 /// tracepoint, each recording its [`EventKind`].
 macro_rules! kvm_event_programs {
-    ($($(#[$doc:meta])* $variant:ident = $value:literal, $tracepoint:ident, [$($field:tt)*];)+) => {
+    ($($(#[$doc:meta])* $variant:ident = $value:literal, $tracepoint:ident, [$($field:tt)*], $raw:expr;)+) => {
         $(tracepoint_program!($tracepoint, EventKind::$variant as u32 => |ctx, slot| observe(ctx, slot, EventKind::$variant));)+
+
+        /// The raw tracepoint programs, one per row of the table (named `raw_` and the
+        /// tracepoint): userspace attaches the raw one wherever this kernel's arguments
+        /// are what the table says, else the tracepoint program.
+        mod raw_programs {
+            use super::*;
+            $(
+                #[doc = concat!("The raw tracepoint program on `", stringify!($tracepoint), "`.")]
+                #[export_name = concat!("raw_", stringify!($tracepoint))]
+                #[link_section = "raw_tracepoint"]
+                pub fn $tracepoint(ctx: *mut core::ffi::c_void) -> i32 {
+                    const KIND: EventKind = EventKind::$variant;
+                    if let (Some(slot), Some(raw)) = (count_program_event(KIND as u32), const { KIND.raw() }) {
+                        observe_raw(&RawTracePointContext::new(ctx), slot, KIND, &raw);
+                    }
+                    0
+                }
+            )+
+        }
     };
 }
 
@@ -151,19 +170,63 @@ fn is_tracked(config: &ObserverConfig, tgid: u32) -> bool {
     config.filter_by_pid == 0 || TRACKED_PIDS.get_ptr(tgid).is_some()
 }
 
+/// The VM process the current thread's events count under, if it is recorded at all.
 #[inline(always)]
-fn observe(ctx: &TracePointContext, slot: &ProgramSlot, kind: EventKind) {
+fn current_owner(slot: &ProgramSlot) -> Option<(u32, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let process = (pid_tgid >> 32) as u32;
     if !is_tracked(&slot.config, process) {
-        return;
+        return None;
     }
     let tgid = match slot.config.thread_owners != 0 {
         // SAFETY: the pointer came from a successful lookup of a plain u32 value.
         true => THREAD_OWNERS.get_ptr(tid).map_or(process, |owner| unsafe { *owner }),
         false => process,
     };
+    Some((tgid, tid))
+}
+
+/// A raw tracepoint's event: its fields from the call's arguments (positions that are
+/// constants, so each is one load from the context), then [`record`].
+#[inline(always)]
+fn observe_raw(ctx: &RawTracePointContext, slot: &ProgramSlot, kind: EventKind, raw: &RawTracepoint) {
+    let Some((tgid, tid)) = current_owner(slot) else { return };
+    let mut values = [0u64; MAX_FIELDS];
+    let mut present = [false; MAX_FIELDS];
+    for i in 0..MAX_FIELDS {
+        let value = match raw.slots[i] {
+            RawArg::Absent => continue,
+            RawArg::Value(n) => Some(ctx.arg::<u64>(n as usize)),
+            RawArg::VcpuIdOf(n) => KVM_LAYOUT
+                .get(0)
+                .filter(|layout| layout.ready != 0)
+                .and_then(|layout| read_kernel::<u32>(ctx.arg::<u64>(n as usize), layout.vcpu_id_offset))
+                .map(u64::from),
+            RawArg::LapicVcpuIdOf(n) => KVM_LAYOUT.get(0).filter(|layout| layout.ready != 0).and_then(|layout| {
+                let vcpu: u64 = read_kernel(ctx.arg::<u64>(n as usize), layout.lapic_vcpu_offset)?;
+                read_kernel::<u32>(vcpu, layout.vcpu_id_offset).map(u64::from)
+            }),
+        };
+        match value {
+            Some(value) => {
+                values[i] = value;
+                present[i] = true;
+            }
+            None => {
+                count_drop(ctx, DropReason::FieldReadFailed);
+                return;
+            }
+        }
+    }
+    record(ctx, kind, tgid, tid, &values, &present);
+}
+
+/// A tracepoint's event: its fields from the trace record, at the offsets of this
+/// kernel's format file, then [`record`].
+#[inline(always)]
+fn observe(ctx: &TracePointContext, slot: &ProgramSlot, kind: EventKind) {
+    let Some((tgid, tid)) = current_owner(slot) else { return };
     let layout = &slot.layout;
     let mut values = [0u64; MAX_FIELDS];
     let mut present = [false; MAX_FIELDS];
@@ -183,7 +246,21 @@ fn observe(ctx: &TracePointContext, slot: &ProgramSlot, kind: EventKind) {
             }
         }
     }
-    let summary = summarize(kind, &values, &present);
+    record(ctx, kind, tgid, tid, &values, &present);
+}
+
+/// Counts one event of `kind` with these field values for VM process `tgid` (thread
+/// `tid`), whichever program read them.
+#[inline(always)]
+fn record<C: EbpfContext>(
+    ctx: &C,
+    kind: EventKind,
+    tgid: u32,
+    tid: u32,
+    values: &[u64; MAX_FIELDS],
+    present: &[bool; MAX_FIELDS],
+) {
+    let summary = summarize(kind, values, present);
     let key = EventKey { tgid, vcpu: summary.vcpu, kind: kind as u16, aux: summary.aux, detail: summary.detail };
     add(ctx, &key, 1, summary.add_ns);
 
@@ -227,7 +304,7 @@ fn now_ns() -> u64 {
 
 /// Adds to a key's per-CPU stats, creating the entry on first use.
 #[inline(always)]
-fn add(ctx: &TracePointContext, key: &EventKey, count: u64, ns: u64) {
+fn add<C: EbpfContext>(ctx: &C, key: &EventKey, count: u64, ns: u64) {
     if let Some(stats) = EVENTS.get_ptr_mut(key) {
         // SAFETY: a valid pointer to this CPU's value (the lookup succeeded); only
         // tracepoint programs write it. See "Per-CPU writes" in the crate docs.

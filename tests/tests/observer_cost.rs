@@ -31,6 +31,14 @@ fn the_observers_programs_run_a_small_fraction_as_often_as_kvm_emulates_and_coun
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
     let _ = std::fs::remove_file(&report_file);
     let observer = &report["observer"];
+    // This kernel's KVM tracepoints are read from their arguments (raw tracepoint
+    // programs, no trace record built), but kvm_exit's reason, which is vendor state.
+    let programs = &observer["programs"];
+    for tracepoint in ["kvm_msr", "kvm_pio", "kvm_userspace_exit", "kvm_apic_accept_irq", "kvm_eoi", "kvm_vcpu_wakeup"]
+    {
+        assert_eq!(programs[tracepoint], format!("raw_{tracepoint}"), "{programs}");
+    }
+    assert_eq!(programs["kvm_exit"], "kvm_exit", "{programs}");
     let events = observer["program_events"].as_object().expect("events per program");
     let runs = observer["program_runs"].as_object().expect("runs per program with --program-stats");
     // Two counts of each program's runs, one by the kernel (bpf_prog_info run_cnt, on

@@ -1,6 +1,6 @@
 //! What the eBPF observer costs the VMs it watches: each case runs with and without it,
-//! alternating (off, on, off, on, …) so that drift on a noisy host hits both alike, and
-//! each pair gives one ratio of performance with / without. The cases: our three
+//! alternating (off on, on off, off on, …) so that drift on a noisy host weighs on both
+//! alike, and each pair gives one ratio of performance with / without. The cases: our three
 //! workloads (tickless, throughput), a third-party VMM and CPL0-heavy guest (QEMU running
 //! a kvm-unit-tests kernel, by its run time), and the daemon (an I/O VM with a
 //! `paratick-ctl daemon` and its observer running beside it, as on a host it watches).
@@ -128,8 +128,9 @@ impl ObserverOverhead {
         let _ = writeln!(
             md,
             "Each case ran {} times without and {} times with the observer (its programs attached, KVM's counters \
-             sampled every {} s as the daemon does), alternating; a pair's ratio is performance with / without \
-             (throughput, or the inverse of run time). Goal: median ratio >= {:.2} (at most 1% cost).\n",
+             sampled every {} s as the daemon does), in pairs alternating A B, B A; a pair's ratio is performance \
+             with / without (throughput, or the inverse of run time). Goal: median ratio >= {:.2} (at most 1% \
+             cost).\n",
             self.pairs,
             self.pairs,
             SAMPLE_INTERVAL.as_secs_f64(),
@@ -218,7 +219,6 @@ impl BesideDaemon {
         let dir = std::env::temp_dir().join(format!("paratick-bench-daemon-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let socket = dir.join("paratick.sock");
-        let _ = std::fs::remove_file(&socket);
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let config = dir.join("paratick.toml");
         std::fs::write(
@@ -238,18 +238,31 @@ impl BesideDaemon {
             .spawn()
             .context("cannot start paratick-ctl daemon")?;
         let mut daemon = BesideDaemon { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
+        // Ready once its observer is up: loading the programs takes a CPU second or so
+        // here, which must not fall into the measured run.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !observer_up(port) {
             if let Some(status) = daemon.child.try_wait()? {
                 bail!("the daemon beside the VM ended at start: {status}");
             }
             if Instant::now() > deadline {
-                bail!("the daemon beside the VM did not open {} in 20 s", socket.display());
+                bail!("the daemon beside the VM had no observer up within 30 s (metrics on port {port})");
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
         Ok(daemon)
     }
+}
+
+/// Whether the daemon serving metrics on `port` says its observer is up.
+fn observer_up(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut body = String::new();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").is_ok()
+        && stream.read_to_string(&mut body).is_ok()
+        && body.lines().any(|line| line == "paratick_observer_up 1")
 }
 
 impl Drop for BesideDaemon {
@@ -261,41 +274,52 @@ impl Drop for BesideDaemon {
     }
 }
 
+/// Runs `pairs` pairs of `without` and `with`, in the order A B, B A, A B, … so that a
+/// drift of the host over the pairs weighs on both arms alike.
+fn alternate(
+    bench: &mut Bench<'_>,
+    case: &str,
+    pairs: u32,
+    mut without: impl FnMut() -> Result<f64>,
+    mut with: impl FnMut() -> Result<f64>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for pair in 0..pairs {
+        if pair % 2 == 0 {
+            off.push(without()?);
+            on.push(with()?);
+        } else {
+            on.push(with()?);
+            off.push(without()?);
+        }
+        bench.progress(&format!("observer overhead {case} pair {}", pair + 1));
+    }
+    Ok((off, on))
+}
+
 /// Runs every case, `pairs` pairs each. `kvm_unit_tests`: the directory of the
 /// kvm-unit-tests kernels (the third-party case is not run without it).
 pub(super) fn measure(bench: &mut Bench<'_>, pairs: u32, kvm_unit_tests: Option<&Path>) -> Result<ObserverOverhead> {
     let duration = WorkAmount::Seconds(bench.options.duration.as_secs_f64());
+    let observed = |run: &dyn Fn(Option<&mut Observer>) -> Result<f64>| -> Result<f64> {
+        let mut observer = Observer::start(&PidFilter::All)?;
+        run(Some(&mut observer))
+    };
     let mut cases = Vec::new();
     let mut not_run = Vec::new();
     for workload in Workload::EVALUATED {
         let config = bench.config(workload, TickMode::Tickless, bench.options.hz, duration);
-        let (mut without, mut with) = (Vec::new(), Vec::new());
-        for pair in 0..pairs {
-            without.push(vm_throughput(&config, None)?);
-            let mut observer = Observer::start(&PidFilter::All)?;
-            with.push(vm_throughput(&config, Some(&mut observer))?);
-            drop(observer);
-            bench.progress(&format!("observer overhead {} pair {}", workload.name(), pair + 1));
-        }
+        let run = |observer: Option<&mut Observer>| vm_throughput(&config, observer);
+        let (without, with) = alternate(bench, workload.name(), pairs, || run(None), || observed(&run))?;
         cases.push(OverheadCase::new(format!("{} (tickless)", workload.name()), MEASURE_THROUGHPUT, without, with));
     }
 
     match kvm_unit_tests.map(|dir| dir.join(THIRD_PARTY_KERNEL)) {
         Some(kernel) if kernel.is_file() => {
-            let (mut without, mut with) = (Vec::new(), Vec::new());
-            for pair in 0..pairs {
-                without.push(qemu_run_time(&kernel, None)?);
-                let mut observer = Observer::start(&PidFilter::All)?;
-                with.push(qemu_run_time(&kernel, Some(&mut observer))?);
-                drop(observer);
-                bench.progress(&format!("observer overhead QEMU pair {}", pair + 1));
-            }
-            cases.push(OverheadCase::new(
-                format!("QEMU {THIRD_PARTY_KERNEL} {THIRD_PARTY_ARGS}"),
-                MEASURE_RUN_TIME,
-                without,
-                with,
-            ));
+            let run = |observer: Option<&mut Observer>| qemu_run_time(&kernel, observer);
+            let (without, with) = alternate(bench, "QEMU", pairs, || run(None), || observed(&run))?;
+            let case = format!("QEMU {THIRD_PARTY_KERNEL} {THIRD_PARTY_ARGS}");
+            cases.push(OverheadCase::new(case, MEASURE_RUN_TIME, without, with));
         }
         Some(kernel) => {
             bench.done += pairs as usize;
@@ -308,14 +332,11 @@ pub(super) fn measure(bench: &mut Bench<'_>, pairs: u32, kvm_unit_tests: Option<
     }
 
     let config = bench.config(Workload::Io, TickMode::Tickless, bench.options.hz, duration);
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    for pair in 0..pairs {
-        without.push(vm_throughput(&config, None)?);
-        let daemon = BesideDaemon::start()?;
-        with.push(vm_throughput(&config, None)?);
-        drop(daemon);
-        bench.progress(&format!("observer overhead daemon pair {}", pair + 1));
-    }
+    let beside_daemon = || -> Result<f64> {
+        let _daemon = BesideDaemon::start()?;
+        vm_throughput(&config, None)
+    };
+    let (without, with) = alternate(bench, "daemon", pairs, || vm_throughput(&config, None), beside_daemon)?;
     cases.push(OverheadCase::new("io (tickless), daemon beside".to_string(), MEASURE_THROUGHPUT, without, with));
     Ok(ObserverOverhead { goal: OVERHEAD_GOAL, pairs, cases, not_run })
 }

@@ -6,8 +6,14 @@
 use std::path::Path;
 
 const BTF_MAGIC: u16 = 0xeb9f;
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_ENUM64: u32 = 19;
 /// TYPEDEF, VOLATILE, CONST, RESTRICT and TYPE_TAG: a type's name or qualifier only.
 const MODIFIER_KINDS: [u32; 5] = [8, 9, 10, 11, 18];
 
@@ -137,6 +143,36 @@ impl KernelBtf {
         None
     }
 
+    /// The byte size of each argument of tracepoint `name` (its `TP_PROTO`, after the
+    /// hidden `__data`), from the `btf_trace_NAME` typedef the kernel declares for raw
+    /// tracepoint programs.
+    pub fn tracepoint_arg_sizes(&self, name: &str) -> Result<Vec<u32>, String> {
+        let typedef = format!("btf_trace_{name}");
+        let id = (1..self.types.len() as u32)
+            .find(|&id| {
+                self.entry(id)
+                    .is_some_and(|e| e.kind == KIND_TYPEDEF && self.name(e.blob, e.name_off) == Some(&typedef))
+            })
+            .ok_or_else(|| format!("no {typedef} in the kernel's BTF"))?;
+        let pointer = self.entry(self.resolve(id)).filter(|e| e.kind == KIND_PTR);
+        let proto = pointer
+            .and_then(|p| self.entry(self.resolve(p.size_or_type)))
+            .filter(|e| e.kind == KIND_FUNC_PROTO)
+            .ok_or_else(|| format!("{typedef} is not a function pointer"))?;
+        let types = &self.blobs[proto.blob].types;
+        (1..proto.vlen)
+            .map(|index| {
+                let ty = u32_at(types, proto.data + 8 * index + 4).ok_or("truncated BTF")?;
+                let entry = self.entry(self.resolve(ty)).ok_or_else(|| format!("{typedef}: argument {index}"))?;
+                match entry.kind {
+                    KIND_PTR => Ok(8),
+                    KIND_INT | KIND_ENUM | KIND_ENUM64 | KIND_STRUCT | KIND_UNION => Ok(entry.size_or_type),
+                    kind => Err(format!("{typedef}: argument {index} of BTF kind {kind}")),
+                }
+            })
+            .collect()
+    }
+
     /// The byte offset of `path` in `struct name`: a member, or members of members
     /// separated by dots (`f_path.dentry`); members of anonymous structs and unions are
     /// found as C finds them.
@@ -194,6 +230,25 @@ mod tests {
         let d_name = btf.member_offset("dentry", "d_name").unwrap();
         assert_eq!(btf.member_offset("dentry", "d_name.name").unwrap(), d_name + 8);
         assert!(btf.member_offset("no_such_struct_xyz", "a").unwrap_err().contains("no struct"));
+        // Raw tracepoint arguments: kvm_msr(unsigned write, u32 ecx, u64 data, bool exception).
+        assert_eq!(btf.tracepoint_arg_sizes("kvm_msr").unwrap(), [4, 4, 8, 1]);
+        assert!(btf.tracepoint_arg_sizes("no_such_tracepoint").unwrap_err().contains("no btf_trace_"));
+    }
+
+    /// The raw tracepoint programs read arguments by position: the table's sizes must be
+    /// the running kernel's for every tracepoint it has.
+    #[test]
+    fn the_raw_tracepoint_arguments_of_the_table_are_the_running_kernels() {
+        use paratick_common::event::EventKind;
+        let btf = KernelBtf::load(Path::new("/sys/kernel/btf"), &["kvm"]).unwrap();
+        let mut checked = 0;
+        for kind in EventKind::ALL {
+            let Some(raw) = kind.raw() else { continue };
+            let expected: Vec<u32> = raw.arg_sizes.iter().map(|&size| u32::from(size)).collect();
+            assert_eq!(btf.tracepoint_arg_sizes(kind.tracepoint()).unwrap(), expected, "{}", kind.tracepoint());
+            checked += 1;
+        }
+        assert_eq!(checked, EventKind::ALL.len() - 1, "all but kvm_exit");
     }
 
     /// BTF is a second source of the tracepoint layouts (`struct trace_event_raw_NAME`):

@@ -18,7 +18,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMa
 use aya::programs::{Iter, RawTracePoint, TracePoint};
 use aya::Ebpf;
 use paratick_common::event::{
-    program_name, EventKey, EventKind, EventStats, ObserverConfig, ProgramSlot, TracepointLayout, VcpuThread,
+    program_name, EventKey, EventKind, EventStats, ObserverConfig, ProgramSlot, RawArg, TracepointLayout, VcpuThread,
     DROP_REASON_COUNT, FORK_CHILD_PID, PROGRAM_COUNT, PROGRAM_FORK, PROGRAM_THREAD_EXIT, PROGRAM_VCPU_FILES,
     SYNTHETIC_OWNER_BASE,
 };
@@ -180,6 +180,9 @@ pub struct Observer {
     tracepoints: BTreeMap<&'static str, TracepointState>,
     /// Whether KVM's own counters are sampled (by the iterator), or why not.
     kvm_counters: Result<(), String>,
+    /// The program loaded for each index of the programs map (a KVM tracepoint's raw or
+    /// tracepoint program), by that index.
+    programs: BTreeMap<u32, &'static str>,
     backend: Backend,
     tracefs: PathBuf,
 }
@@ -276,12 +279,16 @@ impl Observer {
             logger,
             tracepoints: BTreeMap::new(),
             kvm_counters: Err("not attached".into()),
+            programs: BTreeMap::new(),
             backend: Backend::of_host(),
             tracefs,
         };
         let config = observer.configure(filter, attribute_threads)?;
-        observer.attach_all(config)?;
-        observer.kvm_counters = observer.attach_kvm_counters();
+        let btf = btf::KernelBtf::load(Path::new("/sys/kernel/btf"), &["kvm"]);
+        let kvm_layout = btf.as_ref().map_err(String::clone).and_then(Self::kvm_counter_layout);
+        let kvm_layout = kvm_layout.and_then(|layout| observer.write_kvm_layout(layout));
+        observer.attach_all(config, btf.as_ref().ok(), kvm_layout.is_ok())?;
+        observer.kvm_counters = kvm_layout.and_then(|()| observer.attach_kvm_counter_programs());
         if let Err(why) = &observer.kvm_counters {
             log::warn!("KVM's own exit counters are unavailable: {why}");
         }
@@ -300,6 +307,13 @@ impl Observer {
                 ObserverConfig { filter_by_pid: 1, follow_forks: *follow_forks as u32, thread_owners, reserved: 0 }
             }
         })
+    }
+
+    /// The program loaded for each of the observer's programs, by the name it is counted
+    /// under: a KVM tracepoint's raw tracepoint program (`raw_NAME`) or its tracepoint
+    /// program (`NAME`).
+    pub fn loaded_programs(&self) -> BTreeMap<&'static str, &'static str> {
+        self.programs.iter().map(|(&index, &program)| (named(index), program)).collect()
     }
 
     /// Records this process (and, if following forks, its future children) from now on.
@@ -361,8 +375,15 @@ impl Observer {
         Ok(())
     }
 
-    /// Resolves every tracepoint's layout, writes the programs' slots, then attaches.
-    fn attach_all(&mut self, config: ObserverConfig) -> Result<(), ObserverError> {
+    /// Chooses each KVM tracepoint's program (the raw tracepoint program where this
+    /// kernel's arguments are what the table says, else the tracepoint program with the
+    /// layout of its format file), writes the programs' slots, then attaches them.
+    fn attach_all(
+        &mut self,
+        config: ObserverConfig,
+        btf: Option<&btf::KernelBtf>,
+        kvm_layout_written: bool,
+    ) -> Result<(), ObserverError> {
         // Fork tracking is needed for `observe -- COMMAND`: without it the command's VMs
         // would be invisible, so failing here is an error, not a missing tracepoint.
         let fork = read_format(&self.tracefs, "sched", "sched_process_fork")
@@ -371,16 +392,20 @@ impl Observer {
         let fork_error = |reason| ObserverError::Tracepoint { name: "sched:sched_process_fork".into(), reason };
         let mut layouts = vec![TracepointLayout::default(); PROGRAM_COUNT as usize];
         layouts[PROGRAM_FORK as usize] = fork.map_err(fork_error)?;
-        let mut usable = Vec::new();
+        let mut chosen = Vec::new();
         for kind in EventKind::ALL {
             let name = kind.tracepoint();
             let state = match read_format(&self.tracefs, "kvm", name) {
                 None => TracepointState::Missing,
+                Some(_) if raw_arguments_match(kind, btf, kvm_layout_written) => {
+                    chosen.push((kind, true));
+                    TracepointState::Attached
+                }
                 Some(format) => match format.and_then(|f| f.layout(kind.fields()).map_err(|e| e.to_string())) {
                     Err(why) => TracepointState::Failed(why),
                     Ok(layout) => {
                         layouts[kind as usize] = layout;
-                        usable.push(kind);
+                        chosen.push((kind, false));
                         TracepointState::Attached
                     }
                 },
@@ -390,9 +415,19 @@ impl Observer {
         self.write_program_slots(config, &layouts)?;
 
         self.attach("sched", "sched_process_fork").map_err(fork_error)?;
-        for kind in usable {
-            if let Err(why) = self.attach("kvm", kind.tracepoint()) {
-                self.tracepoints.insert(kind.tracepoint(), TracepointState::Failed(why));
+        self.programs.insert(PROGRAM_FORK, named(PROGRAM_FORK));
+        for (kind, raw) in chosen {
+            let attached = match raw {
+                true => self.attach_raw(kind.raw_program(), kind.tracepoint()).map(|()| kind.raw_program()),
+                false => self.attach("kvm", kind.tracepoint()).map(|()| kind.tracepoint()),
+            };
+            match attached {
+                Ok(program) => {
+                    self.programs.insert(kind as u32, program);
+                }
+                Err(why) => {
+                    self.tracepoints.insert(kind.tracepoint(), TracepointState::Failed(why));
+                }
             }
         }
         for (name, state) in &self.tracepoints {
@@ -400,6 +435,18 @@ impl Observer {
                 log::info!("kvm:{name}: {}", state.describe());
             }
         }
+        Ok(())
+    }
+
+    fn attach_raw(&mut self, program: &str, tracepoint: &str) -> Result<(), String> {
+        let probe: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("program {program} is not in the eBPF object"))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        probe.load().map_err(|e| format!("{program}: load: {e}"))?;
+        probe.attach(tracepoint).map_err(|e| format!("{program} on {tracepoint}: {e}"))?;
         Ok(())
     }
 
@@ -415,11 +462,9 @@ impl Observer {
         Ok(())
     }
 
-    /// Finds the fields the KVM-counter programs read in this kernel's structures, loads
-    /// the iterator that samples them and attaches the program that copies a vCPU's
-    /// counters when its thread exits (see the eBPF crate).
-    fn attach_kvm_counters(&mut self) -> Result<(), String> {
-        let btf = btf::KernelBtf::load(Path::new("/sys/kernel/btf"), &["kvm"])?;
+    /// Finds the fields the KVM-counter programs read in this kernel's structures (see
+    /// the eBPF crate).
+    fn kvm_counter_layout(btf: &btf::KernelBtf) -> Result<KvmCounterLayout, String> {
         let offset = |name: &str, path: &str| btf.member_offset(name, path);
         let stat = offset("kvm_vcpu", "stat")?;
         let descriptors = paratick_vmm::stats::VcpuStats::of_this_kernel()
@@ -446,12 +491,24 @@ impl Observer {
             fdtable_fd_offset: offset("fdtable", "fd")?,
             kvm_vcpus_head_offset: offset("kvm", "vcpu_array.xa_head")?,
             xa_node_slots_offset: offset("xa_node", "slots")?,
+            lapic_vcpu_offset: offset("kvm_lapic", "vcpu")?,
+            reserved: 0,
             offsets,
         };
+        Ok(layout)
+    }
+
+    /// Writes where the KVM-counter programs (and the raw programs that need a vCPU id)
+    /// find their fields.
+    fn write_kvm_layout(&mut self, layout: KvmCounterLayout) -> Result<(), String> {
         let mut map: Array<&mut MapData, KvmCounterLayout> =
             Array::try_from(self.ebpf.map_mut("KVM_LAYOUT").expect("KVM_LAYOUT map")).map_err(|e| e.to_string())?;
-        map.set(0, layout, 0).map_err(|e| e.to_string())?;
+        map.set(0, layout, 0).map_err(|e| e.to_string())
+    }
 
+    /// Loads the iterator that samples KVM's counters and attaches the program that
+    /// copies a vCPU's counters when its thread exits.
+    fn attach_kvm_counter_programs(&mut self) -> Result<(), String> {
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
         let iterator: &mut Iter = self
             .ebpf
@@ -460,15 +517,9 @@ impl Observer {
             .try_into()
             .map_err(|e| format!("{e}"))?;
         iterator.load("task_file", &kernel_btf).map_err(|e| format!("{KVM_ITERATOR}: load: {e}"))?;
-        let (program, tracepoint) = (THREAD_EXIT_PROGRAM, "sched_process_exit");
-        let probe: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(program)
-            .ok_or_else(|| format!("program {program} is not in the eBPF object"))?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
-        probe.load().map_err(|e| format!("{program}: load: {e}"))?;
-        probe.attach(tracepoint).map_err(|e| format!("{program} on {tracepoint}: {e}"))?;
+        self.attach_raw(THREAD_EXIT_PROGRAM, "sched_process_exit")?;
+        self.programs.insert(PROGRAM_THREAD_EXIT, THREAD_EXIT_PROGRAM);
+        self.programs.insert(PROGRAM_VCPU_FILES, KVM_ITERATOR);
         self.sample_kvm_counters().map_err(|e| e.to_string())
     }
 
@@ -496,6 +547,29 @@ impl Observer {
                 }
                 Err(e) => return Err(sample_error(format!("read: {e}"))),
             }
+        }
+    }
+}
+
+/// Whether the raw tracepoint program can read `kind` on this kernel: the table has its
+/// arguments, the kernel's BTF shows them as the table expects, and the vCPU ids it
+/// reads through KVM's structures have their offsets.
+fn raw_arguments_match(kind: EventKind, btf: Option<&btf::KernelBtf>, kvm_layout_written: bool) -> bool {
+    let (Some(raw), Some(btf)) = (kind.raw(), btf) else { return false };
+    let expected: Vec<u32> = raw.arg_sizes.iter().map(|&size| u32::from(size)).collect();
+    let needs_kvm = raw.slots.iter().any(|slot| matches!(slot, RawArg::VcpuIdOf(_) | RawArg::LapicVcpuIdOf(_)));
+    match btf.tracepoint_arg_sizes(kind.tracepoint()) {
+        Ok(sizes) if sizes == expected => kvm_layout_written || !needs_kvm,
+        Ok(sizes) => {
+            log::info!(
+                "kvm:{}: arguments of {sizes:?} bytes, not {expected:?}: read from its trace record",
+                kind.tracepoint()
+            );
+            false
+        }
+        Err(why) => {
+            log::info!("kvm:{}: {why}: read from its trace record", kind.tracepoint());
+            false
         }
     }
 }
@@ -571,12 +645,12 @@ impl EventSource for Observer {
     }
 
     fn program_run_stats(&self) -> BTreeMap<&'static str, ProgramRunStats> {
-        (0..PROGRAM_COUNT)
-            .map(named)
-            .filter_map(|name| {
-                // Programs that were not loaded (a tracepoint this kernel lacks) have none.
-                let info = self.ebpf.program(name)?.info().ok()?;
-                Some((name, ProgramRunStats { runs: info.run_count(), run_ns: info.run_time().as_nanos() as u64 }))
+        self.programs
+            .iter()
+            .filter_map(|(&index, program)| {
+                let info = self.ebpf.program(program)?.info().ok()?;
+                let stats = ProgramRunStats { runs: info.run_count(), run_ns: info.run_time().as_nanos() as u64 };
+                Some((named(index), stats))
             })
             .collect()
     }

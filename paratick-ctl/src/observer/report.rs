@@ -157,6 +157,10 @@ pub struct ObserveReport {
 /// run time.
 #[derive(Debug, Clone, Serialize)]
 pub struct ObserverCost {
+    /// The program that ran for each: a KVM tracepoint's raw tracepoint program
+    /// (`raw_NAME`, where this kernel's arguments are as expected) or its tracepoint
+    /// program (`NAME`, reading the trace record).
+    pub programs: BTreeMap<&'static str, &'static str>,
     /// Events per program (the iterator: files it visited).
     pub program_events: BTreeMap<&'static str, u64>,
     /// Runs and run time per program, while the kernel's BPF statistics were on
