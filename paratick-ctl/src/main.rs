@@ -220,6 +220,8 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         vcpus: args.vcpus,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         kvm_unit_tests: args.kvm_unit_tests,
+        // A median of fewer than five pairs is noise here; --quick only checks the output.
+        overhead_pairs: if args.quick { 1 } else { reps.max(paratick_ctl::bench::overhead::MIN_PAIRS) },
     };
     if let Some(pairs) = args.observer_overhead {
         let overhead = paratick_ctl::bench::observer_overhead(&options, pairs)?;

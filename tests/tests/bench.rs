@@ -29,8 +29,9 @@ fn a_quick_bench_writes_complete_well_formed_results() {
         }
     }
     // A progress line per run (stderr is not a terminal here): 30 main runs, 5 delivery
-    // runs (the floor, tickless and three deliveries), 2 observer runs, 3 precision runs.
-    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().filter(|l| l.starts_with('[')).count(), 40);
+    // runs (the floor, tickless and three deliveries), an observer pair for each workload
+    // and the daemon (QEMU's needs --kvm-unit-tests), 3 precision runs.
+    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().filter(|l| l.starts_with('[')).count(), 42);
 
     let results: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     // The exits model, calibrated from the runs, stored where it was asked to go, and
@@ -123,7 +124,21 @@ fn a_quick_bench_writes_complete_well_formed_results() {
             assert!(d["timer_exits_per_tick"]["median"].is_f64(), "{d}");
         }
     }
-    assert!(results["observer_overhead"]["ratio"].as_f64().unwrap() > 0.0);
+    // The observer's cost, every case with its ratio beside the 1% goal.
+    let overhead = &results["observer_overhead"];
+    assert_eq!(overhead["goal"], 0.99);
+    let cases: Vec<&str> = overhead["cases"].as_array().unwrap().iter().map(|c| c["case"].as_str().unwrap()).collect();
+    assert_eq!(
+        cases,
+        ["sequential (tickless)", "multithreaded (tickless)", "io (tickless)", "io (tickless), daemon beside"]
+    );
+    for case in overhead["cases"].as_array().unwrap() {
+        let ratio = case["ratio"]["median"].as_f64().unwrap();
+        assert!(ratio > 0.0 && case["meets_goal"] == (ratio >= 0.99), "{case}");
+        assert_eq!((case["with"].as_array().unwrap().len(), case["without"].as_array().unwrap().len()), (1, 1));
+    }
+    assert_eq!(overhead["not_run"], serde_json::json!(["QEMU: no --kvm-unit-tests DIR given"]));
+    assert!(stdout.contains("observer overhead io (tickless)") && stdout.contains("goal >= 0.99"), "{stdout}");
     let precision = results["tick_precision"].as_array().unwrap();
     assert_eq!(precision.iter().map(|p| p["requested_hz"].as_u64().unwrap()).collect::<Vec<_>>(), [100, 250, 1000]);
     for p in precision {
@@ -149,6 +164,7 @@ fn a_quick_bench_writes_complete_well_formed_results() {
         "## Tick delivery",
         "| lapic-timer |",
         "## Observer overhead",
+        "| io (tickless), daemon beside | throughput_per_s |",
         "## Tick precision",
     ] {
         assert!(md.contains(needle), "{needle} missing from results.md");

@@ -194,6 +194,9 @@ fn effective(samples: &[Sample], vm: &str) -> f64 {
 #[test]
 fn metrics_show_both_vms_and_their_counters_rise() {
     let _lock = one_vm_at_a_time();
+    // The kernel's BPF run statistics on while this test runs, as an operator may set
+    // kernel.bpf_stats_enabled: the daemon then exports its programs' runs and run time.
+    let _bpf_stats = paratick_ctl::observer::enable_bpf_stats().expect("BPF_ENABLE_STATS");
     let daemon = Daemon::start("metrics", TWO_VMS);
     let first = daemon
         .wait_for(Duration::from_secs(5), |s| metric(s, "paratick_vm_guest_ticks_total", &[("vm", "b")]) > Some(0.0));
@@ -227,6 +230,16 @@ fn metrics_show_both_vms_and_their_counters_rise() {
     }
     assert_eq!(value(&second, "paratick_observer_up", &[]), 1.0);
     assert_eq!(value(&second, "paratick_observer_tracepoint_attached", &[("tracepoint", "kvm_msr")]), 1.0);
+    // What the observer costs: its programs' events (each TSC-deadline write is one
+    // kvm_msr event) and, with the statistics on, their runs and run time.
+    let msr = [("program", "kvm_msr")];
+    let msr_events = |s: &[Sample]| value(s, "paratick_observer_program_events_total", &msr);
+    assert!(msr_events(&second) > msr_events(&first), "kvm_msr events rise");
+    assert!(msr_events(&second) >= deadline_writes(&second), "every deadline write is a kvm_msr event");
+    assert_eq!(value(&second, "paratick_observer_bpf_stats_enabled", &[]), 1.0);
+    assert!(value(&second, "paratick_observer_program_runs_total", &msr) > 0.0);
+    assert!(value(&second, "paratick_observer_program_run_seconds_total", &msr) > 0.0);
+    assert_eq!(metric(&second, "paratick_observer_program_events_total", &[("program", "kvm_emulate_insn")]), None);
     assert_eq!(value(&second, "paratick_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
 
     // promtool (Debian's prometheus package) accepts the exposition.

@@ -43,6 +43,8 @@ pub struct BenchOptions {
     pub command: String,
     /// Where the kvm-unit-tests kernels are (the observer's third-party case).
     pub kvm_unit_tests: Option<PathBuf>,
+    /// Pairs of each case of the observer's overhead.
+    pub overhead_pairs: u32,
 }
 
 impl BenchOptions {
@@ -190,7 +192,7 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     let modes = TickMode::VARIANTS;
     let main_runs = workloads.len() * modes.len() * options.reps as usize * 2;
     let delivery_runs = (TickDelivery::VARIANTS.len() + 2) * options.reps as usize;
-    let overhead_runs = overhead::runs(options.reps.max(overhead::MIN_PAIRS));
+    let overhead_runs = overhead::runs(options.overhead_pairs);
     let total = main_runs + delivery_runs + overhead_runs + PRECISION_HZ.len();
     let model = TimerModel::default_for(ModelBackend::of_host());
     let mut bench = Bench { options, model, observer: Some(observer), next_owner: 0, done: 0, total };
@@ -226,8 +228,7 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
 
     // The observer's cost: every workload, QEMU and the daemon, with and without it.
     bench.observer = None;
-    let overhead =
-        overhead::measure(&mut bench, options.reps.max(overhead::MIN_PAIRS), options.kvm_unit_tests.as_deref())?;
+    let overhead = overhead::measure(&mut bench, options.overhead_pairs, options.kvm_unit_tests.as_deref())?;
     bench.observer = Some(Observer::start_attributing_threads(&PidFilter::All)?);
 
     // Tick precision: the guest's rate and intervals at several rates.

@@ -24,7 +24,8 @@ use super::Bench;
 use crate::daemon::SAMPLE_INTERVAL;
 use crate::observer::{EventSource, Observer, PidFilter};
 
-/// Fewest pairs a case runs, whatever `--reps` says: a median of fewer is noise here.
+/// Fewest pairs a case of the full bench runs, whatever `--reps` says: a median of fewer
+/// is noise here.
 pub const MIN_PAIRS: u32 = 5;
 
 /// The goal: the observer costs at most 1% (median ratio of performance with / without).
@@ -301,23 +302,25 @@ fn alternate(
 /// kvm-unit-tests kernels (the third-party case is not run without it).
 pub(super) fn measure(bench: &mut Bench<'_>, pairs: u32, kvm_unit_tests: Option<&Path>) -> Result<ObserverOverhead> {
     let duration = WorkAmount::Seconds(bench.options.duration.as_secs_f64());
-    let observed = |run: &dyn Fn(Option<&mut Observer>) -> Result<f64>| -> Result<f64> {
-        let mut observer = Observer::start(&PidFilter::All)?;
-        run(Some(&mut observer))
-    };
     let mut cases = Vec::new();
     let mut not_run = Vec::new();
     for workload in Workload::EVALUATED {
         let config = bench.config(workload, TickMode::Tickless, bench.options.hz, duration);
-        let run = |observer: Option<&mut Observer>| vm_throughput(&config, observer);
-        let (without, with) = alternate(bench, workload.name(), pairs, || run(None), || observed(&run))?;
+        let observed = || -> Result<f64> {
+            let mut observer = Observer::start(&PidFilter::All)?;
+            vm_throughput(&config, Some(&mut observer))
+        };
+        let (without, with) = alternate(bench, workload.name(), pairs, || vm_throughput(&config, None), observed)?;
         cases.push(OverheadCase::new(format!("{} (tickless)", workload.name()), MEASURE_THROUGHPUT, without, with));
     }
 
     match kvm_unit_tests.map(|dir| dir.join(THIRD_PARTY_KERNEL)) {
         Some(kernel) if kernel.is_file() => {
-            let run = |observer: Option<&mut Observer>| qemu_run_time(&kernel, observer);
-            let (without, with) = alternate(bench, "QEMU", pairs, || run(None), || observed(&run))?;
+            let observed = || -> Result<f64> {
+                let mut observer = Observer::start(&PidFilter::All)?;
+                qemu_run_time(&kernel, Some(&mut observer))
+            };
+            let (without, with) = alternate(bench, "QEMU", pairs, || qemu_run_time(&kernel, None), observed)?;
             let case = format!("QEMU {THIRD_PARTY_KERNEL} {THIRD_PARTY_ARGS}");
             cases.push(OverheadCase::new(case, MEASURE_RUN_TIME, without, with));
         }
