@@ -230,8 +230,15 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         std::fs::write(&json, serde_json::to_string_pretty(&overhead)? + "\n")
             .with_context(|| format!("cannot write {}", json.display()))?;
         let md = options.out.join("observer-overhead.md");
-        std::fs::write(&md, format!("# Observer overhead\n\nCommand: `{}`\n{}", options.command, overhead.markdown()))
-            .with_context(|| format!("cannot write {}", md.display()))?;
+        std::fs::write(
+            &md,
+            format!(
+                "# paratick-ctl bench --observer-overhead\n\nCommand: `{}`\n{}",
+                options.command,
+                overhead.markdown()
+            ),
+        )
+        .with_context(|| format!("cannot write {}", md.display()))?;
         for line in overhead.lines() {
             println!("{line}");
         }

@@ -64,7 +64,8 @@ pub struct OverheadCase {
     pub measure: &'static str,
     /// The measure of each run without the observer, in order.
     pub without: Vec<f64>,
-    /// The measure of each run with it, in order (run `i` right after `without[i]`).
+    /// The measure of each run with it, in order (`with[i]` and `without[i]` are pair
+    /// `i`, run one right after the other).
     pub with: Vec<f64>,
     /// Performance with / without, per pair (1.0: no cost; 0.99: 1% slower).
     pub ratio: Spread,

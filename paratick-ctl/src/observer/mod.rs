@@ -439,24 +439,14 @@ impl Observer {
     }
 
     fn attach_raw(&mut self, program: &str, tracepoint: &str) -> Result<(), String> {
-        let probe: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(program)
-            .ok_or_else(|| format!("program {program} is not in the eBPF object"))?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
+        let probe: &mut RawTracePoint = program_of(&mut self.ebpf, program)?;
         probe.load().map_err(|e| format!("{program}: load: {e}"))?;
         probe.attach(tracepoint).map_err(|e| format!("{program} on {tracepoint}: {e}"))?;
         Ok(())
     }
 
     fn attach(&mut self, group: &str, name: &str) -> Result<(), String> {
-        let program: &mut TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("program {name} is not in the eBPF object"))?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
+        let program: &mut TracePoint = program_of(&mut self.ebpf, name)?;
         program.load().map_err(|e| format!("load: {e}"))?;
         program.attach(group, name).map_err(|e| format!("attach: {e}"))?;
         Ok(())
@@ -510,12 +500,7 @@ impl Observer {
     /// copies a vCPU's counters when its thread exits.
     fn attach_kvm_counter_programs(&mut self) -> Result<(), String> {
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
-        let iterator: &mut Iter = self
-            .ebpf
-            .program_mut(KVM_ITERATOR)
-            .ok_or_else(|| format!("program {KVM_ITERATOR} is not in the eBPF object"))?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
+        let iterator: &mut Iter = program_of(&mut self.ebpf, KVM_ITERATOR)?;
         iterator.load("task_file", &kernel_btf).map_err(|e| format!("{KVM_ITERATOR}: load: {e}"))?;
         self.attach_raw(THREAD_EXIT_PROGRAM, "sched_process_exit")?;
         self.programs.insert(PROGRAM_THREAD_EXIT, THREAD_EXIT_PROGRAM);
@@ -526,12 +511,7 @@ impl Observer {
     /// Runs the iterator once: every vCPU file on the host has its counters copied.
     fn sample_kvm_counters(&mut self) -> Result<(), ObserverError> {
         let sample_error = |what: String| ObserverError::KvmCounterSample(what);
-        let iterator: &mut Iter = self
-            .ebpf
-            .program_mut(KVM_ITERATOR)
-            .expect("the iterator is in the object")
-            .try_into()
-            .map_err(|e| sample_error(format!("{e}")))?;
+        let iterator: &mut Iter = program_of(&mut self.ebpf, KVM_ITERATOR).map_err(sample_error)?;
         let link = iterator.attach().map_err(|e| sample_error(format!("attach: {e}")))?;
         let link = iterator.take_link(link).map_err(|e| sample_error(format!("link: {e}")))?;
         let mut file = link.into_file().map_err(|e| sample_error(format!("create: {e}")))?;
@@ -572,6 +552,15 @@ fn raw_arguments_match(kind: EventKind, btf: Option<&btf::KernelBtf>, kvm_layout
             false
         }
     }
+}
+
+/// Program `name` of the object, as the program type `P` it must be.
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, String>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or_else(|| format!("program {name} is not in the eBPF object"))?;
+    program.try_into().map_err(|e| format!("{name}: {e}"))
 }
 
 /// The BPF iterator that samples KVM's per-vCPU counters.
