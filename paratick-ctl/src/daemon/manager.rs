@@ -93,6 +93,8 @@ pub struct Manager<P = Supervisor, O = Observer> {
     supervisor: P,
     observer: Result<O, String>,
     metrics: Metrics,
+    /// The observer's programs' runs as the kernel last counted them, all summed.
+    observer_runs: u64,
     started: Instant,
     status: DaemonStatus,
 }
@@ -158,6 +160,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             supervisor,
             observer,
             metrics: Metrics::new(),
+            observer_runs: 0,
             started: Instant::now(),
             status,
         };
@@ -602,11 +605,15 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             let attached = f64::from(u8::from(*state == TracepointState::Attached));
             metrics.tracepoint_attached.with_label_values(&[tracepoint]).set(attached);
         }
-        let stats_enabled = crate::observer::bpf_stats_enabled();
-        metrics.bpf_stats_enabled.set(i64::from(stats_enabled));
-        // The kernel's counts stand still while stats are off: nothing to report then
-        // (and nothing ever, if they never were on).
-        for (program, stats) in observer.program_run_stats().into_iter().filter(|(_, s)| s.runs > 0) {
+        // The kernel counts runs while kernel.bpf_stats_enabled is 1 or while any process
+        // holds the statistics on (BPF_ENABLE_STATS, which the sysctl does not show):
+        // either way the runs grow. Nothing is reported of programs that never ran so.
+        let run_stats = observer.program_run_stats();
+        let runs: u64 = run_stats.values().map(|s| s.runs).sum();
+        let counting = crate::observer::bpf_stats_enabled() || runs > self.observer_runs;
+        self.observer_runs = runs;
+        metrics.bpf_stats_enabled.set(i64::from(counting));
+        for (program, stats) in run_stats.into_iter().filter(|(_, s)| s.runs > 0) {
             metrics.counters.report_own(CounterFamily::ObserverProgramRuns, &[program], stats.runs);
             metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &[program], stats.run_ns);
         }

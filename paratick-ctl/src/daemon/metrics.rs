@@ -337,7 +337,7 @@ impl Metrics {
         registry.register(Box::new(observer_up.clone())).expect("unique metric");
         let bpf_stats_enabled = IntGauge::new(
             "paratick_observer_bpf_stats_enabled",
-            "1 while the kernel counts BPF programs' runs and run time (kernel.bpf_stats_enabled): the paratick_observer_program_run* counters grow only then.",
+            "1 while the kernel counts BPF programs' runs and run time (kernel.bpf_stats_enabled = 1, or a process holding them on with BPF_ENABLE_STATS, seen as the runs growing): the paratick_observer_program_run* counters grow only then.",
         )
         .expect("valid metric");
         registry.register(Box::new(bpf_stats_enabled.clone())).expect("unique metric");

@@ -92,8 +92,8 @@ pub struct ProgramRunStats {
 /// Where the kernel says whether it counts BPF programs' runs and run time.
 const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-/// Whether the kernel counts BPF programs' runs and run time now: `kernel.bpf_stats_enabled`
-/// is 1, or a process holds the statistics on (see [`enable_bpf_stats`]).
+/// Whether `kernel.bpf_stats_enabled` is 1. (The kernel also counts while any process
+/// holds the statistics on, see [`enable_bpf_stats`], which this sysctl does not show.)
 pub fn bpf_stats_enabled() -> bool {
     fs::read_to_string(BPF_STATS_SYSCTL).is_ok_and(|value| value.trim() == "1")
 }
