@@ -16,8 +16,10 @@
 //! The programs are deliberately thin: field offsets come from userspace (read from the
 //! running kernel's format files), and what a record means is decided by
 //! `paratick_common::event::summarize`, which is unit-tested on the host.
-#![no_std]
-#![no_main]
+// Built for bpfel-unknown-none by paratick-ctl's build script; a host build (`cargo build
+// --workspace`) gets a plain binary that says so, as aya-template does.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -547,10 +549,18 @@ fn count_drop<C: EbpfContext>(ctx: &C, reason: DropReason) {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+/// On the host, the programs are not runnable: they are loaded from the object that
+/// paratick-ctl's build script builds for `bpfel-unknown-none`.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("paratick-ebpf holds eBPF programs: paratick-ctl builds them for bpfel-unknown-none and loads them");
+    std::process::exit(2);
 }
 
 #[link_section = "license"]
