@@ -8,13 +8,15 @@
 //! # Per-CPU writes
 //! The counts in per-CPU maps are plain (non-atomic) read-modify-writes. A slot is only
 //! written from its own CPU and a program runs with migration disabled, so each pointer
-//! stays valid and no other CPU races on it. Tracepoint programs also run with
-//! preemption disabled and do not nest (the kernel's per-CPU recursion guard); the
+//! stays valid and no other CPU races on it. Tracepoint and raw tracepoint programs also
+//! run with preemption disabled and do not nest (the kernel's recursion guards); the
 //! iterator runs preemptibly, so should two readers run it on one CPU at once an
 //! increment of its count can be lost: a miscount, never memory unsafety.
 //!
-//! The programs are deliberately thin: field offsets come from userspace (read from the
-//! running kernel's format files), and what a record means is decided by
+//! The programs are deliberately thin: a raw tracepoint program reads its fields from the
+//! call's arguments at the positions of paratick-common's table (userspace checked them
+//! against the kernel's BTF), a tracepoint program from its record at offsets userspace
+//! read from the running kernel's format files; what the fields mean is decided by
 //! `paratick_common::event::summarize`, which is unit-tested on the host.
 // Built for bpfel-unknown-none by paratick-ctl's build script; a host build (`cargo build
 // --workspace`) gets a plain binary that says so, as aya-template does.

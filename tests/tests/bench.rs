@@ -105,8 +105,13 @@ fn a_quick_bench_writes_complete_well_formed_results() {
                 "{comparison}"
             );
         }
-        // The paper's baseline always costs timer exits against the floor.
-        assert!(comparisons[0]["timer_exits_removed"]["median"].is_f64(), "{workload}");
+        // The paper's baseline costs timer exits against the floor. In one 1 s repetition
+        // that shows only where the timer's exits dominate (sequential: a busy vCPU and
+        // nothing else); with I/O or blocking, their run-to-run spread (a few percent of
+        // thousands of exits) can exceed the timer's few hundred, and the figure is null.
+        if workload["workload"] == "sequential" {
+            assert!(comparisons[0]["timer_exits_removed"]["median"].is_f64(), "{workload}");
+        }
         let modes = workload["modes"].as_array().unwrap();
         assert_eq!(modes.len(), 5);
         let floor = modes.iter().find(|m| m["mode"] == "no-timer").expect("the floor ran");
