@@ -544,7 +544,6 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
         }
     }
 
-    let snapshot = observer.snapshot()?;
     let duration_s = started.elapsed().as_secs_f64();
     let command = match child.as_mut() {
         Some(child) => {
@@ -558,11 +557,6 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
         }
         None => None,
     };
-    let mut per_pid = per_process(&snapshot);
-    per_pid.remove(&own_pid);
-    for pid in &args.pids {
-        per_pid.entry(*pid).or_default();
-    }
     // A last sample: the final counts of VMs whose process has just exited (copied as
     // their vCPU threads exited).
     if ebpf_counters {
@@ -574,6 +568,14 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
                 kvm.sample(pid, new_in_window, Some(vcpus));
             }
         }
+    }
+    // Read after that sample, so that the programs' event counts below cover the same
+    // runs as the kernel's run counts read with them.
+    let snapshot = observer.snapshot()?;
+    let mut per_pid = per_process(&snapshot);
+    per_pid.remove(&own_pid);
+    for pid in &args.pids {
+        per_pid.entry(*pid).or_default();
     }
     let vms: Vec<VmReport> = per_pid
         .into_iter()
@@ -619,8 +621,7 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
             vms,
             observer: ObserverCost {
                 programs: observer.loaded_programs(),
-                // Read now, after the last sample, as the kernel's counts below are.
-                program_events: observer.snapshot()?.program_events,
+                program_events: snapshot.program_events.clone(),
                 program_runs: (program_stats.is_some() || paratick_ctl::observer::bpf_stats_enabled())
                     .then(|| observer.program_run_stats()),
             },

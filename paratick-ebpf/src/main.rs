@@ -202,12 +202,10 @@ fn observe_raw(ctx: &RawTracePointContext, slot: &ProgramSlot, kind: EventKind, 
         let value = match raw.slots[i] {
             RawArg::Absent => continue,
             RawArg::Value(n) => Some(ctx.arg::<u64>(n as usize)),
-            RawArg::VcpuIdOf(n) => KVM_LAYOUT
-                .get(0)
-                .filter(|layout| layout.ready != 0)
+            RawArg::VcpuIdOf(n) => kvm_layout()
                 .and_then(|layout| read_kernel::<u32>(ctx.arg::<u64>(n as usize), layout.vcpu_id_offset))
                 .map(u64::from),
-            RawArg::LapicVcpuIdOf(n) => KVM_LAYOUT.get(0).filter(|layout| layout.ready != 0).and_then(|layout| {
+            RawArg::LapicVcpuIdOf(n) => kvm_layout().and_then(|layout| {
                 let vcpu: u64 = read_kernel(ctx.arg::<u64>(n as usize), layout.lapic_vcpu_offset)?;
                 read_kernel::<u32>(vcpu, layout.vcpu_id_offset).map(u64::from)
             }),
@@ -382,8 +380,7 @@ impl EbpfContext for IterContext {
 /// The BPF iterator (BPF_TRACE_ITER over `task_file`) that samples KVM's counters:
 /// userspace runs it once per interval by reading an iterator file; it visits every
 /// open file of the host and copies the counters of each vCPU file. Nothing runs per KVM
-/// event. It prints nothing: what it learns goes to [`KVM_VCPU_COUNTERS`] and
-/// [`THREAD_VCPUS`].
+/// event. It prints nothing: what it learns goes to [`KVM_VCPU_COUNTERS`].
 #[no_mangle]
 #[link_section = "iter/task_file"]
 pub fn kvm_vcpu_files(ctx: *mut core::ffi::c_void) -> i32 {
@@ -391,6 +388,12 @@ pub fn kvm_vcpu_files(ctx: *mut core::ffi::c_void) -> i32 {
         let _ = sample_vcpu_file(&IterContext(ctx), slot, ctx as *const TaskFileContext);
     }
     0
+}
+
+/// Where KVM's structures' fields are, once userspace has written it.
+#[inline(always)]
+fn kvm_layout() -> Option<&'static KvmCounterLayout> {
+    KVM_LAYOUT.get(0).filter(|layout| layout.ready != 0)
 }
 
 /// Reads a kernel value at `base + offset`; `None` if the read fails.
@@ -403,10 +406,7 @@ fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
 
 #[inline(always)]
 fn sample_vcpu_file(ctx: &IterContext, slot: &ProgramSlot, files: *const TaskFileContext) -> Option<()> {
-    let layout = KVM_LAYOUT.get(0)?;
-    if layout.ready == 0 {
-        return None;
-    }
+    let layout = kvm_layout()?;
     // The kernel passes the task and the file (NULL at the end of the iteration).
     let task: u64 = read_kernel(files as u64, core::mem::offset_of!(TaskFileContext, task) as u32)?;
     let file: u64 = read_kernel(files as u64, core::mem::offset_of!(TaskFileContext, file) as u32)?;
@@ -487,7 +487,7 @@ pub fn kvm_vcpu_thread_exit(ctx: *mut core::ffi::c_void) -> i32 {
 
 #[inline(always)]
 fn copy_exiting_vcpu(ctx: &RawTracePointContext, thread: VcpuThread) -> Option<()> {
-    let layout = KVM_LAYOUT.get(0).filter(|layout| layout.ready != 0)?;
+    let layout = kvm_layout()?;
     // SAFETY: bpf_get_current_task has no preconditions; the pointer is only read
     // through bpf_probe_read_kernel.
     let task = unsafe { bpf_get_current_task() };
@@ -537,7 +537,7 @@ fn vcpu_of_thread(layout: &KvmCounterLayout, kvm: u64, tid: u32) -> Option<u64> 
 fn count_drop<C: EbpfContext>(ctx: &C, reason: DropReason) {
     if let Some(drops) = DROPS.get_ptr_mut(reason as u32) {
         // SAFETY: a valid pointer to this CPU's slot (the lookup succeeded). See
-        // [`PER_CPU_WRITES`].
+        // "Per-CPU writes" in the crate docs.
         let previous = unsafe {
             let previous = *drops;
             *drops = previous + 1;
