@@ -192,6 +192,11 @@ fn bad_bench_options_are_refused_in_one_line() {
         (&["--vcpus", "1"][..], "--vcpus must be 2 to 8"),
         (&["--hz", "5"][..], "--hz: hz must be 10 to 4000, not 5"),
         (&["--duration", "10ms"][..], "--duration must be 500ms to 10m"),
+        (&["--observer-overhead", "0"][..], "--observer-overhead must be 1 to 100 pairs, not 0"),
+        (
+            &["--observer-overhead", "3", "--kvm-unit-tests", "/nonexistent"][..],
+            "--kvm-unit-tests: /nonexistent/tscdeadline_latency.flat does not exist",
+        ),
     ] {
         let output = Command::new(workspace_binary("paratick-ctl")).arg("bench").args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(1), "{args:?}");

@@ -56,6 +56,17 @@ impl BenchOptions {
         if !(Duration::from_millis(500)..=Duration::from_secs(600)).contains(&self.duration) {
             bail!("--duration must be 500ms to 10m");
         }
+        if !(1..=100).contains(&self.overhead_pairs) {
+            bail!("--observer-overhead must be 1 to 100 pairs, not {}", self.overhead_pairs);
+        }
+        if let Some(kernel) = self.kvm_unit_tests.as_deref().map(overhead::third_party_kernel) {
+            if !kernel.is_file() {
+                bail!(
+                    "--kvm-unit-tests: {} does not exist (the directory of the kvm-unit-tests kernels)",
+                    kernel.display()
+                );
+            }
+        }
         if !(2..=8).contains(&self.vcpus) {
             bail!("--vcpus must be 2 to 8 (the multithreaded and I/O workloads need two or more), not {}", self.vcpus);
         }
@@ -173,9 +184,11 @@ impl Bench<'_> {
     }
 }
 
-/// Measures only the observer's cost (`bench --observer-overhead`), `pairs` pairs a case.
-pub fn observer_overhead(options: &BenchOptions, pairs: u32) -> Result<overhead::ObserverOverhead> {
+/// Measures only the observer's cost (`bench --observer-overhead`), `overhead_pairs`
+/// pairs a case.
+pub fn observer_overhead(options: &BenchOptions) -> Result<overhead::ObserverOverhead> {
     options.validate()?;
+    let pairs = options.overhead_pairs;
     let model = TimerModel::default_for(ModelBackend::of_host());
     let total = overhead::runs(pairs);
     let mut bench = Bench { options, model, observer: None, next_owner: 0, done: 0, total };

@@ -53,6 +53,11 @@ pub const QEMU_KVM_UNIT_TESTS_ARGS: [&str; 13] = [
 /// The kvm-unit-tests kernel of the third-party case, and its arguments: TSC-deadline
 /// expiries one after another, the guest's code all at CPL0 (emulated on PVM hosts).
 const THIRD_PARTY_KERNEL: &str = "tscdeadline_latency.flat";
+
+/// The third-party case's kernel in the kvm-unit-tests directory `dir`.
+pub fn third_party_kernel(dir: &Path) -> PathBuf {
+    dir.join(THIRD_PARTY_KERNEL)
+}
 const THIRD_PARTY_ARGS: &str = "20000000 200";
 
 /// One case, over its pairs.
@@ -315,8 +320,8 @@ pub(super) fn measure(bench: &mut Bench<'_>, pairs: u32, kvm_unit_tests: Option<
         cases.push(OverheadCase::new(format!("{} (tickless)", workload.name()), MEASURE_THROUGHPUT, without, with));
     }
 
-    match kvm_unit_tests.map(|dir| dir.join(THIRD_PARTY_KERNEL)) {
-        Some(kernel) if kernel.is_file() => {
+    match kvm_unit_tests.map(third_party_kernel) {
+        Some(kernel) => {
             let observed = || -> Result<f64> {
                 let mut observer = Observer::start(&PidFilter::All)?;
                 qemu_run_time(&kernel, Some(&mut observer))
@@ -324,10 +329,6 @@ pub(super) fn measure(bench: &mut Bench<'_>, pairs: u32, kvm_unit_tests: Option<
             let (without, with) = alternate(bench, "QEMU", pairs, || qemu_run_time(&kernel, None), observed)?;
             let case = format!("QEMU {THIRD_PARTY_KERNEL} {THIRD_PARTY_ARGS}");
             cases.push(OverheadCase::new(case, MEASURE_RUN_TIME, without, with));
-        }
-        Some(kernel) => {
-            bench.done += pairs as usize;
-            not_run.push(format!("QEMU: {} does not exist", kernel.display()));
         }
         None => {
             bench.done += pairs as usize;
