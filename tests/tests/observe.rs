@@ -176,7 +176,9 @@ fn pid_filter_reports_only_the_chosen_vm() {
 
 #[test]
 fn the_live_table_shows_a_row_for_the_running_guest() {
-    let output = run(Command::new(ctl()).args(["observe", "--interval", "100ms", "--", count_guest(), "20000", "0"]));
+    // 400,000 port writes: about 2 s at this host's 200,000 exits a second, several
+    // tables long (20,000 ended before the first table could sample KVM's counters).
+    let output = run(Command::new(ctl()).args(["observe", "--interval", "100ms", "--", count_guest(), "400000", "0"]));
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("TICKREQ/s"), "{stdout}");
