@@ -498,9 +498,20 @@ fn a_failing_vm_is_marked_failed_and_the_daemon_keeps_serving() {
     assert_eq!(value(&samples, "paratick_vm_state", &[("vm", "a"), ("state", "running")]), 1.0);
     let c = daemon.list().into_iter().find(|vm| vm["name"] == "c").unwrap();
     assert!(c["error"].as_str().unwrap().starts_with("guest panicked: task on vCPU 0: exception #UD"), "{c}");
-    // It can be started again (and fails again), and the daemon still answers.
+    // It can be started again and fails again: either before the start is confirmed (the
+    // CLI then says why, exit 1) or just after it (the start succeeds, the state follows).
     let output = daemon.ctl(&["vm", "start", "c"]);
-    assert!(output.status.success(), "{output:?}");
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        assert!(stderr.starts_with("paratick-ctl: VM c failed to start: guest panicked: task on vCPU 0: exception #UD"), "{stderr}");
+    }
+    let samples = daemon.wait_for(Duration::from_secs(10), |s| {
+        metric(s, "paratick_vm_state", &[("vm", "c"), ("state", "failed")]) == Some(1.0)
+    });
+    assert_eq!(value(&samples, "paratick_vm_state", &[("vm", "c"), ("state", "failed")]), 1.0);
+    let c = daemon.list().into_iter().find(|vm| vm["name"] == "c").unwrap();
+    assert!(c["error"].as_str().unwrap().contains("guest panicked: task on vCPU 0: exception #UD"), "{c}");
     assert!(daemon.ctl(&["status"]).status.success());
     assert_eq!(daemon.terminate().code(), Some(0));
 }
