@@ -307,6 +307,10 @@ pub struct GuestResults {
     pub jiffies: u64,
     /// Counters of each vCPU.
     pub vcpus: [VcpuCounters; MAX_VCPUS],
+    /// Work units each task has done so far, stored by the task itself at CPL3 after
+    /// every unit (a plain store: no exit), so that the host can read the guest's
+    /// progress at any time. Per-vCPU `work_units` are added only when a task ends.
+    pub task_work_units: [u64; MAX_TASKS],
     /// Why the guest panicked (UTF-8).
     pub panic_message: [u8; PANIC_MESSAGE_LEN],
 }
@@ -371,7 +375,11 @@ mod byte_valued {
         assert!(size_of::<BlockRequest>() == 4 + 4 + 8 + 4 + 4 + 8);
         assert!(
             size_of::<GuestResults>()
-                == 4 + 4 + 8 * 3 + size_of::<VcpuCounters>() * super::MAX_VCPUS + super::PANIC_MESSAGE_LEN
+                == 4 + 4
+                    + 8 * 3
+                    + size_of::<VcpuCounters>() * super::MAX_VCPUS
+                    + 8 * super::MAX_TASKS
+                    + super::PANIC_MESSAGE_LEN
         );
     };
 }

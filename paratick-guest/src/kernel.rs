@@ -127,6 +127,7 @@ const NEW_TASK: Task = Task {
         deadline_tsc: 0,
         disk_blocks: 0,
         buffer: core::ptr::null(),
+        progress: core::ptr::null_mut(),
     })),
 };
 static TASKS: [Task; MAX_TASKS] = [NEW_TASK; MAX_TASKS];
@@ -280,6 +281,13 @@ pub fn init(boot_info: *const BootInfo) {
             deadline_tsc: start + info.duration_ms * info.tsc_khz,
             disk_blocks: info.disk_sectors / BLOCK_SECTORS as u64,
             buffer: buffer_of(index) as *const u8,
+            // The CPU-bound companion of the sleeper does work the workload does not report.
+            progress: if workload == Workload::SleepBeside && index > 0 {
+                core::ptr::null_mut()
+            } else {
+                // SAFETY: only the address is taken; the slot belongs to this task.
+                unsafe { core::ptr::addr_of_mut!((*results()).task_work_units[index]) }
+            },
         };
         // SAFETY: see InitOnce.
         unsafe { *task.params.0.get() = params };

@@ -35,6 +35,11 @@ pub struct TaskParams {
     pub disk_blocks: u64,
     /// The task's block buffer.
     pub buffer: *const u8,
+    /// Where the task stores its units done so far for the host to read
+    /// ([`GuestResults::task_work_units`]), or null when its work is not the workload's.
+    ///
+    /// [`GuestResults::task_work_units`]: paratick_common::guest::GuestResults::task_work_units
+    pub progress: *mut u64,
 }
 
 fn syscall(number: u64, argument: u64) -> u64 {
@@ -71,6 +76,11 @@ fn run(params: &TaskParams, mut step: impl FnMut(u64)) -> u64 {
         }
         step(units);
         units += 1;
+        if !params.progress.is_null() {
+            // SAFETY: the kernel points `progress` at this task's own slot of the results
+            // block (mapped at CPL3 like all memory); the host only reads it.
+            unsafe { core::ptr::write_volatile(params.progress, units) };
+        }
     }
 }
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use paratick_common::guest::{
-    kernel_stack_top, BootInfo, GuestResults, GuestStatus, TickMode, VcpuCounters, Workload, BOOT_GDT_ADDR,
-    BOOT_INFO_ADDR, BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR,
-    SECTOR_SIZE, TICK_INTERVAL_BINS,
+    kernel_stack_top, BootInfo, GuestResults, GuestStatus, TickMode, Workload, BOOT_GDT_ADDR, BOOT_INFO_ADDR,
+    BOOT_MAGIC, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, MAX_VCPUS, PAGE_TABLES_ADDR, RESULTS_ADDR, SECTOR_SIZE,
+    TICK_INTERVAL_BINS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,9 @@ impl TickCounts {
 /// Live counters of a VM.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
+    /// Work units the guest's tasks have done so far (live: each task stores its count
+    /// after every unit).
+    pub work_units: u64,
     /// Ticks the guest handled.
     pub guest_ticks: TickCounts,
     /// Of those, ticks that found the vCPU idle.
@@ -352,13 +355,10 @@ impl Vm {
         self.memory.read_obj(RESULTS_ADDR)
     }
 
-    fn vcpu_counters(&self) -> Result<Vec<VcpuCounters>, VmError> {
-        Ok(self.guest_results()?.vcpus[..self.config.vcpus as usize].to_vec())
-    }
-
     /// Live counters (guest counters are read from guest memory; no exit is caused).
     pub fn counters(&self) -> Result<Counters, VmError> {
-        let guest = self.vcpu_counters()?;
+        let results = self.guest_results()?;
+        let guest = &results.vcpus[..self.config.vcpus as usize];
         let ticks = &self.ticks.vcpus;
         let sum = |f: fn(&crate::injector::VcpuTicks) -> u64| ticks.iter().map(f).sum::<u64>();
         let injected = sum(|t| t.injected.load(Ordering::Relaxed));
@@ -367,6 +367,7 @@ impl Vm {
         let kvm_stats = kvm_stats_per_vcpu.iter().fold(KvmExitCounts::default(), |sum, vcpu| sum.plus(*vcpu));
         let requests = &self.shared.requests;
         Ok(Counters {
+            work_units: results.task_work_units.iter().sum(),
             guest_ticks: TickCounts::from(guest.iter().map(|c| c.ticks).collect()),
             guest_idle_ticks: TickCounts::from(guest.iter().map(|c| c.idle_ticks).collect()),
             guest_busy_s: guest.iter().map(|c| c.run_tsc as f64 / (self.tsc_khz as f64 * 1000.0)).collect(),
