@@ -84,18 +84,64 @@ pub fn serve(
     Ok(())
 }
 
-fn transfer(request: &BlockRequest, disk: &mut [u8], memory: &GuestMemory) -> Result<(), String> {
-    let start = request.sector.checked_mul(SECTOR_SIZE).ok_or("sector out of range")?;
-    let len = request.sectors as u64 * SECTOR_SIZE;
-    let end =
-        start.checked_add(len).filter(|&end| end <= disk.len() as u64).ok_or("sectors past the end of the disk")?;
-    if len == 0 {
+/// Which way a request moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Disk to guest memory.
+    Read,
+    /// Guest memory to disk.
+    Write,
+}
+
+/// Checks a guest's request against a disk of `disk_len` bytes: its direction and the
+/// disk bytes it covers. Every field is the guest's: nothing is trusted.
+fn check(request: &BlockRequest, disk_len: u64) -> Result<(Direction, std::ops::Range<usize>), String> {
+    let direction = match request.op {
+        BLOCK_OP_READ => Direction::Read,
+        BLOCK_OP_WRITE => Direction::Write,
+        op => return Err(format!("unknown operation {op}")),
+    };
+    if request.sectors == 0 {
         return Err("zero sectors".into());
     }
-    let range = start as usize..end as usize;
-    match request.op {
-        BLOCK_OP_READ => memory.write(request.buffer, &disk[range]).map_err(|e| e.to_string()),
-        BLOCK_OP_WRITE => memory.read(request.buffer, &mut disk[range]).map_err(|e| e.to_string()),
-        op => Err(format!("unknown operation {op}")),
+    let start = request.sector.checked_mul(SECTOR_SIZE).ok_or("sector out of range")?;
+    let len = request.sectors as u64 * SECTOR_SIZE;
+    let end = start.checked_add(len).filter(|&end| end <= disk_len).ok_or("sectors past the end of the disk")?;
+    Ok((direction, start as usize..end as usize))
+}
+
+fn transfer(request: &BlockRequest, disk: &mut [u8], memory: &GuestMemory) -> Result<(), String> {
+    // The guest buffer is checked by guest memory's accessors (bounds, overflow).
+    match check(request, disk.len() as u64)? {
+        (Direction::Read, range) => memory.write(request.buffer, &disk[range]).map_err(|e| e.to_string()),
+        (Direction::Write, range) => memory.read(request.buffer, &mut disk[range]).map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(op: u32, sector: u64, sectors: u32) -> BlockRequest {
+        BlockRequest { op, sector, sectors, buffer: 0x10_0000, ..BlockRequest::default() }
+    }
+
+    #[test]
+    fn requests_are_checked_field_by_field() {
+        let disk = DISK_BYTES;
+        let last = disk / SECTOR_SIZE - 1;
+        assert_eq!(check(&request(BLOCK_OP_READ, 0, 8), disk), Ok((Direction::Read, 0..4096)));
+        assert_eq!(
+            check(&request(BLOCK_OP_WRITE, last, 1), disk),
+            Ok((Direction::Write, (last * SECTOR_SIZE) as usize..disk as usize))
+        );
+        assert_eq!(check(&request(7, 0, 1), disk), Err("unknown operation 7".into()));
+        assert_eq!(check(&request(BLOCK_OP_READ, 0, 0), disk), Err("zero sectors".into()));
+        assert_eq!(check(&request(BLOCK_OP_READ, last, 2), disk), Err("sectors past the end of the disk".into()));
+        assert_eq!(check(&request(BLOCK_OP_READ, u64::MAX, 1), disk), Err("sector out of range".into()));
+        assert_eq!(
+            check(&request(BLOCK_OP_READ, u64::MAX / SECTOR_SIZE, u32::MAX), disk),
+            Err("sectors past the end of the disk".into())
+        );
     }
 }

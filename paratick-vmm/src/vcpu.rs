@@ -176,12 +176,38 @@ pub struct ExitContext {
     pub name: String,
 }
 
+/// The longest console line held before it is logged: a guest that never writes a
+/// newline has its output logged in pieces of this size, and holds no more host memory.
+pub const CONSOLE_LINE_MAX: usize = 256;
+
+/// Console output of one vCPU not yet logged (at most [`CONSOLE_LINE_MAX`] bytes).
+#[derive(Debug, Default)]
+struct ConsoleLine(Vec<u8>);
+
+impl ConsoleLine {
+    /// Takes the guest's bytes; returns the lines they complete, a line held at
+    /// [`CONSOLE_LINE_MAX`] bytes counting as complete.
+    fn push(&mut self, data: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for &byte in data {
+            if byte != b'\n' {
+                self.0.push(byte);
+            }
+            if byte == b'\n' || self.0.len() == CONSOLE_LINE_MAX {
+                lines.push(String::from_utf8_lossy(&self.0).into_owned());
+                self.0.clear();
+            }
+        }
+        lines
+    }
+}
+
 /// Everything one vCPU thread owns or shares.
 pub struct VcpuThread {
     fd: VcpuFd,
     context: ExitContext,
     /// Console output not yet logged.
-    console: Vec<u8>,
+    console: ConsoleLine,
     /// `lapic-timer` delivery: the period the LAPIC timer is programmed for.
     programmed_period: Option<u64>,
 }
@@ -189,7 +215,7 @@ pub struct VcpuThread {
 impl VcpuThread {
     /// A vCPU thread's state, before it runs.
     pub fn new(fd: VcpuFd, context: ExitContext) -> VcpuThread {
-        VcpuThread { fd, context, console: Vec::new(), programmed_period: None }
+        VcpuThread { fd, context, console: ConsoleLine::default(), programmed_period: None }
     }
 
     /// The thread body: runs until the VM stops; failures end the VM.
@@ -286,7 +312,7 @@ impl VcpuThread {
     }
 
     /// The one place that decides what each exit means.
-    fn handle_exit(exit: VcpuExit<'_>, context: &ExitContext, console: &mut Vec<u8>) -> Result<Next, VmError> {
+    fn handle_exit(exit: VcpuExit<'_>, context: &ExitContext, console: &mut ConsoleLine) -> Result<Next, VmError> {
         let ExitContext { index, shared, ticks, block, name, .. } = context;
         let index = *index;
         let unexpected = |what: String| Err(VmError::UnexpectedExit { vcpu: index, exit: what });
@@ -352,13 +378,8 @@ impl VcpuThread {
                 Ok(Next::Resume)
             }
             VcpuExit::IoOut(CONSOLE_PORT, data) => {
-                for &byte in data {
-                    if byte == b'\n' {
-                        log::info!("{name}: {}", String::from_utf8_lossy(console));
-                        console.clear();
-                    } else {
-                        console.push(byte);
-                    }
+                for line in console.push(data) {
+                    log::info!("{name}: {line}");
                 }
                 Ok(Next::Resume)
             }
@@ -371,5 +392,27 @@ impl VcpuThread {
             VcpuExit::InternalError => unexpected("KVM internal error (emulation failure?)".into()),
             other => unexpected(format!("{other:?}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_logged_at_each_newline_and_never_held_past_the_bound() {
+        let mut console = ConsoleLine::default();
+        assert_eq!(console.push(b"boot"), Vec::<String>::new());
+        assert_eq!(console.push(b"ed\nsecond\n\nthi"), ["booted", "second", ""]);
+        // A guest that never writes a newline: pieces of the bound, nothing more held.
+        let flood = vec![b'x'; 10 * CONSOLE_LINE_MAX + 7];
+        let lines = console.push(&flood);
+        assert_eq!(lines.len(), 10);
+        assert_eq!(lines[0], format!("thi{}", "x".repeat(CONSOLE_LINE_MAX - 3)));
+        assert!(lines.iter().all(|line| line.len() == CONSOLE_LINE_MAX));
+        assert_eq!(console.0.len(), 10);
+        assert!(console.0.capacity() <= 2 * CONSOLE_LINE_MAX, "held: {}", console.0.capacity());
+        // Bytes that are not UTF-8 are shown, not refused.
+        assert_eq!(console.push(b"\n\xff\n"), ["x".repeat(10), "\u{fffd}".to_string()]);
     }
 }
