@@ -314,7 +314,7 @@ fn vm(socket: &Path, command: VmCommand, json: bool) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<16} {:<9} {:>8} {:<13} {:>5} {:>7} {:>7} {:>7} {:>7} {:>9} {:>12}",
+                "{:<16} {:<9} {:>8} {:<13} {:>5} {:>7} {:>7} {:>7} {:>7} {:>9} {:>10} {:>12}",
                 "NAME",
                 "STATE",
                 "PID",
@@ -325,12 +325,14 @@ fn vm(socket: &Path, command: VmCommand, json: bool) -> Result<ExitCode> {
                 "EFF HZ",
                 "OBS HZ",
                 "EXITS/s",
+                "EXITS/UNIT",
                 "SAVED (PROJ)"
             );
             for vm in vms {
                 let set = vm.configured_hz.map_or_else(|| "auto".to_string(), |hz| hz.to_string());
+                let per_unit = vm.exits_per_unit.map_or_else(|| "-".to_string(), |e| format!("{e:.2}"));
                 println!(
-                    "{:<16} {:<9} {:>8} {:<13} {:>5} {:>7} {:>7} {:>7.1} {:>7.1} {:>9.0} {:>12}",
+                    "{:<16} {:<9} {:>8} {:<13} {:>5} {:>7} {:>7} {:>7.1} {:>7.1} {:>9.0} {:>10} {:>12}",
                     vm.name,
                     vm.state.name(),
                     vm.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string()),
@@ -341,10 +343,14 @@ fn vm(socket: &Path, command: VmCommand, json: bool) -> Result<ExitCode> {
                     vm.effective_hz,
                     vm.observed_hz,
                     vm.exits_per_s,
+                    per_unit,
                     vm.exits_saved
                 );
                 if let Some(error) = vm.error {
                     println!("    error: {error}");
+                }
+                if vm.restarts > 0 {
+                    println!("    restarted {} times after failures", vm.restarts);
                 }
             }
         }
@@ -359,11 +365,13 @@ fn vm(socket: &Path, command: VmCommand, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A command that changes something prints nothing when it worked, or the daemon's
-/// answer with `--json`.
+/// A command that changes something prints what the daemon says it did (nothing when it
+/// says nothing), or the daemon's answer with `--json`.
 fn print_ok(response: &paratick_ctl::protocol::Response, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(response)?);
+    } else if let Some(done) = &response.done {
+        println!("{done}");
     }
     Ok(())
 }

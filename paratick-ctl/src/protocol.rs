@@ -89,6 +89,17 @@ pub struct VmInfo {
     /// Exits saved versus a tickless guest so far: a projection by the exits model of
     /// this host (see `paratick_vm_exits_saved_projected_total`).
     pub exits_saved: u64,
+    /// Work units the guest did since the VM started (`paratick_vm_work_units_total`).
+    #[serde(default)]
+    pub work_units: u64,
+    /// `exits` per work unit since the VM started: what a unit of the guest's work costs
+    /// in exits, comparable between VMs that did different amounts of work (none before
+    /// the first unit).
+    #[serde(default)]
+    pub exits_per_unit: Option<f64>,
+    /// Times the daemon started it again after a failure (`restart = "on-failure"`).
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// The daemon as `status` shows it.
@@ -137,12 +148,20 @@ pub struct Response {
     /// For `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<DaemonStatus>,
+    /// What a change did, and when it applies, in words for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<String>,
 }
 
 impl Response {
     /// A success with nothing to return.
     pub fn ok() -> Response {
         Response { ok: true, ..Response::default() }
+    }
+
+    /// A success that says what it did.
+    pub fn done(what: impl Into<String>) -> Response {
+        Response { ok: true, done: Some(what.into()), ..Response::default() }
     }
 
     /// A refused request.

@@ -67,6 +67,12 @@ impl Daemon {
     /// Like `start_in`, with the daemon run by `wrapper` (a command that ends by
     /// exec'ing its arguments, so the child is still the daemon).
     fn start_wrapped(dir: PathBuf, wrapper: &[&str]) -> Daemon {
+        // Operators' decisions are kept in the test's directory, not the host's.
+        let config_file = dir.join("paratick.toml");
+        let config = std::fs::read_to_string(&config_file).unwrap();
+        if !config.contains("state_dir") {
+            std::fs::write(&config_file, format!("state_dir = \"{}\"\n{config}", dir.join("state").display())).unwrap();
+        }
         let _ = std::fs::remove_file(dir.join("notify.sock"));
         let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
         notify.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -456,16 +462,21 @@ fn every_bad_request_gets_one_line_and_changes_nothing() {
 }
 
 #[test]
-fn bad_configurations_are_refused_naming_the_key() {
+fn bad_configurations_are_refused_in_one_line_naming_the_line_column_and_key() {
     let dir = std::env::temp_dir().join(format!("paratick-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
-        ("colour = \"red\"\n", "unknown field `colour`"),
+        ("colour = \"red\"\n", ": line 1, column 1: colour: unknown field `colour`, expected one of"),
         (
             "[[vm]]\nname = \"a\"\nmode = \"paratick\"\nworkload = \"io\"\nhz = 0\n",
-            "vm[0].hz: hz must be 10 to 4000, not 0",
+            ": line 5, column 1: vm[0].hz: hz must be 10 to 4000, not 0",
         ),
-        ("metrics_listen = \"everywhere\"\n", "metrics_listen: \"everywhere\" is not an address:port"),
+        (
+            "\nmetrics_listen = \"everywhere\"\n",
+            ": line 2, column 1: metrics_listen: \"everywhere\" is not an address:port",
+        ),
+        ("[[vm]\n", ": line 1, column 5: "),
+        ("# only a comment\n", ": it has no settings: an empty file is refused"),
     ];
     for (config, message) in cases {
         let path = dir.join("bad.toml");
@@ -481,8 +492,21 @@ fn bad_configurations_are_refused_naming_the_key() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.starts_with(&format!("paratick-ctl: invalid configuration {}", path.display())), "{stderr}");
         assert!(stderr.contains(message), "{config}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
         assert!(!dir.join("never.sock").exists(), "a refused configuration created the socket");
     }
+    // A missing file: its cause once.
+    let missing = dir.join("missing.toml");
+    let output =
+        Command::new(workspace_binary("paratick-ctl")).args(["daemon", "--config"]).arg(&missing).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        format!(
+            "paratick-ctl: invalid configuration {}: cannot read it: No such file or directory (os error 2)\n",
+            missing.display()
+        )
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -504,14 +528,22 @@ fn a_failing_vm_is_marked_failed_and_the_daemon_keeps_serving() {
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{output:?}");
-        assert!(stderr.starts_with("paratick-ctl: VM c failed to start: guest panicked: task on vCPU 0: exception #UD"), "{stderr}");
+        assert!(
+            stderr.starts_with("paratick-ctl: VM c failed to start: guest panicked: task on vCPU 0: exception #UD"),
+            "{stderr}"
+        );
     }
-    let samples = daemon.wait_for(Duration::from_secs(10), |s| {
-        metric(s, "paratick_vm_state", &[("vm", "c"), ("state", "failed")]) == Some(1.0)
-    });
-    assert_eq!(value(&samples, "paratick_vm_state", &[("vm", "c"), ("state", "failed")]), 1.0);
-    let c = daemon.list().into_iter().find(|vm| vm["name"] == "c").unwrap();
-    assert!(c["error"].as_str().unwrap().contains("guest panicked: task on vCPU 0: exception #UD"), "{c}");
+    // The list answers from the daemon's state now (the metrics may still show the
+    // failure before the start, until the next sample).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        let c = daemon.list().into_iter().find(|vm| vm["name"] == "c").unwrap();
+        if c["state"] == "failed" || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(c["error"].as_str().is_some_and(|e| e.contains("guest panicked: task on vCPU 0: exception #UD")), "{c}");
     assert!(daemon.ctl(&["status"]).status.success());
     assert_eq!(daemon.terminate().code(), Some(0));
 }
@@ -959,8 +991,111 @@ fn the_cli_prints_shell_completions_a_man_page_and_json_for_every_change() {
     let daemon = Daemon::start("json", CONTENDED_VM);
     let output = daemon.ctl(&["vm", "set-tick-rate", "c", "100", "--json"]);
     assert!(output.status.success(), "{output:?}");
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), r#"{"ok":true}"#);
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(answer["done"].as_str().unwrap().starts_with("VM c: scheduler ticks at 100 Hz from now on"), "{answer}");
     let status: Value = serde_json::from_slice(&daemon.ctl(&["--json", "status"]).stdout).unwrap();
     assert_eq!(status["protocol"], 1);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// Waits until the daemon's log has a line containing `text`, and returns that line.
+fn wait_for_log_line(daemon: &Daemon, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(daemon.dir.join("daemon.log")).unwrap();
+        if let Some(line) = log.lines().find(|line| line.contains(text)) {
+            return line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no log line with {text:?} within 20 s: {log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn hang_up(daemon: &Daemon) {
+    kill(Pid::from_raw(daemon.child.id() as i32), Signal::SIGHUP).unwrap();
+}
+
+#[test]
+fn sighup_reloads_the_configuration_and_a_bad_file_changes_nothing() {
+    let _lock = one_vm_at_a_time();
+    let daemon = Daemon::start("reload", TWO_VMS);
+    let pids = (pid_of(&daemon, "a"), pid_of(&daemon, "b"));
+    let config_file = daemon.dir.join("paratick.toml");
+    let good = std::fs::read_to_string(&config_file).unwrap();
+
+    // A file that does not load: refused in one line, everything as it was.
+    std::fs::write(&config_file, "[[vm]]\nname = \"a\"\nworkload = \"io\"\n").unwrap();
+    hang_up(&daemon);
+    let refused = wait_for_log_line(&daemon, "reload refused");
+    assert!(refused.ends_with("line 1, column 1: vm[0]: missing field `mode`"), "{refused}");
+    assert_eq!((pid_of(&daemon, "a"), pid_of(&daemon, "b")), pids);
+
+    // a as it was, b removed, d added.
+    let state_line = good.lines().next().unwrap();
+    let new = format!(
+        "{state_line}\n[[vm]]\nname = \"a\"\nmode = \"paratick\"\nworkload = \"io\"\n\n[[vm]]\nname = \"d\"\nmode = \"tickless\"\nworkload = \"sequential\"\n"
+    );
+    std::fs::write(&config_file, new).unwrap();
+    hang_up(&daemon);
+    let reloaded = wait_for_log_line(&daemon, "SIGHUP: reloaded");
+    assert!(reloaded.ends_with("added d; removed b; changed (restarted if it ran) none; unchanged a"), "{reloaded}");
+    let names: Vec<String> = daemon.list().iter().map(|vm| vm["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["a", "d"]);
+    assert_eq!(pid_of(&daemon, "a"), pids.0, "a was not touched");
+    assert!(!process_alive(pids.1 as u32), "b's process stopped");
+    let samples = daemon.wait_for(Duration::from_secs(10), |s| {
+        metric(s, "paratick_vm_state", &[("vm", "d"), ("state", "running")]) == Some(1.0)
+    });
+    assert_eq!(value(&samples, "paratick_vm_state", &[("vm", "d"), ("state", "running")]), 1.0);
+    assert!(samples.iter().all(|s| s.labels.get("vm").map(String::as_str) != Some("b")), "b's series went");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn operator_rates_and_stops_are_restored_when_the_daemon_starts_again() {
+    let _lock = one_vm_at_a_time();
+    let daemon = Daemon::start("decisions", TWO_VMS);
+    let set = daemon.ctl(&["vm", "set-tick-rate", "a", "100"]);
+    assert!(set.status.success(), "{set:?}");
+    let said = String::from_utf8_lossy(&set.stdout);
+    assert!(said.starts_with("VM a: scheduler ticks at 100 Hz from now on"), "{said}");
+    assert!(daemon.ctl(&["vm", "stop", "b"]).status.success());
+    // SIGTERM stops every VM process: the next daemon starts them from its decisions.
+    let dir = daemon.dir.clone();
+    let mut daemon = daemon;
+    daemon.owns_dir = false;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state/state.json")).unwrap()).unwrap();
+    assert_eq!(state, serde_json::json!({"version": 1, "vms": {"a": {"operator_hz": 100}, "b": {"stopped": true}}}));
+
+    let daemon = Daemon::start_in(dir);
+    let list = daemon.list();
+    let a = list.iter().find(|vm| vm["name"] == "a").unwrap();
+    let b = list.iter().find(|vm| vm["name"] == "b").unwrap();
+    assert_eq!((a["state"].as_str(), a["configured_hz"].as_u64()), (Some("running"), Some(100)), "{a}");
+    assert_eq!((b["state"].as_str(), b["pid"].as_u64()), (Some("stopped"), None), "{b}");
+    let samples = daemon.wait_for(Duration::from_secs(5), |s| {
+        metric(s, "paratick_vm_tick_rate_hertz", &[("vm", "a"), ("source", "configured")]) == Some(100.0)
+    });
+    assert_eq!(value(&samples, "paratick_vm_tick_rate_hertz", &[("vm", "a"), ("source", "configured")]), 100.0);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_failing_vm_with_restart_on_failure_is_restarted_up_to_its_limit() {
+    let _lock = one_vm_at_a_time();
+    let config = "[[vm]]\nname = \"c\"\nmode = \"paratick\"\nworkload = \"crash\"\nrestart = \"on-failure\"\nrestart_limit = 2\n";
+    let daemon = Daemon::start("restart", config);
+    // Restarts after 1 s and 2 s, then it gives up.
+    let gave_up = wait_for_log_line(&daemon, "not restarted again");
+    assert!(gave_up.contains("VM c failed after 2 restarts within 10 min"), "{gave_up}");
+    let samples = daemon.scrape();
+    assert_eq!(value(&samples, "paratick_vm_restarts_total", &[("vm", "c")]), 2.0);
+    assert_eq!(value(&samples, "paratick_vm_state", &[("vm", "c"), ("state", "failed")]), 1.0);
+    let log = std::fs::read_to_string(daemon.dir.join("daemon.log")).unwrap();
+    for restart in ["VM c: restart 1 after its failure", "VM c: restart 2 after its failure"] {
+        assert_eq!(log.lines().filter(|l| l.contains(restart)).count(), 1, "{log}");
+    }
     assert_eq!(daemon.terminate().code(), Some(0));
 }

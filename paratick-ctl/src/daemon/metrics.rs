@@ -56,6 +56,10 @@ pub enum CounterFamily {
     Exits,
     /// Projected exits saved.
     ExitsSaved,
+    /// Work units the guest did.
+    WorkUnits,
+    /// Restarts by the restart policy.
+    Restarts,
     /// Exits of KVM processes the daemon did not start.
     ObservedExits,
     /// Events the observer could not record.
@@ -106,6 +110,16 @@ impl CounterFamily {
             CounterFamily::ExitsSaved => (
                 "paratick_vm_exits_saved_projected_total",
                 "Projection, not a measurement: VM exits a tickless guest doing the same work would have taken beyond this paratick VM's, by the exits model of this host's backend (calibrated by paratick-ctl bench where it ran, else its defaults; see README).",
+                &["vm"],
+            ),
+            CounterFamily::WorkUnits => (
+                "paratick_vm_work_units_total",
+                "Work units the guest's tasks did (what its throughput is measured in): exits and ticks per unit of work compare VMs doing different amounts of it.",
+                &["vm"],
+            ),
+            CounterFamily::Restarts => (
+                "paratick_vm_restarts_total",
+                "Times the daemon started the VM again after it failed (restart = \"on-failure\").",
                 &["vm"],
             ),
             CounterFamily::ObservedExits => (
@@ -244,6 +258,16 @@ impl ScrapedCounters {
         }
     }
 
+    /// Removes every series of the VM `vm` (a VM gone from the configuration), and what
+    /// its sources counted.
+    pub fn remove_vm(&self, vm: &str) {
+        let mut state = self.state();
+        let of_vm =
+            |family: CounterFamily, labels: &[String]| family.spec().2.first() == Some(&"vm") && labels[0] == vm;
+        state.carried.retain(|(family, labels), _| !of_vm(*family, labels));
+        state.sources.retain(|(family, _), source| !source.series.as_ref().is_some_and(|s| of_vm(*family, s)));
+    }
+
     /// Forgets the sources of `family` that `keep` refuses (processes that are gone);
     /// what they counted stays in their series.
     pub fn retain_sources(&self, family: CounterFamily, keep: impl Fn(&str) -> bool) {
@@ -320,6 +344,9 @@ impl Collector for ScrapedCounters {
     }
 }
 
+/// The `source` label values of `paratick_vm_tick_rate_hertz`.
+pub const TICK_RATE_SOURCES: [&str; 4] = ["requested", "configured", "effective", "observed"];
+
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let metric = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry.register(Box::new(metric.clone())).expect("unique metric");
@@ -369,6 +396,25 @@ impl Metrics {
             registry,
             counters,
         }
+    }
+
+    /// Removes the gauges of a VM as `config` describes it (gone from the configuration,
+    /// or configured anew: its info series carries its settings).
+    pub fn remove_vm_gauges(&self, config: &paratick_vmm::VmConfig) {
+        let name = config.name.as_str();
+        let _ = self.vm_info.remove_label_values(&[
+            name,
+            config.mode.name(),
+            &config.hz.to_string(),
+            &config.vcpus.to_string(),
+        ]);
+        for &state in paratick_vmm::VmState::VARIANTS {
+            let _ = self.vm_state.remove_label_values(&[name, state.name()]);
+        }
+        for source in TICK_RATE_SOURCES {
+            let _ = self.tick_rate.remove_label_values(&[name, source]);
+        }
+        let _ = self.vcpus_halted.remove_label_values(&[name]);
     }
 
     /// The text exposition of every metric.

@@ -1,11 +1,14 @@
 //! `paratick-ctl daemon`: runs the configured VMs, loads the eBPF observer once for the
 //! host, serves Prometheus metrics over HTTP and control requests on a Unix socket, tells
-//! systemd when it is ready (Type=notify), and stops every VM on SIGTERM.
+//! systemd when it is ready (Type=notify), reloads its configuration on SIGHUP, and stops
+//! every VM on SIGTERM.
 
 pub mod config;
 mod manager;
 pub use manager::SAMPLE_INTERVAL;
 mod metrics;
+mod restart;
+mod state;
 mod supervisor;
 
 use std::net::SocketAddr;
@@ -25,7 +28,7 @@ pub use config::{DaemonConfig, DEFAULT_CONFIG};
 use manager::{Command, Manager};
 
 /// Command-line overrides of the configuration.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Overrides {
     /// `--metrics-listen`.
     pub metrics_listen: Option<SocketAddr>,
@@ -37,8 +40,8 @@ pub struct Overrides {
 /// `TimeoutStopSec=30s`, so that systemd never has to kill it.
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(config_file: Option<&Path>, overrides: Overrides) -> Result<()> {
+/// The configuration in `config_file` (else the embedded default), with the overrides.
+fn load_config(config_file: Option<&Path>, overrides: &Overrides) -> Result<DaemonConfig> {
     let mut config = match config_file {
         Some(path) => DaemonConfig::load(path).with_context(|| format!("invalid configuration {}", path.display()))?,
         None => DaemonConfig::parse(DEFAULT_CONFIG).context("invalid embedded configuration")?,
@@ -46,18 +49,55 @@ pub fn run(config_file: Option<&Path>, overrides: Overrides) -> Result<()> {
     if let Some(listen) = overrides.metrics_listen {
         config.metrics_listen = listen;
     }
-    if let Some(socket) = overrides.socket {
-        config.socket = socket;
+    if let Some(socket) = &overrides.socket {
+        config.socket = socket.clone();
+    }
+    Ok(config)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config_file: Option<&Path>, overrides: Overrides) -> Result<()> {
+    let config = load_config(config_file, &overrides)?;
+    if config.vms.is_empty() {
+        log::info!("no VMs configured: the daemon watches the host's KVM VMs only");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, config_file, overrides))
 }
 
-async fn serve(config: DaemonConfig) -> Result<()> {
+/// Reloads the configuration (SIGHUP): a file that does not load is refused in one
+/// line, and the configuration in force stays.
+async fn reload(config_file: Option<&Path>, overrides: &Overrides, inbox: &mpsc::Sender<Command>) {
+    let Some(path) = config_file else {
+        log::warn!("SIGHUP: the daemon runs the embedded default configuration (no --config): nothing to reload");
+        return;
+    };
+    notify_systemd(&[sd_notify::NotifyState::Reloading]);
+    match load_config(Some(path), overrides) {
+        Err(e) => log::error!("SIGHUP: reload refused, the configuration in force stays: {e:#}"),
+        Ok(config) => {
+            let (reply, summary) = oneshot::channel();
+            if inbox.send(Command::Reload(Box::new(config), reply)).is_ok() {
+                if let Ok(summary) = summary.await {
+                    log::info!("SIGHUP: reloaded {}: {summary}", path.display());
+                }
+            }
+        }
+    }
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+}
+
+async fn serve(config: DaemonConfig, config_file: Option<&Path>, overrides: Overrides) -> Result<()> {
+    // Before anything else: from here on a signal is handled, never the default action
+    // (which for SIGHUP would end the daemon and leave its socket behind).
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
@@ -80,11 +120,12 @@ async fn serve(config: DaemonConfig) -> Result<()> {
     notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
     log::info!("paratick daemon ready: {status}");
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => log::info!("SIGTERM: stopping"),
-        _ = interrupt.recv() => log::info!("SIGINT: stopping"),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { log::info!("SIGTERM: stopping"); break }
+            _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break }
+            _ = hangup.recv() => reload(config_file, &overrides, &inbox).await,
+        }
     }
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     // Whatever the load, and whatever a VM process or the kernel's detaching of the

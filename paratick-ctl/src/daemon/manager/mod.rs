@@ -14,8 +14,10 @@ use paratick_vmm::kvm_stats::KvmExitCounts;
 use paratick_vmm::{Counters, VmConfig, VmState};
 use tokio::sync::oneshot;
 
-use super::config::DaemonConfig;
+use super::config::{DaemonConfig, VmEntry};
 use super::metrics::{CounterFamily, Metrics};
+use super::restart::{AfterFailure, Restarts, WINDOW as RESTART_WINDOW};
+use super::state::{OperatorState, VmDecisions};
 use super::supervisor::{Probe, Supervisor, VmLauncher, VmProcess, VmProcesses};
 use crate::backend::Backend;
 use crate::model::{ModelBackend, TimerModel};
@@ -36,9 +38,14 @@ pub enum Command {
     Render(oneshot::Sender<String>),
     /// The daemon is stopping: stop the VMs if no service manager will, then answer.
     Shutdown(oneshot::Sender<()>),
+    /// A new configuration (SIGHUP): answered with what changed.
+    Reload(Box<DaemonConfig>, oneshot::Sender<String>),
 }
 
 struct ManagedVm {
+    /// The VM as the configuration file has it.
+    entry: VmEntry,
+    /// What it runs with: the file's, with the operator's tick rate.
     config: VmConfig,
     state: VmState,
     error: Option<String>,
@@ -53,9 +60,36 @@ struct ManagedVm {
     observed_hz: f64,
     observed_sample: Option<(u64, f64)>,
     exits_per_s: f64,
+    /// Restarts by its restart policy.
+    restarts: Restarts,
+    /// Whether its current failure was seen by the restart policy.
+    failure_seen: bool,
 }
 
 impl ManagedVm {
+    /// A VM of `entry`, not started, with the operator's `decisions` applied.
+    fn new(entry: &VmEntry, decisions: &VmDecisions) -> ManagedVm {
+        let mut config = entry.config.clone();
+        if decisions.operator_hz.is_some() {
+            config.operator_hz = decisions.operator_hz;
+        }
+        ManagedVm {
+            entry: entry.clone(),
+            config,
+            state: VmState::Stopped,
+            error: None,
+            process: None,
+            sample: None,
+            halted_vcpus: 0,
+            effective_hz: 0.0,
+            observed_hz: 0.0,
+            observed_sample: None,
+            exits_per_s: 0.0,
+            restarts: Restarts::default(),
+            failure_seen: false,
+        }
+    }
+
     fn ended(&mut self, end: VmEnd) {
         self.process = None;
         self.state = end.state;
@@ -95,6 +129,10 @@ pub struct Manager<P = Supervisor, O = Observer> {
     metrics: Metrics,
     /// The observer's programs' runs as the kernel last counted them, all summed.
     observer_runs: u64,
+    /// The operators' decisions, kept on disk.
+    state: OperatorState,
+    /// The configuration in force.
+    config: DaemonConfig,
     started: Instant,
     status: DaemonStatus,
 }
@@ -132,27 +170,12 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             vms_running: 0,
             vms_total: config.vms.len(),
         };
-        let vms = config
-            .vms
-            .iter()
-            .map(|entry| ManagedVm {
-                config: entry.config.clone(),
-                state: VmState::Stopped,
-                error: None,
-                process: None,
-                sample: None,
-                halted_vcpus: 0,
-                effective_hz: 0.0,
-                observed_hz: 0.0,
-                observed_sample: None,
-                exits_per_s: 0.0,
-            })
-            .collect();
-        let (model, problem) = TimerModel::load(&config.timer_model, ModelBackend::of_host());
+        let (state, problem) = OperatorState::load(&config.state_dir);
         if let Some(problem) = problem {
-            log::warn!("{problem}");
+            log::error!("{:#}", anyhow::Error::new(problem));
         }
-        log::info!("exits model: {} ({}, {})", model.backend, model.source, config.timer_model.display());
+        let vms = config.vms.iter().map(|entry| ManagedVm::new(entry, &state.of(&entry.config.name))).collect();
+        let model = Self::load_model(config);
         let mut manager = Self {
             vms,
             projection: model.clone(),
@@ -161,28 +184,68 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             observer,
             metrics: Metrics::new(),
             observer_runs: 0,
+            state,
+            config: config.clone(),
             started: Instant::now(),
             status,
         };
-        for (index, entry) in config.vms.iter().enumerate() {
-            let managed = &mut manager.vms[index];
-            match manager.supervisor.adopt(&managed.config.name) {
-                Some(Ok((process, status))) => {
-                    log::info!("VM {} is running (pid {}): adopted", managed.config.name, process.pid);
-                    managed.running(process, &status);
-                    if let Some(hz) = status.counters.operator_hz {
-                        managed.config.operator_hz = Some(hz);
-                    }
-                }
-                // It ended while no daemon watched, or was stopped by the operator:
-                // shown as it ended, not started again.
-                Some(Err(end)) => managed.ended(end),
-                None if entry.autostart => manager.start_vm(index),
-                None => {}
-            }
+        for index in 0..manager.vms.len() {
+            manager.adopt_or_start(index);
         }
         manager.update();
         manager
+    }
+
+    fn load_model(config: &DaemonConfig) -> TimerModel {
+        let (model, problem) = TimerModel::load(&config.timer_model, ModelBackend::of_host());
+        if let Some(problem) = problem {
+            log::warn!("{problem}");
+        }
+        log::info!("exits model: {} ({}, {})", model.backend, model.source, config.timer_model.display());
+        model
+    }
+
+    /// Adopts the VM's process if it runs; else starts it if it starts with the daemon
+    /// and the operator did not stop it.
+    fn adopt_or_start(&mut self, index: usize) {
+        let name = self.vms[index].config.name.clone();
+        let decisions = self.state.of(&name);
+        match self.supervisor.adopt(&name) {
+            Some(Ok((process, status))) => {
+                log::info!("VM {name} is running (pid {}): adopted", process.pid);
+                self.vms[index].running(process, &status);
+                // The operator's rate as kept on disk is the decision; a VM that lost it
+                // (started again by hand) is given it again.
+                match decisions.operator_hz {
+                    Some(hz) if status.counters.operator_hz != Some(hz) => {
+                        if let Err(e) = self.send_tick_rate(index, Some(hz)) {
+                            log::error!("VM {name}: cannot restore the operator's tick rate {hz} Hz: {e}");
+                        }
+                    }
+                    Some(_) => {}
+                    None => self.vms[index].config.operator_hz = status.counters.operator_hz,
+                }
+            }
+            // It ended while no daemon watched, or was stopped by the operator:
+            // shown as it ended, not started again (its restart policy may).
+            Some(Err(end)) => self.vms[index].ended(end),
+            None if decisions.stopped => {
+                log::info!("VM {name} stays stopped: the operator stopped it (`vm start {name}` starts it)")
+            }
+            None if self.vms[index].entry.autostart => self.start_vm(index),
+            None => {}
+        }
+    }
+
+    /// Writes the operator's decision about `vm`; a failure to keep it is logged, and
+    /// the decision applies anyway.
+    fn keep_decision(&mut self, vm: &str, change: impl FnOnce(&mut VmDecisions)) -> Option<String> {
+        let kept = self.state.update(vm, change);
+        kept.err().map(|e| {
+            let message = format!("{:#}", anyhow::Error::new(e));
+            log::error!("VM {vm}: the operator's decision applies but is not kept: {message}");
+            message
+        })
     }
 
     /// Serves commands until `Shutdown` (or until the sender is gone). Under a systemd
@@ -204,6 +267,9 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                     self.shut_down();
                     let _ = reply.send(());
                     return;
+                }
+                Ok(Command::Reload(config, reply)) => {
+                    let _ = reply.send(self.reload(*config));
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     self.update();
@@ -252,6 +318,8 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 Ok(index) => {
                     // A VM that has just ended may still have its process, on its way out.
                     self.stop_vm(index);
+                    self.vms[index].restarts.reset();
+                    self.keep_decision(&vm, |d| d.stopped = false);
                     self.start_vm(index);
                     match &self.vms[index].error {
                         Some(error) => Response::error(format!("VM {vm} failed to start: {error}")),
@@ -261,11 +329,20 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             },
             Request::Stop { vm } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
+                // A failed VM waiting for its restart is stopped by cancelling the restart.
+                Ok(index) if self.vms[index].restarts.pending() && self.vms[index].process.is_none() => {
+                    self.vms[index].restarts.reset();
+                    self.keep_decision(&vm, |d| d.stopped = true);
+                    Response::ok()
+                }
                 Ok(index) if self.vms[index].process.is_none() || !self.vms[index].state.can_stop() => {
                     Response::error(format!("VM {vm} is not running (it is {})", self.vms[index].state))
                 }
                 Ok(index) => {
                     self.stop_vm(index);
+                    self.vms[index].restarts.reset();
+                    // Kept, so that it stays stopped when the daemon starts again.
+                    self.keep_decision(&vm, |d| d.stopped = true);
                     Response::ok()
                 }
             },
@@ -281,12 +358,9 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 managed.config.mode.name()
             ));
         }
+        let running = managed.process.is_some();
         let checked = match &managed.process {
-            Some(_) => match self.supervisor.request(&managed.config.name, &VmRequest::SetTickRate { hz }) {
-                Ok(reply) if reply.ok => Ok(()),
-                Ok(reply) => Err(reply.error.unwrap_or_else(|| "refused".into())),
-                Err(e) => Err(format!("VM {} did not take the rate: {e}", managed.config.name)),
-            },
+            Some(_) => self.send_tick_rate(index, hz),
             None => hz.map_or(Ok(()), |hz| {
                 VmConfig { operator_hz: Some(hz), ..managed.config.clone() }
                     .validate()
@@ -297,10 +371,33 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         match checked {
             Err(e) => Response::error(e),
             Ok(()) => {
-                // Kept for the next start, too.
-                managed.config.operator_hz = hz;
-                Response::ok()
+                // Kept for the next start, and on disk for the next daemon.
+                self.vms[index].config.operator_hz = hz;
+                let name = self.vms[index].config.name.clone();
+                let when = if running { "from now on" } else { "from its next start" };
+                let done = match hz {
+                    Some(hz) => format!(
+                        "VM {name}: scheduler ticks at {hz} Hz {when}, on each vCPU whose guest asks for ticks (a vCPU \
+                         that needs no scheduler tick, idle or with one task, asks for none and gets none); kept across \
+                         daemon restarts"
+                    ),
+                    None => format!("VM {name}: ticks at the rate its guest asks for {when}"),
+                };
+                match self.keep_decision(&name, |d| d.operator_hz = hz) {
+                    None => Response::done(done),
+                    Some(problem) => Response::error(format!("{done}, but not kept across restarts: {problem}")),
+                }
             }
+        }
+    }
+
+    /// Sends a tick rate to the VM's process.
+    fn send_tick_rate(&self, index: usize, hz: Option<u32>) -> Result<(), String> {
+        let name = &self.vms[index].config.name;
+        match self.supervisor.request(name, &VmRequest::SetTickRate { hz }) {
+            Ok(reply) if reply.ok => Ok(()),
+            Ok(reply) => Err(reply.error.unwrap_or_else(|| "refused".into())),
+            Err(e) => Err(format!("VM {name} did not take the rate: {e}")),
         }
     }
 
@@ -308,6 +405,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         let managed = &mut self.vms[index];
         managed.sample = None;
         managed.state = VmState::Starting;
+        managed.failure_seen = false;
         match self.supervisor.start(&managed.config) {
             Ok((process, status)) => {
                 log::info!(
@@ -390,6 +488,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 }
             });
         }
+        self.apply_restart_policies(Instant::now());
         let snapshot = match &mut self.observer {
             Ok(observer) => {
                 observer.flush_logs();
@@ -431,6 +530,134 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 log::warn!("observer: {e}");
             }
         }
+    }
+
+    /// Schedules the restart of each VM that failed since the last sample, as its policy
+    /// says, and starts those whose restart is due at `now`.
+    fn apply_restart_policies(&mut self, now: Instant) {
+        for index in 0..self.vms.len() {
+            let managed = &mut self.vms[index];
+            let name = managed.config.name.clone();
+            if managed.state == VmState::Failed && !managed.failure_seen {
+                managed.failure_seen = true;
+                match managed.restarts.failed(managed.entry.restart, managed.entry.restart_limit, now) {
+                    AfterFailure::Stay => {}
+                    AfterFailure::RestartAt(at) => {
+                        log::info!("VM {name} failed: restarting it in {:.0?} (restart = \"on-failure\")", at - now)
+                    }
+                    AfterFailure::GiveUp(count) => log::error!(
+                        "VM {name} failed after {count} restarts within {} min: not restarted again (restart_limit); \
+                         `vm start {name}` starts it",
+                        RESTART_WINDOW.as_secs() / 60
+                    ),
+                }
+            }
+            if managed.restarts.take_due(now) {
+                log::info!("VM {name}: restart {} after its failure", managed.restarts.total);
+                // A failed VM may still have its process (a guest that panicked).
+                self.stop_vm(index);
+                self.start_vm(index);
+            }
+        }
+    }
+
+    /// Applies a new configuration: VMs added are started (if they start with the
+    /// daemon), VMs removed are stopped and their series removed, VMs whose settings
+    /// changed are restarted (if they were running), the others are not touched. The
+    /// listen addresses, socket and launcher apply at the daemon's next start; the
+    /// exits model is read again. Returns what changed.
+    fn reload(&mut self, new: DaemonConfig) -> String {
+        let old = std::mem::replace(&mut self.config, new.clone());
+        let mut deferred = Vec::new();
+        for (key, changed) in [
+            ("metrics_listen", old.metrics_listen != new.metrics_listen),
+            ("socket", old.socket != new.socket),
+            ("socket_group", old.socket_group != new.socket_group),
+            ("vm_launcher", old.vm_launcher != new.vm_launcher),
+            ("state_dir", old.state_dir != new.state_dir),
+        ] {
+            if changed {
+                deferred.push(key);
+            }
+        }
+        if !deferred.is_empty() {
+            log::warn!("reload: {} changed: applies when the daemon starts again", deferred.join(", "));
+        }
+        self.model = Self::load_model(&new);
+        let (mut added, mut removed, mut changed, mut unchanged) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for index in (0..self.vms.len()).rev() {
+            let name = self.vms[index].config.name.clone();
+            if !new.vms.iter().any(|entry| entry.config.name == name) {
+                self.stop_vm(index);
+                let gone = self.vms.remove(index);
+                self.metrics.remove_vm_gauges(&gone.config);
+                self.metrics.counters.remove_vm(&name);
+                removed.push(name);
+            }
+        }
+        let mut old_vms = std::mem::take(&mut self.vms);
+        let mut to_start = Vec::new();
+        for entry in &new.vms {
+            let name = &entry.config.name;
+            let decisions = self.state.of(name);
+            match old_vms.iter().position(|vm| vm.config.name == *name) {
+                Some(position) if old_vms[position].entry == *entry => {
+                    self.vms.push(old_vms.remove(position));
+                    unchanged.push(name.clone());
+                }
+                Some(position) => {
+                    let mut vm = old_vms.remove(position);
+                    let was_running = vm.process.is_some();
+                    if let Some(mut process) = vm.process.take() {
+                        vm.state = VmState::Stopping;
+                        let end = self.supervisor.stop(name, &mut process);
+                        vm.ended(end);
+                        self.supervisor.forget_end(name);
+                    }
+                    self.metrics.remove_vm_gauges(&vm.config);
+                    let fresh = ManagedVm::new(entry, &decisions);
+                    vm.entry = fresh.entry;
+                    vm.config = fresh.config;
+                    vm.restarts.reset();
+                    if was_running {
+                        to_start.push(self.vms.len());
+                    }
+                    self.vms.push(vm);
+                    changed.push(name.clone());
+                }
+                None => {
+                    if entry.autostart && !decisions.stopped {
+                        to_start.push(self.vms.len());
+                    }
+                    self.vms.push(ManagedVm::new(entry, &decisions));
+                    added.push(name.clone());
+                }
+            }
+        }
+        for index in to_start {
+            self.start_vm(index);
+        }
+        let names: Vec<String> = self.vms.iter().map(|vm| vm.config.name.clone()).collect();
+        if let Err(e) = self.state.retain(|name| names.iter().any(|n| n == name)) {
+            log::error!("reload: the decisions about removed VMs are not forgotten: {:#}", anyhow::Error::new(e));
+        }
+        self.status.vms_total = self.vms.len();
+        removed.reverse();
+        let list = |what: &str, names: &[String]| {
+            format!("{what} {}", if names.is_empty() { "none".to_string() } else { names.join(", ") })
+        };
+        let mut summary = [
+            list("added", &added),
+            list("removed", &removed),
+            list("changed (restarted if it ran)", &changed),
+            list("unchanged", &unchanged),
+        ]
+        .join("; ");
+        if !deferred.is_empty() {
+            summary.push_str(&format!("; {} apply at the next start", deferred.join(", ")));
+        }
+        self.update();
+        summary
     }
 
     /// The model with its exits per timer interrupt measured on this daemon's tickless
@@ -507,6 +734,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         for &state in VmState::VARIANTS {
             metrics.vm_state.with_label_values(&[&name, state.name()]).set(f64::from(u8::from(state == managed.state)));
         }
+        metrics.counters.report_own(CounterFamily::Restarts, &[&name], managed.restarts.total);
         let Some(status) = status else {
             if managed.process.is_none() {
                 metrics.vcpus_halted.with_label_values(&[&name]).set(0.0);
@@ -564,6 +792,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         metrics.counters.report_own(CounterFamily::TicksSkippedIdle, &[&name], counters.ticks_skipped_idle);
         metrics.counters.report_own(CounterFamily::TickRequestsClamped, &[&name], counters.tick_requests_clamped);
         metrics.counters.report_own(CounterFamily::GuestTicks, &[&name], counters.guest_ticks.total);
+        metrics.counters.report_own(CounterFamily::WorkUnits, &[&name], counters.work_units);
         metrics.counters.report_own(CounterFamily::ExitsSaved, &[&name], self.projection.exits_saved(&counters));
         metrics.vcpus_halted.with_label_values(&[&name]).set(f64::from(status.halted_vcpus));
         match observed {
@@ -690,345 +919,11 @@ fn vm_info(managed: &ManagedVm, model: &TimerModel) -> VmInfo {
         exits_per_s: managed.exits_per_s,
         exits: counters.map_or(0, |c| c.kvm_stats.exits),
         exits_saved: counters.map_or(0, |c| model.exits_saved(c)),
+        work_units: counters.map_or(0, |c| c.work_units),
+        exits_per_unit: counters.filter(|c| c.work_units > 0).map(|c| c.kvm_stats.exits as f64 / c.work_units as f64),
+        restarts: managed.restarts.total,
     }
 }
 
 #[cfg(test)]
-mod tests {
-    //! The manager's bookkeeping against fake VM processes and a fake event source:
-    //! what it asks of them, what it answers, and the metrics it renders.
-
-    use std::collections::BTreeSet;
-    use std::sync::Mutex;
-
-    use paratick_common::event::{EventKey, EventKind, EventStats};
-    use paratick_vmm::control::{ControlError, VmReply};
-
-    use super::*;
-    use crate::observer::{ObserverError, ProgramRunStats, Snapshot};
-
-    /// VM processes as a map: each "process" is a status the fake answers with.
-    struct FakeProcesses {
-        launcher: VmLauncher,
-        running: Mutex<BTreeMap<String, VmProcessStatus>>,
-        ends: Mutex<BTreeMap<String, VmEnd>>,
-        /// VMs whose start fails.
-        broken: BTreeSet<String>,
-        /// What the manager asked, in order.
-        asked: Mutex<Vec<String>>,
-    }
-
-    impl FakeProcesses {
-        fn new(launcher: VmLauncher) -> FakeProcesses {
-            FakeProcesses {
-                launcher,
-                running: Mutex::default(),
-                ends: Mutex::default(),
-                broken: BTreeSet::new(),
-                asked: Mutex::default(),
-            }
-        }
-
-        fn status(name: &str, pid: u32) -> VmProcessStatus {
-            VmProcessStatus {
-                name: name.into(),
-                pid,
-                state: VmState::Running,
-                error: None,
-                halted_vcpus: 0,
-                uptime_s: 1.0,
-                counters: Counters::default(),
-            }
-        }
-
-        fn ask(&self, what: String) {
-            self.asked.lock().unwrap().push(what);
-        }
-
-        fn asked(&self) -> Vec<String> {
-            std::mem::take(&mut *self.asked.lock().unwrap())
-        }
-
-        /// The VM process of `name` ends by itself (the guest failed).
-        fn fail(&self, name: &str, error: &str) {
-            let status = self.running.lock().unwrap().remove(name).unwrap();
-            let end = VmEnd {
-                name: name.into(),
-                pid: status.pid,
-                state: VmState::Failed,
-                error: Some(error.into()),
-                counters: None,
-            };
-            self.ends.lock().unwrap().insert(name.into(), end);
-        }
-    }
-
-    impl VmProcesses for FakeProcesses {
-        fn launcher(&self) -> VmLauncher {
-            self.launcher
-        }
-
-        fn request(&self, name: &str, request: &VmRequest) -> Result<VmReply, ControlError> {
-            self.ask(format!("{name}: {}", serde_json::to_string(request).unwrap()));
-            let mut running = self.running.lock().unwrap();
-            let Some(status) = running.get_mut(name) else {
-                let source = std::io::Error::from(std::io::ErrorKind::NotFound);
-                return Err(ControlError::Connect { path: format!("/fake/{name}.sock").into(), source });
-            };
-            Ok(match request {
-                VmRequest::Status {} => VmReply { status: Some(status.clone()), ..VmReply::ok() },
-                VmRequest::SetTickRate { hz: Some(hz) } if !(10..=4000).contains(hz) => {
-                    VmReply::error(format!("the tick rate must be 10 to 4000 Hz, not {hz}"))
-                }
-                VmRequest::SetTickRate { hz } => {
-                    status.counters.operator_hz = *hz;
-                    VmReply::ok()
-                }
-                VmRequest::Stop {} => unreachable!("the manager stops VMs by stop()"),
-            })
-        }
-
-        fn adopt(&self, name: &str) -> Option<Result<(VmProcess, Box<VmProcessStatus>), VmEnd>> {
-            if let Some(status) = self.running.lock().unwrap().get(name) {
-                return Some(Ok((VmProcess::found(status.pid), Box::new(status.clone()))));
-            }
-            self.ends.lock().unwrap().get(name).cloned().map(Err)
-        }
-
-        fn forget_end(&self, name: &str) {
-            self.ask(format!("{name}: forget end"));
-            self.ends.lock().unwrap().remove(name);
-        }
-
-        fn start(&self, config: &VmConfig) -> Result<(VmProcess, Box<VmProcessStatus>), String> {
-            self.ask(format!("{}: start", config.name));
-            if self.broken.contains(&config.name) {
-                return Err("paratick-vmm exited with status 1".into());
-            }
-            let pid = 4_000_000 + self.running.lock().unwrap().len() as u32;
-            let mut status = FakeProcesses::status(&config.name, pid);
-            status.counters.operator_hz = config.operator_hz;
-            self.running.lock().unwrap().insert(config.name.clone(), status.clone());
-            Ok((VmProcess::found(pid), Box::new(status)))
-        }
-
-        fn probe(&self, name: &str, _process: &mut VmProcess) -> Probe {
-            if let Some(status) = self.running.lock().unwrap().get(name) {
-                return Probe::Status(Box::new(status.clone()));
-            }
-            match self.ends.lock().unwrap().get(name) {
-                Some(end) => Probe::Ended(Box::new(end.clone())),
-                None => Probe::Silent("starting".into()),
-            }
-        }
-
-        fn stop(&self, name: &str, process: &mut VmProcess) -> VmEnd {
-            self.ask(format!("{name}: stop"));
-            self.running.lock().unwrap().remove(name);
-            let end =
-                VmEnd { name: name.into(), pid: process.pid, state: VmState::Stopped, error: None, counters: None };
-            self.ends.lock().unwrap().insert(name.into(), end.clone());
-            end
-        }
-    }
-
-    /// KVM events of other processes: `exits` KVM exits for each pid.
-    #[derive(Default)]
-    struct FakeEvents {
-        exits: BTreeMap<u32, u64>,
-        tracepoints: BTreeMap<&'static str, TracepointState>,
-    }
-
-    impl EventSource for FakeEvents {
-        fn kvm_counters_state(&self) -> Result<(), &str> {
-            Ok(())
-        }
-
-        fn program_run_stats(&self) -> BTreeMap<&'static str, ProgramRunStats> {
-            BTreeMap::new()
-        }
-
-        fn kvm_counters(&mut self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
-            let counts = |exits| KvmExitCounts { exits, io_exits: exits, ..KvmExitCounts::default() };
-            Ok(self.exits.iter().map(|(&pid, &exits)| (pid, BTreeMap::from([(0, counts(exits))]))).collect())
-        }
-
-        fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError> {
-            self.exits.retain(|&pid, _| !gone(pid));
-            Ok(())
-        }
-
-        fn tracepoints(&self) -> &BTreeMap<&'static str, TracepointState> {
-            &self.tracepoints
-        }
-
-        fn backend(&self) -> Backend {
-            Backend::Pvm
-        }
-
-        fn flush_logs(&mut self) {}
-
-        fn snapshot(&self) -> Result<Snapshot, ObserverError> {
-            let key = |tgid| EventKey { tgid, vcpu: 0, kind: EventKind::KvmPio as u16, aux: 0, detail: 0x80 };
-            let events = self.exits.keys().map(|&pid| (key(pid), EventStats { count: 1, sum_ns: 0 })).collect();
-            Ok(Snapshot { events, ..Snapshot::default() })
-        }
-    }
-
-    const VMS: &str = r#"
-        [[vm]]
-        name = "p"
-        mode = "paratick"
-        workload = "io"
-        [[vm]]
-        name = "t"
-        mode = "tickless"
-        workload = "io"
-        [[vm]]
-        name = "manual"
-        mode = "paratick"
-        workload = "io"
-        autostart = false
-    "#;
-
-    fn manager(processes: FakeProcesses, events: Result<FakeEvents, String>) -> Manager<FakeProcesses, FakeEvents> {
-        let text = format!("timer_model = \"/nonexistent/timer-model.json\"\n{VMS}");
-        let config = DaemonConfig::parse(&text).unwrap();
-        Manager::with(&config, "http://test/metrics".into(), processes, events)
-    }
-
-    fn ask(manager: &mut Manager<FakeProcesses, FakeEvents>, request: &str) -> Response {
-        manager.handle(serde_json::from_str(request).unwrap())
-    }
-
-    fn vm<'a>(manager: &'a Manager<FakeProcesses, FakeEvents>, name: &str) -> &'a ManagedVm {
-        &manager.vms[manager.find(name).unwrap()]
-    }
-
-    #[test]
-    fn it_adopts_running_vms_starts_the_other_autostart_ones_and_shows_an_ended_one_as_it_ended() {
-        let processes = FakeProcesses::new(VmLauncher::Process);
-        let mut adopted = FakeProcesses::status("p", 777);
-        adopted.counters.operator_hz = Some(125);
-        processes.running.lock().unwrap().insert("p".into(), adopted);
-        let failed =
-            VmEnd { name: "t".into(), pid: 9, state: VmState::Failed, error: Some("gone".into()), counters: None };
-        processes.ends.lock().unwrap().insert("t".into(), failed);
-        let mut manager = manager(processes, Err("none".into()));
-
-        assert_eq!(manager.supervisor.asked(), Vec::<String>::new(), "nothing started, nothing asked twice");
-        assert_eq!((vm(&manager, "p").state, vm(&manager, "p").pid()), (VmState::Running, Some(777)));
-        assert_eq!(vm(&manager, "p").config.operator_hz, Some(125), "the running VM's operator rate is kept");
-        assert_eq!((vm(&manager, "t").state, vm(&manager, "t").error.as_deref()), (VmState::Failed, Some("gone")));
-        assert_eq!((vm(&manager, "manual").state, vm(&manager, "manual").pid()), (VmState::Stopped, None));
-
-        let list = ask(&mut manager, r#"{"cmd":"list"}"#).vms.unwrap();
-        assert_eq!(
-            list.iter().map(|v| (v.name.as_str(), v.state)).collect::<Vec<_>>(),
-            [("p", VmState::Running), ("t", VmState::Failed), ("manual", VmState::Stopped)]
-        );
-        let status = ask(&mut manager, r#"{"cmd":"status"}"#).status.unwrap();
-        assert_eq!((status.vms_running, status.vms_total, status.vm_launcher.as_str()), (1, 3, "process"));
-        assert!(status.observer.contains("none"), "the observer's problem is shown: {}", status.observer);
-        assert!(manager.metrics.render().contains("paratick_observer_up 0"));
-    }
-
-    #[test]
-    fn tick_rates_go_to_paratick_vm_processes_only_and_a_refused_rate_changes_nothing() {
-        let mut manager = manager(FakeProcesses::new(VmLauncher::Process), Err("none".into()));
-        assert_eq!(manager.supervisor.asked(), ["p: start", "t: start"]);
-
-        let refused = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"t","hz":100}"#);
-        assert!(refused.error.unwrap().contains("runs a tickless guest"));
-        let unknown = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"x","hz":100}"#);
-        assert_eq!(unknown.error.unwrap(), "unknown VM \"x\"; known VMs: p, t, manual");
-        assert_eq!(manager.supervisor.asked(), Vec::<String>::new(), "neither reached a VM process");
-
-        let out_of_range = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":5}"#);
-        assert_eq!(out_of_range.error.unwrap(), "the tick rate must be 10 to 4000 Hz, not 5");
-        assert_eq!(vm(&manager, "p").config.operator_hz, None, "a refused rate is not kept");
-        assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#).ok);
-        assert_eq!(
-            manager.supervisor.asked(),
-            [r#"p: {"cmd":"set_tick_rate","hz":5}"#, r#"p: {"cmd":"set_tick_rate","hz":100}"#]
-        );
-        assert_eq!(vm(&manager, "p").config.operator_hz, Some(100));
-
-        // A VM without a process: checked here, kept for its start, which passes it on.
-        let stopped = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"manual","hz":5000}"#);
-        assert_eq!(stopped.error.unwrap(), "the tick rate must be 10 to 4000 Hz, not 5000");
-        assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"manual","hz":200}"#).ok);
-        assert!(ask(&mut manager, r#"{"cmd":"start","vm":"manual"}"#).ok);
-        assert_eq!(manager.supervisor.running.lock().unwrap()["manual"].counters.operator_hz, Some(200));
-    }
-
-    #[test]
-    fn starts_and_stops_are_checked_against_the_state_and_failures_are_shown() {
-        let mut processes = FakeProcesses::new(VmLauncher::Process);
-        processes.broken.insert("manual".into());
-        let mut manager = manager(processes, Err("none".into()));
-        manager.supervisor.asked();
-
-        let again = ask(&mut manager, r#"{"cmd":"start","vm":"p"}"#);
-        assert_eq!(again.error.unwrap(), "VM p is already running");
-        let not_running = ask(&mut manager, r#"{"cmd":"stop","vm":"manual"}"#);
-        assert_eq!(not_running.error.unwrap(), "VM manual is not running (it is stopped)");
-        let broken = ask(&mut manager, r#"{"cmd":"start","vm":"manual"}"#);
-        assert_eq!(broken.error.unwrap(), "VM manual failed to start: paratick-vmm exited with status 1");
-        assert_eq!(vm(&manager, "manual").state, VmState::Failed);
-        assert_eq!(manager.supervisor.asked(), ["manual: start"]);
-
-        assert!(ask(&mut manager, r#"{"cmd":"stop","vm":"p"}"#).ok);
-        assert_eq!(manager.supervisor.asked(), ["p: stop"]);
-        assert_eq!((vm(&manager, "p").state, vm(&manager, "p").pid()), (VmState::Stopped, None));
-
-        // A VM process that ends by itself is seen at the next sample.
-        manager.supervisor.fail("t", "guest panicked: oops");
-        manager.update();
-        assert_eq!(
-            (vm(&manager, "t").state, vm(&manager, "t").error.as_deref()),
-            (VmState::Failed, Some("guest panicked: oops"))
-        );
-        let metrics = manager.metrics.render();
-        assert!(metrics.contains("paratick_vm_state{state=\"failed\",vm=\"t\"} 1"), "{metrics}");
-        assert!(metrics.contains("paratick_vm_state{state=\"running\",vm=\"t\"} 0"), "{metrics}");
-    }
-
-    #[test]
-    fn the_daemon_stops_its_own_vm_processes_but_leaves_systemd_units_to_systemd() {
-        let mut own = manager(FakeProcesses::new(VmLauncher::Process), Err("none".into()));
-        own.supervisor.asked();
-        own.shut_down();
-        let mut asked = own.supervisor.asked();
-        asked.sort();
-        assert_eq!(asked, ["p: forget end", "p: stop", "t: forget end", "t: stop"]);
-        assert!(own.vms.iter().all(|vm| vm.process.is_none() && vm.state == VmState::Stopped));
-
-        let mut units = manager(FakeProcesses::new(VmLauncher::Systemd), Err("none".into()));
-        units.supervisor.asked();
-        units.shut_down();
-        assert_eq!(units.supervisor.asked(), Vec::<String>::new());
-        assert_eq!(vm(&units, "p").state, VmState::Running);
-    }
-
-    #[test]
-    fn another_kvm_process_gets_exit_series_until_it_exits() {
-        let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
-        let pid = other.id();
-        let events = FakeEvents { exits: BTreeMap::from([(pid, 500)]), ..FakeEvents::default() };
-        let mut manager = manager(FakeProcesses::new(VmLauncher::Process), Ok(events));
-        let series =
-            format!("paratick_observed_vm_exits_total{{name=\"sleep\",pid=\"{pid}\",reason=\"io_exits\"}} 500");
-        let metrics = manager.metrics.render();
-        assert!(metrics.contains(&series), "{metrics}");
-        assert!(metrics.contains("paratick_observer_up 1"));
-
-        other.kill().unwrap();
-        other.wait().unwrap();
-        manager.update();
-        let metrics = manager.metrics.render();
-        assert!(!metrics.contains(&format!("pid=\"{pid}\"")), "the exited process's series went: {metrics}");
-        let forgotten = manager.observer.as_ref().unwrap().exits.is_empty();
-        assert!(forgotten, "the event source was told to forget it");
-    }
-}
+mod tests;

@@ -1,0 +1,473 @@
+//! The manager's bookkeeping against fake VM processes and a fake event source:
+//! what it asks of them, what it answers, and the metrics it renders.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use paratick_common::event::{EventKey, EventKind, EventStats};
+use paratick_vmm::control::{ControlError, VmReply};
+
+use super::*;
+use crate::observer::{ObserverError, ProgramRunStats, Snapshot};
+
+/// VM processes as a map: each "process" is a status the fake answers with.
+struct FakeProcesses {
+    launcher: VmLauncher,
+    running: Mutex<BTreeMap<String, VmProcessStatus>>,
+    ends: Mutex<BTreeMap<String, VmEnd>>,
+    /// VMs whose start fails.
+    broken: BTreeSet<String>,
+    /// What the manager asked, in order.
+    asked: Mutex<Vec<String>>,
+}
+
+impl FakeProcesses {
+    fn new(launcher: VmLauncher) -> FakeProcesses {
+        FakeProcesses {
+            launcher,
+            running: Mutex::default(),
+            ends: Mutex::default(),
+            broken: BTreeSet::new(),
+            asked: Mutex::default(),
+        }
+    }
+
+    fn status(name: &str, pid: u32) -> VmProcessStatus {
+        VmProcessStatus {
+            name: name.into(),
+            pid,
+            state: VmState::Running,
+            error: None,
+            halted_vcpus: 0,
+            uptime_s: 1.0,
+            counters: Counters::default(),
+        }
+    }
+
+    fn ask(&self, what: String) {
+        self.asked.lock().unwrap().push(what);
+    }
+
+    fn asked(&self) -> Vec<String> {
+        std::mem::take(&mut *self.asked.lock().unwrap())
+    }
+
+    /// The VM process of `name` ends by itself (the guest failed).
+    fn fail(&self, name: &str, error: &str) {
+        let status = self.running.lock().unwrap().remove(name).unwrap();
+        let end = VmEnd {
+            name: name.into(),
+            pid: status.pid,
+            state: VmState::Failed,
+            error: Some(error.into()),
+            counters: None,
+        };
+        self.ends.lock().unwrap().insert(name.into(), end);
+    }
+}
+
+impl VmProcesses for FakeProcesses {
+    fn launcher(&self) -> VmLauncher {
+        self.launcher
+    }
+
+    fn request(&self, name: &str, request: &VmRequest) -> Result<VmReply, ControlError> {
+        self.ask(format!("{name}: {}", serde_json::to_string(request).unwrap()));
+        let mut running = self.running.lock().unwrap();
+        let Some(status) = running.get_mut(name) else {
+            let source = std::io::Error::from(std::io::ErrorKind::NotFound);
+            return Err(ControlError::Connect { path: format!("/fake/{name}.sock").into(), source });
+        };
+        Ok(match request {
+            VmRequest::Status {} => VmReply { status: Some(status.clone()), ..VmReply::ok() },
+            VmRequest::SetTickRate { hz: Some(hz) } if !(10..=4000).contains(hz) => {
+                VmReply::error(format!("the tick rate must be 10 to 4000 Hz, not {hz}"))
+            }
+            VmRequest::SetTickRate { hz } => {
+                status.counters.operator_hz = *hz;
+                VmReply::ok()
+            }
+            VmRequest::Stop {} => unreachable!("the manager stops VMs by stop()"),
+        })
+    }
+
+    fn adopt(&self, name: &str) -> Option<Result<(VmProcess, Box<VmProcessStatus>), VmEnd>> {
+        if let Some(status) = self.running.lock().unwrap().get(name) {
+            return Some(Ok((VmProcess::found(status.pid), Box::new(status.clone()))));
+        }
+        self.ends.lock().unwrap().get(name).cloned().map(Err)
+    }
+
+    fn forget_end(&self, name: &str) {
+        self.ask(format!("{name}: forget end"));
+        self.ends.lock().unwrap().remove(name);
+    }
+
+    fn start(&self, config: &VmConfig) -> Result<(VmProcess, Box<VmProcessStatus>), String> {
+        self.ask(format!("{}: start", config.name));
+        if self.broken.contains(&config.name) {
+            return Err("paratick-vmm exited with status 1".into());
+        }
+        let pid = 4_000_000 + self.running.lock().unwrap().len() as u32;
+        let mut status = FakeProcesses::status(&config.name, pid);
+        status.counters.operator_hz = config.operator_hz;
+        self.running.lock().unwrap().insert(config.name.clone(), status.clone());
+        Ok((VmProcess::found(pid), Box::new(status)))
+    }
+
+    fn probe(&self, name: &str, _process: &mut VmProcess) -> Probe {
+        if let Some(status) = self.running.lock().unwrap().get(name) {
+            return Probe::Status(Box::new(status.clone()));
+        }
+        match self.ends.lock().unwrap().get(name) {
+            Some(end) => Probe::Ended(Box::new(end.clone())),
+            None => Probe::Silent("starting".into()),
+        }
+    }
+
+    fn stop(&self, name: &str, process: &mut VmProcess) -> VmEnd {
+        self.ask(format!("{name}: stop"));
+        self.running.lock().unwrap().remove(name);
+        let end = VmEnd { name: name.into(), pid: process.pid, state: VmState::Stopped, error: None, counters: None };
+        self.ends.lock().unwrap().insert(name.into(), end.clone());
+        end
+    }
+}
+
+/// KVM events of other processes: `exits` KVM exits for each pid.
+#[derive(Default)]
+struct FakeEvents {
+    exits: BTreeMap<u32, u64>,
+    tracepoints: BTreeMap<&'static str, TracepointState>,
+}
+
+impl EventSource for FakeEvents {
+    fn kvm_counters_state(&self) -> Result<(), &str> {
+        Ok(())
+    }
+
+    fn program_run_stats(&self) -> BTreeMap<&'static str, ProgramRunStats> {
+        BTreeMap::new()
+    }
+
+    fn kvm_counters(&mut self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
+        let counts = |exits| KvmExitCounts { exits, io_exits: exits, ..KvmExitCounts::default() };
+        Ok(self.exits.iter().map(|(&pid, &exits)| (pid, BTreeMap::from([(0, counts(exits))]))).collect())
+    }
+
+    fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError> {
+        self.exits.retain(|&pid, _| !gone(pid));
+        Ok(())
+    }
+
+    fn tracepoints(&self) -> &BTreeMap<&'static str, TracepointState> {
+        &self.tracepoints
+    }
+
+    fn backend(&self) -> Backend {
+        Backend::Pvm
+    }
+
+    fn flush_logs(&mut self) {}
+
+    fn snapshot(&self) -> Result<Snapshot, ObserverError> {
+        let key = |tgid| EventKey { tgid, vcpu: 0, kind: EventKind::KvmPio as u16, aux: 0, detail: 0x80 };
+        let events = self.exits.keys().map(|&pid| (key(pid), EventStats { count: 1, sum_ns: 0 })).collect();
+        Ok(Snapshot { events, ..Snapshot::default() })
+    }
+}
+
+const VMS: &str = r#"
+    [[vm]]
+    name = "p"
+    mode = "paratick"
+    workload = "io"
+    [[vm]]
+    name = "t"
+    mode = "tickless"
+    workload = "io"
+    [[vm]]
+    name = "manual"
+    mode = "paratick"
+    workload = "io"
+    autostart = false
+"#;
+
+/// A new state directory for each manager (removed when the test process's temporary
+/// files are; each holds one small file at most).
+fn state_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("paratick-manager-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn config(state_dir: &std::path::Path, vms: &str) -> DaemonConfig {
+    let text =
+        format!("timer_model = \"/nonexistent/timer-model.json\"\nstate_dir = \"{}\"\n{vms}", state_dir.display());
+    DaemonConfig::parse(&text).unwrap()
+}
+
+fn manager_of(
+    config: &DaemonConfig,
+    processes: FakeProcesses,
+    events: Result<FakeEvents, String>,
+) -> Manager<FakeProcesses, FakeEvents> {
+    Manager::with(config, "http://test/metrics".into(), processes, events)
+}
+
+fn manager(processes: FakeProcesses, events: Result<FakeEvents, String>) -> Manager<FakeProcesses, FakeEvents> {
+    manager_of(&config(&state_dir(), VMS), processes, events)
+}
+
+fn ask(manager: &mut Manager<FakeProcesses, FakeEvents>, request: &str) -> Response {
+    manager.handle(serde_json::from_str(request).unwrap())
+}
+
+fn vm<'a>(manager: &'a Manager<FakeProcesses, FakeEvents>, name: &str) -> &'a ManagedVm {
+    &manager.vms[manager.find(name).unwrap()]
+}
+
+#[test]
+fn it_adopts_running_vms_starts_the_other_autostart_ones_and_shows_an_ended_one_as_it_ended() {
+    let processes = FakeProcesses::new(VmLauncher::Process);
+    let mut adopted = FakeProcesses::status("p", 777);
+    adopted.counters.operator_hz = Some(125);
+    processes.running.lock().unwrap().insert("p".into(), adopted);
+    let failed = VmEnd { name: "t".into(), pid: 9, state: VmState::Failed, error: Some("gone".into()), counters: None };
+    processes.ends.lock().unwrap().insert("t".into(), failed);
+    let mut manager = manager(processes, Err("none".into()));
+
+    assert_eq!(manager.supervisor.asked(), Vec::<String>::new(), "nothing started, nothing asked twice");
+    assert_eq!((vm(&manager, "p").state, vm(&manager, "p").pid()), (VmState::Running, Some(777)));
+    assert_eq!(vm(&manager, "p").config.operator_hz, Some(125), "the running VM's operator rate is kept");
+    assert_eq!((vm(&manager, "t").state, vm(&manager, "t").error.as_deref()), (VmState::Failed, Some("gone")));
+    assert_eq!((vm(&manager, "manual").state, vm(&manager, "manual").pid()), (VmState::Stopped, None));
+
+    let list = ask(&mut manager, r#"{"cmd":"list"}"#).vms.unwrap();
+    assert_eq!(
+        list.iter().map(|v| (v.name.as_str(), v.state)).collect::<Vec<_>>(),
+        [("p", VmState::Running), ("t", VmState::Failed), ("manual", VmState::Stopped)]
+    );
+    let status = ask(&mut manager, r#"{"cmd":"status"}"#).status.unwrap();
+    assert_eq!((status.vms_running, status.vms_total, status.vm_launcher.as_str()), (1, 3, "process"));
+    assert!(status.observer.contains("none"), "the observer's problem is shown: {}", status.observer);
+    assert!(manager.metrics.render().contains("paratick_observer_up 0"));
+}
+
+#[test]
+fn tick_rates_go_to_paratick_vm_processes_only_and_a_refused_rate_changes_nothing() {
+    let mut manager = manager(FakeProcesses::new(VmLauncher::Process), Err("none".into()));
+    assert_eq!(manager.supervisor.asked(), ["p: start", "t: start"]);
+
+    let refused = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"t","hz":100}"#);
+    assert!(refused.error.unwrap().contains("runs a tickless guest"));
+    let unknown = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"x","hz":100}"#);
+    assert_eq!(unknown.error.unwrap(), "unknown VM \"x\"; known VMs: p, t, manual");
+    assert_eq!(manager.supervisor.asked(), Vec::<String>::new(), "neither reached a VM process");
+
+    let out_of_range = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":5}"#);
+    assert_eq!(out_of_range.error.unwrap(), "the tick rate must be 10 to 4000 Hz, not 5");
+    assert_eq!(vm(&manager, "p").config.operator_hz, None, "a refused rate is not kept");
+    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#).ok);
+    assert_eq!(
+        manager.supervisor.asked(),
+        [r#"p: {"cmd":"set_tick_rate","hz":5}"#, r#"p: {"cmd":"set_tick_rate","hz":100}"#]
+    );
+    assert_eq!(vm(&manager, "p").config.operator_hz, Some(100));
+
+    // A VM without a process: checked here, kept for its start, which passes it on.
+    let stopped = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"manual","hz":5000}"#);
+    assert_eq!(stopped.error.unwrap(), "the tick rate must be 10 to 4000 Hz, not 5000");
+    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"manual","hz":200}"#).ok);
+    assert!(ask(&mut manager, r#"{"cmd":"start","vm":"manual"}"#).ok);
+    assert_eq!(manager.supervisor.running.lock().unwrap()["manual"].counters.operator_hz, Some(200));
+}
+
+#[test]
+fn starts_and_stops_are_checked_against_the_state_and_failures_are_shown() {
+    let mut processes = FakeProcesses::new(VmLauncher::Process);
+    processes.broken.insert("manual".into());
+    let mut manager = manager(processes, Err("none".into()));
+    manager.supervisor.asked();
+
+    let again = ask(&mut manager, r#"{"cmd":"start","vm":"p"}"#);
+    assert_eq!(again.error.unwrap(), "VM p is already running");
+    let not_running = ask(&mut manager, r#"{"cmd":"stop","vm":"manual"}"#);
+    assert_eq!(not_running.error.unwrap(), "VM manual is not running (it is stopped)");
+    let broken = ask(&mut manager, r#"{"cmd":"start","vm":"manual"}"#);
+    assert_eq!(broken.error.unwrap(), "VM manual failed to start: paratick-vmm exited with status 1");
+    assert_eq!(vm(&manager, "manual").state, VmState::Failed);
+    assert_eq!(manager.supervisor.asked(), ["manual: start"]);
+
+    assert!(ask(&mut manager, r#"{"cmd":"stop","vm":"p"}"#).ok);
+    assert_eq!(manager.supervisor.asked(), ["p: stop"]);
+    assert_eq!((vm(&manager, "p").state, vm(&manager, "p").pid()), (VmState::Stopped, None));
+
+    // A VM process that ends by itself is seen at the next sample.
+    manager.supervisor.fail("t", "guest panicked: oops");
+    manager.update();
+    assert_eq!(
+        (vm(&manager, "t").state, vm(&manager, "t").error.as_deref()),
+        (VmState::Failed, Some("guest panicked: oops"))
+    );
+    let metrics = manager.metrics.render();
+    assert!(metrics.contains("paratick_vm_state{state=\"failed\",vm=\"t\"} 1"), "{metrics}");
+    assert!(metrics.contains("paratick_vm_state{state=\"running\",vm=\"t\"} 0"), "{metrics}");
+}
+
+#[test]
+fn the_daemon_stops_its_own_vm_processes_but_leaves_systemd_units_to_systemd() {
+    let mut own = manager(FakeProcesses::new(VmLauncher::Process), Err("none".into()));
+    own.supervisor.asked();
+    own.shut_down();
+    let mut asked = own.supervisor.asked();
+    asked.sort();
+    assert_eq!(asked, ["p: forget end", "p: stop", "t: forget end", "t: stop"]);
+    assert!(own.vms.iter().all(|vm| vm.process.is_none() && vm.state == VmState::Stopped));
+
+    let mut units = manager(FakeProcesses::new(VmLauncher::Systemd), Err("none".into()));
+    units.supervisor.asked();
+    units.shut_down();
+    assert_eq!(units.supervisor.asked(), Vec::<String>::new());
+    assert_eq!(vm(&units, "p").state, VmState::Running);
+}
+
+#[test]
+fn another_kvm_process_gets_exit_series_until_it_exits() {
+    let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = other.id();
+    let events = FakeEvents { exits: BTreeMap::from([(pid, 500)]), ..FakeEvents::default() };
+    let mut manager = manager(FakeProcesses::new(VmLauncher::Process), Ok(events));
+    let series = format!("paratick_observed_vm_exits_total{{name=\"sleep\",pid=\"{pid}\",reason=\"io_exits\"}} 500");
+    let metrics = manager.metrics.render();
+    assert!(metrics.contains(&series), "{metrics}");
+    assert!(metrics.contains("paratick_observer_up 1"));
+
+    other.kill().unwrap();
+    other.wait().unwrap();
+    manager.update();
+    let metrics = manager.metrics.render();
+    assert!(!metrics.contains(&format!("pid=\"{pid}\"")), "the exited process's series went: {metrics}");
+    let forgotten = manager.observer.as_ref().unwrap().exits.is_empty();
+    assert!(forgotten, "the event source was told to forget it");
+}
+
+#[test]
+fn a_reload_starts_added_vms_stops_removed_ones_restarts_changed_ones_and_leaves_the_rest() {
+    let dir = state_dir();
+    let mut manager = manager_of(&config(&dir, VMS), FakeProcesses::new(VmLauncher::Process), Err("none".into()));
+    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#).ok);
+    let p_pid = vm(&manager, "p").pid();
+    manager.supervisor.asked();
+    let metrics = manager.metrics.render();
+    assert!(metrics.contains("vm=\"manual\""), "{metrics}");
+
+    // p as it was, t with another rate, manual gone, n new.
+    let new = r#"
+        [[vm]]
+        name = "p"
+        mode = "paratick"
+        workload = "io"
+        [[vm]]
+        name = "t"
+        mode = "tickless"
+        workload = "io"
+        hz = 100
+        [[vm]]
+        name = "n"
+        mode = "tickless"
+        workload = "sequential"
+    "#;
+    let summary = manager.reload(config(&dir, new));
+    assert_eq!(summary, "added n; removed manual; changed (restarted if it ran) t; unchanged p");
+    let mut asked = manager.supervisor.asked();
+    asked.retain(|a| !a.ends_with(r#"{"cmd":"status"}"#));
+    assert_eq!(asked, ["t: stop", "t: forget end", "t: start", "n: start"]);
+    let names: Vec<&str> = manager.vms.iter().map(|vm| vm.config.name.as_str()).collect();
+    assert_eq!(names, ["p", "t", "n"]);
+    assert_eq!(vm(&manager, "p").pid(), p_pid, "p was not touched");
+    assert_eq!(vm(&manager, "p").config.operator_hz, Some(100), "nor its operator's rate");
+    assert_eq!((vm(&manager, "t").config.hz, vm(&manager, "t").state), (100, VmState::Running));
+    let metrics = manager.metrics.render();
+    assert!(!metrics.contains("vm=\"manual\""), "the removed VM's series went: {metrics}");
+    assert!(metrics.contains("paratick_vm_info{hz=\"100\",mode=\"tickless\",vcpus=\"1\",vm=\"t\"} 1"), "{metrics}");
+    assert!(!metrics.contains("paratick_vm_info{hz=\"250\",mode=\"tickless\",vcpus=\"1\",vm=\"t\"}"), "{metrics}");
+    assert_eq!(manager.status.vms_total, 3);
+    // The same file again changes nothing.
+    assert_eq!(
+        manager.reload(config(&dir, new)),
+        "added none; removed none; changed (restarted if it ran) none; unchanged p, t, n"
+    );
+    assert!(manager.supervisor.asked().iter().all(|a| a.ends_with(r#"{"cmd":"status"}"#)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn operator_rates_and_stops_outlive_the_daemon() {
+    let dir = state_dir();
+    let mut first = manager_of(&config(&dir, VMS), FakeProcesses::new(VmLauncher::Process), Err("none".into()));
+    let set = ask(&mut first, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#);
+    assert!(set.done.unwrap().starts_with("VM p: scheduler ticks at 100 Hz from now on"));
+    assert!(ask(&mut first, r#"{"cmd":"stop","vm":"t"}"#).ok);
+    assert!(ask(&mut first, r#"{"cmd":"set_tick_rate","vm":"manual","hz":300}"#).ok);
+    drop(first);
+
+    // A new daemon; the VM processes are gone (a reboot): p starts with the rate, t stays
+    // stopped, manual keeps its rate for its start.
+    let mut second = manager_of(&config(&dir, VMS), FakeProcesses::new(VmLauncher::Process), Err("none".into()));
+    assert_eq!(second.supervisor.asked(), ["p: start"]);
+    assert_eq!(second.supervisor.running.lock().unwrap()["p"].counters.operator_hz, Some(100));
+    assert_eq!(vm(&second, "t").state, VmState::Stopped);
+    assert_eq!(vm(&second, "manual").config.operator_hz, Some(300));
+    // The operator's start of t ends its stop; the rate back to auto ends p's decision.
+    assert!(ask(&mut second, r#"{"cmd":"start","vm":"t"}"#).ok);
+    assert!(ask(&mut second, r#"{"cmd":"set_tick_rate","vm":"p","hz":null}"#).ok);
+    drop(second);
+
+    // A VM process that runs on without the rate (started again by hand) is given it.
+    let processes = FakeProcesses::new(VmLauncher::Process);
+    processes.running.lock().unwrap().insert("manual".into(), FakeProcesses::status("manual", 55));
+    let third = manager_of(&config(&dir, VMS), processes, Err("none".into()));
+    let asked = third.supervisor.asked();
+    assert!(asked.contains(&r#"manual: {"cmd":"set_tick_rate","hz":300}"#.to_string()), "{asked:?}");
+    assert_eq!(asked.iter().filter(|a| a.ends_with(": start")).count(), 2, "p and t start: {asked:?}");
+    assert_eq!(vm(&third, "p").config.operator_hz, None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failed_vm_restarts_after_its_delay_up_to_its_limit_when_its_policy_says_so() {
+    let vms = VMS.replace("name = \"p\"", "name = \"p\"\nrestart = \"on-failure\"\nrestart_limit = 2");
+    let mut manager =
+        manager_of(&config(&state_dir(), &vms), FakeProcesses::new(VmLauncher::Process), Err("none".into()));
+    // t's policy is the default: no.
+    manager.supervisor.fail("t", "guest panicked: oops");
+    manager.supervisor.asked();
+    let now = Instant::now();
+    for restart in 1..=2u64 {
+        manager.supervisor.fail("p", "guest panicked: oops");
+        manager.update();
+        assert_eq!(vm(&manager, "p").state, VmState::Failed);
+        assert!(manager.supervisor.asked().iter().all(|a| !a.ends_with("start")), "not before its delay");
+        manager.apply_restart_policies(now + Duration::from_secs(60 * restart));
+        assert_eq!(manager.supervisor.asked(), ["p: start"], "restart {restart}");
+        manager.update();
+        assert_eq!(vm(&manager, "p").state, VmState::Running);
+        let metrics = manager.metrics.render();
+        assert!(metrics.contains(&format!("paratick_vm_restarts_total{{vm=\"p\"}} {restart}")), "{metrics}");
+        assert!(metrics.contains("paratick_vm_restarts_total{vm=\"t\"} 0"), "{metrics}");
+        assert_eq!(vm(&manager, "t").state, VmState::Failed);
+    }
+    // The third failure within the window: it gives up.
+    manager.supervisor.fail("p", "guest panicked: oops");
+    manager.update();
+    manager.apply_restart_policies(now + Duration::from_secs(590));
+    assert!(manager.supervisor.asked().iter().all(|a| !a.ends_with("start")));
+    assert_eq!(vm(&manager, "p").state, VmState::Failed);
+    // The operator's start begins a new count.
+    assert!(ask(&mut manager, r#"{"cmd":"start","vm":"p"}"#).ok);
+    assert!(!vm(&manager, "p").restarts.pending());
+    assert_eq!(vm(&manager, "p").restarts.total, 2);
+}
