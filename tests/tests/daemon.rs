@@ -95,14 +95,18 @@ impl Daemon {
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap())
             .spawn()
             .expect("start the daemon");
+        // Owned from here: a failed check below ends the daemon and its VMs.
+        let mut daemon = Daemon { child, owns_dir: true, dir, socket, metrics: String::new() };
         let mut message = [0u8; 1024];
         let len = notify.recv(&mut message).unwrap_or_else(|e| {
-            panic!("no readiness notification ({e}): {}", std::fs::read_to_string(dir.join("daemon.log")).unwrap())
+            panic!(
+                "no readiness notification ({e}): {}",
+                std::fs::read_to_string(daemon.dir.join("daemon.log")).unwrap()
+            )
         });
         let message = String::from_utf8_lossy(&message[..len]).into_owned();
         assert!(message.starts_with("READY=1\nSTATUS=metrics on http://"), "{message}");
-        let metrics = message.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
-        let daemon = Daemon { child, owns_dir: true, dir, socket, metrics };
+        daemon.metrics = message.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
         // Ready means ready: both endpoints answer at once.
         assert!(daemon.scrape().iter().any(|s| s.name == "paratick_build_info"));
         assert!(daemon.ctl(&["status"]).status.success());
@@ -1097,5 +1101,33 @@ fn a_failing_vm_with_restart_on_failure_is_restarted_up_to_its_limit() {
     for restart in ["VM c: restart 1 after its failure", "VM c: restart 2 after its failure"] {
         assert_eq!(log.lines().filter(|l| l.contains(restart)).count(), 1, "{log}");
     }
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_daemon_killed_and_restarted_under_load_adopts_both_vms_every_time() {
+    let _lock = one_vm_at_a_time();
+    let daemon = Daemon::start("readopt", TWO_VMS);
+    let pids = (pid_of(&daemon, "a"), pid_of(&daemon, "b"));
+    let mut dir = daemon.kill();
+    // Two busy threads per core beside the VMs, as a build or a lint run would be.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || while !stop.load(std::sync::atomic::Ordering::Relaxed) {})
+        })
+        .collect();
+    for round in 0..3 {
+        // Ready means the VMs are adopted: the first list shows both, as they were.
+        let daemon = Daemon::start_in(dir);
+        let list = daemon.list();
+        assert!(list.iter().all(|vm| vm["state"] == "running"), "round {round}: {list:?}");
+        assert_eq!((pid_of(&daemon, "a"), pid_of(&daemon, "b")), pids, "round {round}: the same VM processes");
+        dir = daemon.kill();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.into_iter().for_each(|t| t.join().unwrap());
+    let daemon = Daemon::start_in(dir);
     assert_eq!(daemon.terminate().code(), Some(0));
 }

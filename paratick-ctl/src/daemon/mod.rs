@@ -109,10 +109,22 @@ async fn serve(config: DaemonConfig, config_file: Option<&Path>, overrides: Over
     let (inbox, commands) = mpsc::channel();
     let manager_config = config.clone();
     let url = metrics_url.clone();
+    let (built, manager_ready) = oneshot::channel();
     let manager = std::thread::Builder::new()
         .name("manager".into())
-        .spawn(move || Manager::new(&manager_config, url).run(commands))
+        .spawn(move || {
+            let manager = Manager::new(&manager_config, url);
+            let _ = built.send(());
+            manager.run(commands)
+        })
         .context("cannot start the manager thread")?;
+    // Ready means ready: the observer loaded (or its failure known) and the VMs adopted
+    // or started, so that the first request is answered at once. (Loading the observer
+    // takes a CPU second or more; a host busy with VMs and builds stretched it past the
+    // 3 s a client waited, when readiness came before it.)
+    if manager_ready.await.is_err() {
+        bail!("the manager ended while starting (see the log above)");
+    }
 
     tokio::spawn(serve_metrics(metrics_listener, inbox.clone()));
     tokio::spawn(serve_control(control_listener, inbox.clone(), group, config.socket_group.clone()));

@@ -142,6 +142,11 @@ impl Supervisor {
             .arg(&self.runtime_dir)
             .args(control::serve_args(config))
             .stdin(Stdio::null())
+            // The service manager's notification socket and watchdog are the daemon's:
+            // a VM process telling them READY=1 would speak for the daemon.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.vmm_binary.display()))?;
@@ -210,18 +215,42 @@ impl VmProcesses for Supervisor {
     }
 
     fn adopt(&self, name: &str) -> Option<Result<(VmProcess, Box<VmProcessStatus>), VmEnd>> {
-        match self.request(name, &VmRequest::Status {}) {
-            Ok(VmReply { status: Some(status), .. }) => Some(Ok((VmProcess::found(status.pid), Box::new(status)))),
-            _ => {
-                // Nothing answers: a socket left by a killed process is stale.
-                let _ = std::fs::remove_file(self.socket(name));
-                match control::read_end(&self.runtime_dir, name)? {
-                    Ok(end) => Some(Err(end)),
-                    Err(e) => {
-                        log::warn!("VM {name}: {e}");
-                        None
-                    }
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.request(name, &VmRequest::Status {}) {
+                Ok(VmReply { status: Some(status), .. }) => {
+                    return Some(Ok((VmProcess::found(status.pid), Box::new(status))))
                 }
+                // Nothing listens: a socket left by a killed process is stale.
+                Err(ControlError::Connect { .. }) => break,
+                // Something listens but does not answer in time: a VM process on a busy
+                // host. It is asked again and its socket kept (removing it would cut off
+                // a live VM, and the daemon would start a second one beside it).
+                Err(e) if Instant::now() < deadline => {
+                    log::warn!("VM {name}: its process is slow to answer ({e}); asking again");
+                }
+                answer => {
+                    let why = answer.map_or_else(|e| e.to_string(), |_| "a reply without a status".to_string());
+                    let error = format!(
+                        "its VM process listens but did not answer within {START_TIMEOUT:?} ({why}): not adopted, and \
+                         not started again beside it"
+                    );
+                    return Some(Err(VmEnd {
+                        name: name.into(),
+                        pid: 0,
+                        state: VmState::Failed,
+                        error: Some(error),
+                        counters: None,
+                    }));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(self.socket(name));
+        match control::read_end(&self.runtime_dir, name)? {
+            Ok(end) => Some(Err(end)),
+            Err(e) => {
+                log::warn!("VM {name}: {e}");
+                None
             }
         }
     }
@@ -317,5 +346,60 @@ mod tests {
     #[test]
     fn units_are_named_by_instance() {
         assert_eq!(Supervisor::unit("web-1"), "paratick-vm@web-1.service");
+    }
+
+    fn runtime_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("paratick-supervisor-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_vm_process_slow_to_answer_is_adopted_and_keeps_its_socket() {
+        use std::io::{BufRead, Write};
+        let dir = runtime_dir("slow");
+        let supervisor = Supervisor::new(VmLauncher::Process, dir.clone());
+        let listener = std::os::unix::net::UnixListener::bind(supervisor.socket("a")).unwrap();
+        // A VM process on a busy host: it answers the first request after the request
+        // timeout, the next one at once.
+        let vm = std::thread::spawn(move || {
+            for delay in [REQUEST_TIMEOUT + Duration::from_millis(500), Duration::ZERO] {
+                let (stream, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(&stream).read_line(&mut line).unwrap();
+                std::thread::sleep(delay);
+                let status = VmProcessStatus {
+                    name: "a".into(),
+                    pid: 4242,
+                    state: VmState::Running,
+                    error: None,
+                    halted_vcpus: 0,
+                    uptime_s: 1.0,
+                    counters: paratick_vmm::Counters::default(),
+                };
+                let reply = VmReply { status: Some(status), ..VmReply::ok() };
+                let _ = writeln!(&stream, "{}", serde_json::to_string(&reply).unwrap());
+            }
+        });
+        let (process, status) = supervisor.adopt("a").unwrap().unwrap();
+        assert_eq!((process.pid, status.state), (4242, VmState::Running));
+        assert!(supervisor.socket("a").exists(), "a live VM's socket is kept");
+        vm.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stale_socket_is_removed_and_the_end_record_read() {
+        let dir = runtime_dir("stale");
+        let supervisor = Supervisor::new(VmLauncher::Process, dir.clone());
+        drop(std::os::unix::net::UnixListener::bind(supervisor.socket("a")).unwrap());
+        assert!(supervisor.adopt("a").is_none(), "no end record: not adopted, free to start");
+        assert!(!supervisor.socket("a").exists());
+        let end =
+            VmEnd { name: "b".into(), pid: 7, state: VmState::Failed, error: Some("gone".into()), counters: None };
+        control::write_end(&dir, &end).unwrap();
+        assert_eq!(supervisor.adopt("b").unwrap().unwrap_err().error.as_deref(), Some("gone"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -141,9 +141,11 @@ impl Manager {
     /// Loads the observer (a failure is reported, not fatal), finds the VM processes
     /// that are still running, and starts the autostart VMs that are not.
     pub fn new(config: &DaemonConfig, metrics_url: String) -> Manager {
+        let loading = Instant::now();
         let observer = Observer::start(&PidFilter::All).map_err(|e| format!("{e}"));
-        if let Err(e) = &observer {
-            log::error!("the eBPF observer is unavailable, VMs run without it: {e}");
+        match &observer {
+            Ok(_) => log::info!("eBPF observer loaded in {:.1} s", loading.elapsed().as_secs_f64()),
+            Err(e) => log::error!("the eBPF observer is unavailable, VMs run without it: {e}"),
         }
         let launcher = config.vm_launcher.unwrap_or_else(VmLauncher::detect);
         let supervisor = Supervisor::new(launcher, config.vm_runtime_dir());
