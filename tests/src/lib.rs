@@ -175,3 +175,24 @@ mod tests {
         assert!(parse_perf_csv("x,,kvm:kvm_pio\n").is_err());
     }
 }
+
+/// What a process holds: resident memory, open file descriptors, threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessUsage {
+    /// Resident set size, KiB (`VmRSS`).
+    pub rss_kib: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+    /// Threads.
+    pub threads: u64,
+}
+
+/// A live process's usage, from /proc (none once it is gone).
+pub fn process_usage(pid: u32) -> Option<ProcessUsage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status.lines().find_map(|line| line.strip_prefix(name)?.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some(ProcessUsage { rss_kib: field("VmRSS:")?, fds, threads: field("Threads:")? })
+}

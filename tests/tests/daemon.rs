@@ -2,6 +2,7 @@
 //! the control socket and CLI, a real Prometheus server, systemd readiness and unit,
 //! and shutdown on SIGTERM.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use paratick_tests::{
-    free_port, kvm_unit_test, metric, one_vm_at_a_time, parse_metrics, qemu_args, single_error_line, workspace_binary,
-    Sample,
+    free_port, kvm_unit_test, metric, one_vm_at_a_time, parse_metrics, process_usage, qemu_args, single_error_line,
+    workspace_binary, ProcessUsage, Sample,
 };
 use serde_json::Value;
 
@@ -1129,5 +1130,129 @@ fn a_daemon_killed_and_restarted_under_load_adopts_both_vms_every_time() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.into_iter().for_each(|t| t.join().unwrap());
     let daemon = Daemon::start_in(dir);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn eight_vms_for_three_minutes_keep_every_counter_monotonic_and_resources_flat() {
+    let _lock = one_vm_at_a_time();
+    let mut config = String::new();
+    for index in 0..8 {
+        let mode = if index % 2 == 0 { "paratick" } else { "tickless" };
+        config.push_str(&format!("\n[[vm]]\nname = \"soak{index}\"\nmode = \"{mode}\"\nworkload = \"sleep\"\n"));
+    }
+    let daemon = Daemon::start("soak", &config);
+    let vms = vm_processes(&daemon.dir);
+    assert_eq!(vms.len(), 8, "one process per VM");
+    let usage = || {
+        let own = process_usage(daemon.child.id()).expect("the daemon lives");
+        let each: Vec<ProcessUsage> =
+            vms.iter().map(|&pid| process_usage(pid).expect("every VM process lives")).collect();
+        (own, each)
+    };
+    let counters = |samples: &[Sample]| -> BTreeMap<String, f64> {
+        samples
+            .iter()
+            .filter(|s| s.name.ends_with("_total"))
+            .map(|s| (format!("{}{:?}", s.name, s.labels), s.value))
+            .collect()
+    };
+    let started = Instant::now();
+    let mut previous = counters(&daemon.scrape());
+    let (first_daemon, first_vms) = usage();
+    let mut settled = None;
+    let mut decreases = Vec::new();
+    let (mut daemon_max, mut vm_max) = (first_daemon, first_vms.clone());
+    while started.elapsed() < Duration::from_secs(180) {
+        std::thread::sleep(Duration::from_secs(10));
+        let samples = daemon.scrape();
+        let now = counters(&samples);
+        decreases.extend(
+            now.iter()
+                .filter(|(series, value)| previous.get(*series).is_some_and(|before| *value < before))
+                .map(|(series, value)| format!("{series}: {} -> {value}", previous[series])),
+        );
+        previous = now;
+        let failed: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.name == "paratick_vm_state" && s.labels["state"] == "failed" && s.value == 1.0)
+            .collect();
+        assert!(failed.is_empty(), "a VM failed: {failed:?}");
+        let (own, each) = usage();
+        // Memory is judged from 30 s on: the first samples fill the observer's maps.
+        if settled.is_none() && started.elapsed() >= Duration::from_secs(30) {
+            settled = Some((own, each.clone()));
+        }
+        daemon_max = ProcessUsage {
+            rss_kib: daemon_max.rss_kib.max(own.rss_kib),
+            fds: daemon_max.fds.max(own.fds),
+            threads: daemon_max.threads.max(own.threads),
+        };
+        for (max, now) in vm_max.iter_mut().zip(&each) {
+            *max = ProcessUsage {
+                rss_kib: max.rss_kib.max(now.rss_kib),
+                fds: max.fds.max(now.fds),
+                threads: max.threads.max(now.threads),
+            };
+        }
+    }
+    assert!(decreases.is_empty(), "counters went down: {decreases:?}");
+    let (settled_daemon, settled_vms) = settled.unwrap();
+    // A scrape or a control request in flight holds a descriptor for a moment.
+    assert!(daemon_max.fds <= first_daemon.fds + 2, "daemon fds {} then up to {}", first_daemon.fds, daemon_max.fds);
+    assert_eq!(daemon_max.threads, first_daemon.threads, "daemon threads");
+    assert!(
+        daemon_max.rss_kib <= settled_daemon.rss_kib + settled_daemon.rss_kib / 20 + 1024,
+        "daemon RSS {} KiB at 30 s, up to {} KiB",
+        settled_daemon.rss_kib,
+        daemon_max.rss_kib
+    );
+    for ((first, max), settled) in first_vms.iter().zip(&vm_max).zip(&settled_vms) {
+        assert_eq!((max.fds, max.threads), (first.fds, first.threads), "a VM process's fds and threads");
+        assert!(max.rss_kib <= settled.rss_kib + 1024, "VM RSS {} KiB at 30 s, up to {}", settled.rss_kib, max.rss_kib);
+    }
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_client_trickling_a_byte_a_second_for_20_s_and_a_silent_control_client_held_30_s_hold_up_no_one() {
+    let _lock = one_vm_at_a_time();
+    let daemon = Daemon::start("slowloris", TWO_VMS);
+    let address = daemon.metrics.clone();
+    // Sends a byte a second for 20 s, connecting again each time it is cut off.
+    let trickle = std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut cut_off = 0;
+        while started.elapsed() < Duration::from_secs(20) {
+            let mut slow = TcpStream::connect(&address).unwrap();
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: t\r\n".iter().cycle() {
+                if started.elapsed() >= Duration::from_secs(20) {
+                    return cut_off;
+                }
+                if slow.write_all(&[*byte]).is_err() {
+                    cut_off += 1;
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        cut_off
+    });
+    // Connects to the control socket and says nothing for 30 s.
+    let silent = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let started = Instant::now();
+    let (mut scrapes, mut lists) = (0, 0);
+    while started.elapsed() < Duration::from_secs(30) {
+        assert!(daemon.scrape().iter().any(|s| s.name == "paratick_vm_state"), "a scrape beside the slow client");
+        scrapes += 1;
+        assert_eq!(daemon.list().len(), 2, "the CLI beside the silent client");
+        lists += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cut_off = trickle.join().unwrap();
+    // The header timeout (5 s) cuts the trickler off again and again.
+    assert!(cut_off >= 2, "the slow client was cut off {cut_off} times in 20 s");
+    assert!(scrapes >= 10 && lists >= 10, "{scrapes} scrapes, {lists} lists in 30 s");
+    drop(silent);
     assert_eq!(daemon.terminate().code(), Some(0));
 }

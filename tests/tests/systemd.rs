@@ -5,7 +5,8 @@
 //! them (udev, tmpfiles for /dev, sysctl, modules, binfmt) are masked.
 //!
 //! Install (`xtask install --root`) → enable → start → `vm list` → set-tick-rate →
-//! restart (the VMs survive, same pids) → stop (the VMs stop, within TimeoutStopSec).
+//! restart (the VMs survive, same pids, the rate kept) → reload (nothing touched) → stop
+//! (the VMs stop, within TimeoutStopSec).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -239,6 +240,15 @@ fn under_systemd_vms_survive_a_restart_and_stop_with_the_service() {
     assert_eq!(pids(&vms), before, "the same VM processes after the restart:\n{}", container.journal());
     let paratick = vms.iter().find(|vm| vm["name"] == "paratick").unwrap();
     assert_eq!(paratick["configured_hz"], 100, "the operator's rate lives in the VM: {paratick}");
+    let kept = container.check(&["cat", "/var/lib/paratick/state.json"]);
+    assert!(kept.contains("\"operator_hz\": 100"), "and in the state directory: {kept}");
+
+    // A reload of the unchanged file (ExecReload=, SIGHUP) touches nothing.
+    let daemon = container.main_pid("paratick.service");
+    container.check(&["systemctl", "reload", "paratick.service"]);
+    assert_eq!(container.main_pid("paratick.service"), daemon, "the same daemon after a reload");
+    assert_eq!(container.active("paratick.service"), "active");
+    assert_eq!(pids(&container.vms()), before, "the same VM processes after a reload");
 
     let started = Instant::now();
     container.check(&["systemctl", "stop", "paratick.service"]);

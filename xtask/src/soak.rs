@@ -190,7 +190,8 @@ pub fn soak(workspace: &Path, vms: usize, minutes: f64) -> Result<()> {
         std::thread::sleep(SAMPLE_EVERY);
     }
     drop(daemon);
-    let report = report(vms, minutes, &mut samples, &decreases, &failed, pids_seen.len());
+    let mut report = report(vms, minutes, &mut samples, &decreases, &failed, pids_seen.len());
+    report += &sandbox(workspace)?;
     std::fs::write(workspace.join("docs/reliability.md"), &report)?;
     eprintln!("xtask soak: wrote docs/reliability.md");
     let _ = std::fs::remove_dir_all(&dir);
@@ -203,6 +204,38 @@ pub fn soak(workspace: &Path, vms: usize, minutes: f64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The units' exposure as `systemd-analyze security --offline=yes` scores it (0 is
+/// the best, 10 the worst), and what is left open on purpose.
+fn sandbox(workspace: &Path) -> Result<String> {
+    let mut text =
+        "\n## Sandbox\n\n`systemd-analyze security --offline=yes` on the installed units (0 best, 10 worst):\n\n\
+                    | unit | exposure |\n|---|---|\n"
+            .to_string();
+    for unit in ["paratick.service", "paratick-vm@.service"] {
+        let output = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes"])
+            .arg(workspace.join("packaging").join(unit))
+            .output()
+            .context("cannot run systemd-analyze")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let overall = stdout
+            .lines()
+            .find_map(|line| line.split_once("Overall exposure level for ")?.1.split_once(": ").map(|(_, score)| score))
+            .with_context(|| format!("systemd-analyze security said no overall exposure for {unit}: {stdout}"))?;
+        text += &format!("| `{unit}` | {} |\n", overall.trim());
+    }
+    text += "\nLeft open on purpose: the daemon runs as root with `CAP_BPF CAP_PERFMON CAP_CHOWN` only (eBPF, \
+             the socket's group) and keeps `perf_event_open` and `bpf` in its system call filter; both units \
+             keep `/dev/kvm` (no `PrivateDevices=`); the daemon keeps the network (`metrics_listen` may face \
+             a Prometheus on another host: add `IPAddressAllow=` in a drop-in to narrow it) and the whole of \
+             /proc (it names other users' VMs, such as QEMU run by libvirt's user, and reads \
+             `kernel.bpf_stats_enabled`); the VM processes keep /proc for the host's kernel release and \
+             command line (the host-tick detection). VM processes have no capabilities, no network \
+             (`PrivateNetwork=`, `IPAddressDeny=any`, `AF_UNIX` only), and no privileged or resource \
+             system calls.\n";
+    Ok(text)
 }
 
 fn report(

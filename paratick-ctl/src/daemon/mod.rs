@@ -113,15 +113,16 @@ async fn serve(config: DaemonConfig, config_file: Option<&Path>, overrides: Over
     let manager = std::thread::Builder::new()
         .name("manager".into())
         .spawn(move || {
-            let manager = Manager::new(&manager_config, url);
+            let mut manager = Manager::new(&manager_config, url);
             let _ = built.send(());
+            manager.start_autostart_vms();
             manager.run(commands)
         })
         .context("cannot start the manager thread")?;
-    // Ready means ready: the observer loaded (or its failure known) and the VMs adopted
-    // or started, so that the first request is answered at once. (Loading the observer
-    // takes a CPU second or more; a host busy with VMs and builds stretched it past the
-    // 3 s a client waited, when readiness came before it.)
+    // Ready once the observer is loaded (or its failure known) and running VMs are
+    // adopted; the VMs to start are started right after (VM units wait for this
+    // readiness). Loading the observer takes a CPU second or more, longer on a busy host:
+    // requests no longer wait for it behind a readiness already given.
     if manager_ready.await.is_err() {
         bail!("the manager ended while starting (see the log above)");
     }

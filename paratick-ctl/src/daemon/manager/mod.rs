@@ -133,6 +133,8 @@ pub struct Manager<P = Supervisor, O = Observer> {
     state: OperatorState,
     /// The configuration in force.
     config: DaemonConfig,
+    /// VMs to start once the daemon is ready (indices into `vms`).
+    to_start: Vec<usize>,
     started: Instant,
     status: DaemonStatus,
 }
@@ -188,11 +190,14 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             observer_runs: 0,
             state,
             config: config.clone(),
+            to_start: Vec::new(),
             started: Instant::now(),
             status,
         };
         for index in 0..manager.vms.len() {
-            manager.adopt_or_start(index);
+            if !manager.adopt(index) {
+                manager.to_start.push(index);
+            }
         }
         manager.update();
         manager
@@ -207,9 +212,20 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         model
     }
 
-    /// Adopts the VM's process if it runs; else starts it if it starts with the daemon
-    /// and the operator did not stop it.
-    fn adopt_or_start(&mut self, index: usize) {
+    /// Starts the VMs that start with the daemon and were not adopted. Separate from
+    /// building the manager, which the daemon's readiness waits for: a VM unit is
+    /// ordered after the daemon's (`After=paratick.service`), so its start waits for
+    /// that readiness.
+    pub fn start_autostart_vms(&mut self) {
+        for index in std::mem::take(&mut self.to_start) {
+            self.start_vm(index);
+        }
+        self.update();
+    }
+
+    /// Adopts the VM's process if it runs, or shows how it ended; false if it has none
+    /// and is to be started (it starts with the daemon and the operator did not stop it).
+    fn adopt(&mut self, index: usize) -> bool {
         let name = self.vms[index].config.name.clone();
         let decisions = self.state.of(&name);
         match self.supervisor.adopt(&name) {
@@ -234,9 +250,10 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             None if decisions.stopped => {
                 log::info!("VM {name} stays stopped: the operator stopped it (`vm start {name}` starts it)")
             }
-            None if self.vms[index].entry.autostart => self.start_vm(index),
+            None if self.vms[index].entry.autostart => return false,
             None => {}
         }
+        true
     }
 
     /// Writes the operator's decision about `vm`; a failure to keep it is logged, and

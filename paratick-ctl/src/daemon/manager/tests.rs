@@ -214,7 +214,9 @@ fn manager_of(
     processes: FakeProcesses,
     events: Result<FakeEvents, String>,
 ) -> Manager<FakeProcesses, FakeEvents> {
-    Manager::with(config, "http://test/metrics".into(), processes, events)
+    let mut manager = Manager::with(config, "http://test/metrics".into(), processes, events);
+    manager.start_autostart_vms();
+    manager
 }
 
 fn manager(processes: FakeProcesses, events: Result<FakeEvents, String>) -> Manager<FakeProcesses, FakeEvents> {
