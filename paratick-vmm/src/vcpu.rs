@@ -311,24 +311,14 @@ impl VcpuThread {
         Ok(())
     }
 
-    /// The one place that decides what each exit means.
+    /// Carries out what an exit asks ([`GuestExit::decode`] decides what it is).
     fn handle_exit(exit: VcpuExit<'_>, context: &ExitContext, console: &mut ConsoleLine) -> Result<Next, VmError> {
         let ExitContext { index, shared, ticks, block, name, .. } = context;
         let index = *index;
-        let unexpected = |what: String| Err(VmError::UnexpectedExit { vcpu: index, exit: what });
-        match exit {
-            VcpuExit::IoOut(PARATICK_REQUEST_PORT, data) => {
-                let Ok(raw) = <[u8; 4]>::try_from(data) else {
-                    shared.requests.malformed.fetch_add(1, Ordering::Relaxed);
-                    shared.warnings.warn(format_args!(
-                        "vCPU {index}: ignored a {}-byte tick request (must be 32-bit)",
-                        data.len()
-                    ));
-                    return Ok(Next::Resume);
-                };
-                let raw = u32::from_le_bytes(raw);
+        match GuestExit::decode(exit) {
+            GuestExit::TickRequest { raw, request } => {
                 shared.requests.received.fetch_add(1, Ordering::Relaxed);
-                match TickRequest::decode(raw) {
+                match request {
                     TickRequest::Stop => ticks.set_requested_hz(index, 0),
                     TickRequest::Rate { hz, clamped } => {
                         if clamped {
@@ -342,55 +332,109 @@ impl VcpuThread {
                 }
                 Ok(Next::Resume)
             }
-            VcpuExit::IoOut(PARATICK_PAGE_PORT, data) => {
-                match <[u8; 4]>::try_from(data) {
-                    Ok(raw) => Self::register_tick_page(context, u32::from_le_bytes(raw) as u64)?,
-                    Err(_) => {
-                        shared.requests.pages_rejected.fetch_add(1, Ordering::Relaxed);
-                        shared
-                            .warnings
-                            .warn(format_args!("vCPU {index}: ignored a {}-byte tick page address", data.len()));
-                    }
-                }
+            GuestExit::TickPage(gpa) => {
+                Self::register_tick_page(context, gpa)?;
                 Ok(Next::Resume)
             }
-            VcpuExit::IoOut(RESULTS_PORT, data) => {
-                let status = <[u8; 4]>::try_from(data).ok().map(u32::from_le_bytes).and_then(GuestStatus::from_u32);
-                match status {
-                    Some(GuestStatus::Done) => shared.end(Outcome::Finished),
-                    // The VM reads the message from the results block.
-                    Some(GuestStatus::Panicked) => shared.end(Outcome::Failed(VmError::GuestPanicked(String::new()))),
-                    _ => return unexpected(format!("results port write {data:?}")),
-                }
+            GuestExit::Finished => {
+                shared.end(Outcome::Finished);
                 Ok(Next::Stop)
             }
-            VcpuExit::IoOut(BLOCK_REQUEST_PORT, data) => {
-                let Ok(raw) = <[u8; 4]>::try_from(data) else {
-                    context.block_counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    shared.warnings.warn(format_args!(
-                        "vCPU {index}: ignored a {}-byte block request (must be 32-bit)",
-                        data.len()
-                    ));
-                    return Ok(Next::Resume);
-                };
+            // The VM reads the message from the results block.
+            GuestExit::Panicked => {
+                shared.end(Outcome::Failed(VmError::GuestPanicked(String::new())));
+                Ok(Next::Stop)
+            }
+            GuestExit::Block(address) => {
                 // The device thread is gone only when the VM is stopping.
-                let _ = block.send(u32::from_le_bytes(raw) as u64);
+                let _ = block.send(address);
                 Ok(Next::Resume)
             }
-            VcpuExit::IoOut(CONSOLE_PORT, data) => {
+            GuestExit::Console(data) => {
                 for line in console.push(data) {
                     log::info!("{name}: {line}");
                 }
                 Ok(Next::Resume)
             }
-            VcpuExit::Shutdown => Err(VmError::TripleFault { vcpu: index }),
-            VcpuExit::IoOut(port, data) => unexpected(format!("write of {data:?} to port {port:#x}")),
-            VcpuExit::IoIn(port, _) => unexpected(format!("read of port {port:#x}")),
-            VcpuExit::MmioRead(address, _) => unexpected(format!("MMIO read at {address:#x}")),
-            VcpuExit::MmioWrite(address, _) => unexpected(format!("MMIO write at {address:#x}")),
-            VcpuExit::FailEntry(reason, cpu) => unexpected(format!("entry failure {reason:#x} on host CPU {cpu}")),
-            VcpuExit::InternalError => unexpected("KVM internal error (emulation failure?)".into()),
-            other => unexpected(format!("{other:?}")),
+            GuestExit::Malformed { port, len } => {
+                let what = match port {
+                    PARATICK_REQUEST_PORT => {
+                        shared.requests.malformed.fetch_add(1, Ordering::Relaxed);
+                        "tick request"
+                    }
+                    PARATICK_PAGE_PORT => {
+                        shared.requests.pages_rejected.fetch_add(1, Ordering::Relaxed);
+                        "tick page address"
+                    }
+                    _ => {
+                        context.block_counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        "block request"
+                    }
+                };
+                shared.warnings.warn(format_args!("vCPU {index}: ignored a {len}-byte {what} (must be 32-bit)"));
+                Ok(Next::Resume)
+            }
+            GuestExit::TripleFault => Err(VmError::TripleFault { vcpu: index }),
+            GuestExit::Unexpected(what) => Err(VmError::UnexpectedExit { vcpu: index, exit: what }),
+        }
+    }
+}
+
+/// What a vCPU exit asks of the VMM: the one place that decides what each exit means,
+/// from the exit alone (every byte of it is the guest's).
+#[derive(Debug, PartialEq, Eq)]
+enum GuestExit<'a> {
+    /// A paratick tick request (`raw`: the guest's value).
+    TickRequest { raw: u32, request: TickRequest },
+    /// The guest-physical address of a vCPU's tick page.
+    TickPage(u64),
+    /// The guest reports it finished its work.
+    Finished,
+    /// The guest reports it panicked (its message is in the results block).
+    Panicked,
+    /// The guest-physical address of a block request.
+    Block(u64),
+    /// Console output.
+    Console(&'a [u8]),
+    /// A write of the wrong width to a port that takes 32 bits: counted and logged, and
+    /// the guest goes on.
+    Malformed { port: u16, len: usize },
+    /// The guest triple-faulted.
+    TripleFault,
+    /// Anything else: the VM fails, saying what it was.
+    Unexpected(String),
+}
+
+impl<'a> GuestExit<'a> {
+    fn decode(exit: VcpuExit<'a>) -> GuestExit<'a> {
+        let word = |data: &[u8]| <[u8; 4]>::try_from(data).ok().map(u32::from_le_bytes);
+        match exit {
+            VcpuExit::IoOut(port @ (PARATICK_REQUEST_PORT | PARATICK_PAGE_PORT | BLOCK_REQUEST_PORT), data) => {
+                match (port, word(data)) {
+                    (_, None) => GuestExit::Malformed { port, len: data.len() },
+                    (PARATICK_REQUEST_PORT, Some(raw)) => {
+                        GuestExit::TickRequest { raw, request: TickRequest::decode(raw) }
+                    }
+                    (PARATICK_PAGE_PORT, Some(gpa)) => GuestExit::TickPage(gpa.into()),
+                    (_, Some(address)) => GuestExit::Block(address.into()),
+                }
+            }
+            VcpuExit::IoOut(RESULTS_PORT, data) => match word(data).and_then(GuestStatus::from_u32) {
+                Some(GuestStatus::Done) => GuestExit::Finished,
+                Some(GuestStatus::Panicked) => GuestExit::Panicked,
+                _ => GuestExit::Unexpected(format!("results port write {data:?}")),
+            },
+            VcpuExit::IoOut(CONSOLE_PORT, data) => GuestExit::Console(data),
+            VcpuExit::Shutdown => GuestExit::TripleFault,
+            VcpuExit::IoOut(port, data) => GuestExit::Unexpected(format!("write of {data:?} to port {port:#x}")),
+            VcpuExit::IoIn(port, _) => GuestExit::Unexpected(format!("read of port {port:#x}")),
+            VcpuExit::MmioRead(address, _) => GuestExit::Unexpected(format!("MMIO read at {address:#x}")),
+            VcpuExit::MmioWrite(address, _) => GuestExit::Unexpected(format!("MMIO write at {address:#x}")),
+            VcpuExit::FailEntry(reason, cpu) => {
+                GuestExit::Unexpected(format!("entry failure {reason:#x} on host CPU {cpu}"))
+            }
+            VcpuExit::InternalError => GuestExit::Unexpected("KVM internal error (emulation failure?)".into()),
+            other => GuestExit::Unexpected(format!("{other:?}")),
         }
     }
 }
@@ -398,6 +442,47 @@ impl VcpuThread {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_exit_is_decoded_from_the_exit_alone_and_bad_widths_are_malformed() {
+        use GuestExit::*;
+        let word = |value: u32| value.to_le_bytes();
+        assert_eq!(
+            GuestExit::decode(VcpuExit::IoOut(PARATICK_REQUEST_PORT, &word(250))),
+            TickRequest { raw: 250, request: paratick_common::abi::TickRequest::decode(250) }
+        );
+        assert_eq!(
+            GuestExit::decode(VcpuExit::IoOut(PARATICK_REQUEST_PORT, &word(0))),
+            TickRequest { raw: 0, request: paratick_common::abi::TickRequest::Stop }
+        );
+        assert_eq!(GuestExit::decode(VcpuExit::IoOut(PARATICK_PAGE_PORT, &word(0x2_0000))), TickPage(0x2_0000));
+        assert_eq!(GuestExit::decode(VcpuExit::IoOut(BLOCK_REQUEST_PORT, &word(0x80_0000))), Block(0x80_0000));
+        assert_eq!(GuestExit::decode(VcpuExit::IoOut(RESULTS_PORT, &word(GuestStatus::Done as u32))), Finished);
+        assert_eq!(GuestExit::decode(VcpuExit::IoOut(RESULTS_PORT, &word(GuestStatus::Panicked as u32))), Panicked);
+        assert_eq!(GuestExit::decode(VcpuExit::IoOut(CONSOLE_PORT, b"hi")), Console(b"hi"));
+        for port in [PARATICK_REQUEST_PORT, PARATICK_PAGE_PORT, BLOCK_REQUEST_PORT] {
+            for data in [&[1u8][..], &[1, 2], &[1, 2, 3, 4, 5, 6, 7, 8]] {
+                assert_eq!(GuestExit::decode(VcpuExit::IoOut(port, data)), Malformed { port, len: data.len() });
+            }
+        }
+        assert_eq!(GuestExit::decode(VcpuExit::Shutdown), TripleFault);
+        // What the guest has no business doing ends the VM, saying what it was.
+        fn unexpected(exit: VcpuExit<'_>) -> String {
+            match GuestExit::decode(exit) {
+                GuestExit::Unexpected(what) => what,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(unexpected(VcpuExit::IoOut(RESULTS_PORT, &word(0))), "results port write [0, 0, 0, 0]");
+        assert_eq!(unexpected(VcpuExit::IoOut(RESULTS_PORT, &[1])), "results port write [1]");
+        assert_eq!(unexpected(VcpuExit::IoOut(0x80, &[7])), "write of [7] to port 0x80");
+        assert_eq!(unexpected(VcpuExit::IoIn(0x60, &mut [0])), "read of port 0x60");
+        assert_eq!(unexpected(VcpuExit::MmioRead(0xfee0_0000, &mut [0; 4])), "MMIO read at 0xfee00000");
+        assert_eq!(unexpected(VcpuExit::MmioWrite(0xfec0_0000, &[0; 4])), "MMIO write at 0xfec00000");
+        assert_eq!(unexpected(VcpuExit::InternalError), "KVM internal error (emulation failure?)");
+        assert_eq!(unexpected(VcpuExit::FailEntry(7, 1)), "entry failure 0x7 on host CPU 1");
+        assert_eq!(unexpected(VcpuExit::Hlt), "Hlt");
+    }
 
     #[test]
     fn console_lines_are_logged_at_each_newline_and_never_held_past_the_bound() {
