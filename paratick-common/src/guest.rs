@@ -96,8 +96,8 @@ pub enum TickMode {
     /// tick page when a vCPU is idle (no ticks) and when it needs its scheduler tick (two
     /// or more runnable tasks); otherwise it gets only the housekeeping rate.
     Paratick = 2,
-    /// Linux NO_HZ_FULL: like `Tickless`, and the tick also stops while one task is
-    /// runnable, but for a residual tick of [`RESIDUAL_TICK_HZ`] (and the next sleeper).
+    /// Linux NO_HZ_FULL: like tickless, and the tick also stops while one task is
+    /// runnable, but for a residual tick of 1 Hz (and the next sleeper).
     TicklessFull = 3,
     /// No timer at all: no tick, no timer writes (a sleeper's wake-up is the only timer
     /// event, armed on idle). Tasks switch only when they block. The floor against which
@@ -108,6 +108,8 @@ pub enum TickMode {
 /// The residual tick rate of a `TicklessFull` vCPU with one runnable task (Linux keeps
 /// one tick a second for timekeeping and accounting on a NO_HZ_FULL CPU).
 pub const RESIDUAL_TICK_HZ: u64 = 1;
+// `TickMode::TicklessFull`'s text (shown by `--help`, where links do not render) says 1 Hz.
+const _: () = assert!(RESIDUAL_TICK_HZ == 1);
 
 impl TickMode {
     /// Decodes [`BootInfo::tick_mode`].

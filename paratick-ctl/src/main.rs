@@ -606,7 +606,7 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
     if let Some(dir) = &args.svg {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for (pid, samples) in &series {
-            let name = known.get(pid).map_or("?", |i| i.name.as_str());
+            let name = known.get(pid).map_or("?", |i| i.vm.name.as_str());
             let path = dir.join(format!("vm-{pid}.svg"));
             std::fs::write(&path, plot::exits_over_time(&format!("{name} (pid {pid}): exits per second"), samples))
                 .with_context(|| format!("cannot write {}", path.display()))?;
@@ -663,8 +663,10 @@ fn remember(known: &mut HashMap<u32, ProcessInfo>, pids: impl IntoIterator<Item 
         let Some(mut info) = procfs::process_info(pid) else { continue };
         if let Some(old) = known.get(&pid) {
             info.vcpus = info.vcpus.max(old.vcpus);
+            // An exiting process's command line reads empty: what it said stays.
             if info.cmdline.is_empty() {
                 info.cmdline = old.cmdline.clone();
+                info.vm = old.vm.clone();
             }
         }
         known.insert(pid, info);

@@ -18,6 +18,58 @@ pub struct ProcessInfo {
     pub vms: u32,
     /// Number of KVM vCPU file descriptors.
     pub vcpus: u32,
+    /// Who the process says its VM is.
+    pub vm: VmIdentity,
+}
+
+/// A VM's name as its VMM's command line gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct VmIdentity {
+    /// QEMU's and libvirt's `-name guest=NAME` or `-name NAME`, paratick-vmm's `--name
+    /// NAME`; for any other process its name and pid (`firecracker:4242`).
+    pub name: String,
+    /// The VMM: `qemu`, `paratick-vmm`, or the process name.
+    pub vmm: String,
+    /// QEMU's `-uuid`, if given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+}
+
+impl VmIdentity {
+    /// Reads the identity from a process's name (`comm`) and arguments.
+    pub fn from_args(pid: u32, comm: &str, args: &[String]) -> VmIdentity {
+        let value_of = |flags: &[&str]| args.windows(2).find(|w| flags.contains(&w[0].as_str())).map(|w| w[1].as_str());
+        let program = args.first().map(|a| a.rsplit('/').next().unwrap_or(a)).unwrap_or(comm);
+        let (vmm, name) = if program.starts_with("qemu") || comm.starts_with("qemu") {
+            ("qemu".to_string(), value_of(&["-name", "--name"]).and_then(qemu_guest_name))
+        } else if program == "paratick-vmm" {
+            ("paratick-vmm".to_string(), value_of(&["--name"]).map(str::to_string))
+        } else {
+            (comm.to_string(), None)
+        };
+        let uuid = if vmm == "qemu" { value_of(&["-uuid", "--uuid"]).map(str::to_string) } else { None };
+        VmIdentity { name: name.filter(|n| !n.is_empty()).unwrap_or_else(|| format!("{comm}:{pid}")), vmm, uuid }
+    }
+}
+
+/// The guest name of QEMU's `-name` value: `guest=NAME,debug-threads=on`, `NAME`, or
+/// `NAME,process=...` (a comma in a value is written `,,`).
+fn qemu_guest_name(value: &str) -> Option<String> {
+    // Split on single commas; ",," is a literal comma.
+    let mut parts = vec![String::new()];
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                parts.last_mut().expect("one part at least").push(',');
+            }
+            ',' => parts.push(String::new()),
+            c => parts.last_mut().expect("one part at least").push(c),
+        }
+    }
+    let explicit = parts.iter().find_map(|p| p.strip_prefix("guest=").map(str::to_string));
+    explicit.or_else(|| parts.into_iter().next().filter(|first| !first.contains('=')))
 }
 
 impl ProcessInfo {
@@ -44,15 +96,16 @@ pub fn process_alive(pid: u32) -> bool {
 pub fn process_info(pid: u32) -> Option<ProcessInfo> {
     let dir = proc_dir(pid);
     let name = fs::read_to_string(dir.join("comm")).ok()?.trim_end().to_string();
-    let cmdline = fs::read(dir.join("cmdline"))
+    let args: Vec<String> = fs::read(dir.join("cmdline"))
         .map(|raw| {
             raw.split(|&b| b == 0)
                 .filter(|arg| !arg.is_empty())
                 .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
+                .collect()
         })
         .unwrap_or_default();
+    let cmdline = args.join(" ");
+    let vm = VmIdentity::from_args(pid, &name, &args);
     let (mut vms, mut vcpus) = (0, 0);
     if let Ok(fds) = fs::read_dir(dir.join("fd")) {
         for fd in fds.flatten() {
@@ -65,7 +118,7 @@ pub fn process_info(pid: u32) -> Option<ProcessInfo> {
             }
         }
     }
-    Some(ProcessInfo { pid, name, cmdline, vms, vcpus })
+    Some(ProcessInfo { pid, name, cmdline, vms, vcpus, vm })
 }
 
 /// When process `pid` started, in clock ticks since boot (`/proc/PID/stat` field 22).
@@ -92,6 +145,37 @@ pub fn kvm_processes() -> Vec<ProcessInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vms_are_named_as_their_vmm_names_them() {
+        let args = |line: &str| line.split(' ').map(str::to_string).collect::<Vec<_>>();
+        let id = |comm: &str, line: &str| VmIdentity::from_args(42, comm, &args(line));
+        let libvirt = id(
+            "qemu-system-x86",
+            "/usr/bin/qemu-system-x86_64 -name guest=alpha,debug-threads=on -uuid 4f1c7e1a-9d1b-4c1e-8a40-6f3c2a1b0c9d -m 256",
+        );
+        assert_eq!(
+            libvirt,
+            VmIdentity {
+                name: "alpha".into(),
+                vmm: "qemu".into(),
+                uuid: Some("4f1c7e1a-9d1b-4c1e-8a40-6f3c2a1b0c9d".into())
+            }
+        );
+        assert_eq!(id("qemu-system-x86", "qemu-system-x86_64 -enable-kvm -name beta").name, "beta");
+        assert_eq!(id("qemu-system-x86", "qemu-system-x86_64 -name web,,1,process=qemu-web").name, "web,1");
+        assert_eq!(id("qemu-system-x86", "qemu-system-x86_64 -name process=qemu-x,guest=gamma").name, "gamma");
+        // No name: the process name and pid.
+        assert_eq!(
+            id("qemu-system-x86", "qemu-system-x86_64 -enable-kvm -m 256"),
+            VmIdentity { name: "qemu-system-x86:42".into(), vmm: "qemu".into(), uuid: None }
+        );
+        assert_eq!(id("qemu-system-x86", "qemu-system-x86_64 -name process=only").name, "qemu-system-x86:42");
+        let ours = id("paratick-vmm", "/usr/local/bin/paratick-vmm serve --runtime-dir /run/paratick/vms --name c");
+        assert_eq!((ours.name.as_str(), ours.vmm.as_str()), ("c", "paratick-vmm"));
+        assert_eq!(id("firecracker", "firecracker --api-sock /tmp/f.sock").name, "firecracker:42");
+        assert_eq!(id("cloud-hypervis", "cloud-hypervisor --name x").vmm, "cloud-hypervis");
+    }
 
     #[test]
     fn processes_are_told_apart_from_zombies() {

@@ -719,7 +719,7 @@ fn the_control_socket_admits_group_members_by_any_group_and_refuses_long_or_inva
     let daemon = Daemon::start("socket", "socket_group = \"nogroup\"\n");
     let ctl_as = |groups: &[&str]| {
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=users"])
+            .arg("--reuid=65534")
             .args(groups)
             .arg("--")
             .arg(workspace_binary("paratick-ctl"))
@@ -730,10 +730,13 @@ fn the_control_socket_admits_group_members_by_any_group_and_refuses_long_or_inva
             .unwrap()
     };
     // A member by a supplementary group passes the socket's 0660 mode and is admitted.
-    let member = ctl_as(&["--groups=nogroup"]);
+    let member = ctl_as(&["--regid=users", "--groups=nogroup"]);
     assert!(member.status.success(), "{member:?}");
+    // So is a member by its primary group.
+    let primary = ctl_as(&["--regid=nogroup", "--clear-groups"]);
+    assert!(primary.status.success(), "{primary:?}");
     // A non-member does not even reach the daemon's check (the file mode refuses it).
-    let stranger = ctl_as(&["--clear-groups"]);
+    let stranger = ctl_as(&["--regid=users", "--clear-groups"]);
     assert_eq!(stranger.status.code(), Some(4));
     assert!(single_error_line(&stranger).contains("permission denied"), "{stranger:?}");
 
@@ -955,8 +958,11 @@ fn a_third_party_vm_is_exported_by_kvm_exit_category_and_forgotten_when_it_exits
     let _lock = one_vm_at_a_time();
     let daemon = Daemon::start("observed", "");
     let qemu = qemu_args(&kvm_unit_test("tscdeadline_latency.flat"), "20000000 200");
+    // Named as libvirt names its guests.
+    let uuid = "4f1c7e1a-9d1b-4c1e-8a40-6f3c2a1b0c9d";
     let mut qemu = Command::new(&qemu[0])
         .args(&qemu[1..])
+        .args(["-name", "guest=alpha,debug-threads=on", "-uuid", uuid])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -972,7 +978,9 @@ fn a_third_party_vm_is_exported_by_kvm_exit_category_and_forgotten_when_it_exits
         .filter(|s| s.name == "paratick_observed_vm_exits_total" && s.labels.get("pid") == Some(&pid))
         .collect();
     assert!(exported(&samples, "halt_exits") >= Some(10.0), "{series:?}");
-    assert!(series.iter().all(|s| s.labels.get("name").map(String::as_str) == Some("qemu-system-x86")), "{series:?}");
+    assert!(series.iter().all(|s| s.labels.get("vm").map(String::as_str) == Some("alpha")), "{series:?}");
+    let info = [("vm", "alpha"), ("pid", pid.as_str()), ("vmm", "qemu"), ("uuid", uuid)];
+    assert_eq!(metric(&samples, "paratick_observed_vm_info", &info), Some(1.0), "{series:?}");
     let reasons: Vec<&str> = series.iter().map(|s| s.labels["reason"].as_str()).collect();
     for category in ["halt_exits", "irq_exits", "io_exits", "mmio_exits", "signal_exits", "other_exits"] {
         assert!(reasons.contains(&category), "{category} missing: {reasons:?}");

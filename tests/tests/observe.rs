@@ -184,7 +184,8 @@ fn the_live_table_shows_a_row_for_the_running_guest() {
     assert!(stdout.contains("TICKREQ/s"), "{stdout}");
     let row = stdout
         .lines()
-        .find(|line| line.split_whitespace().nth(1) == Some("kvm-count-guest"))
+        // Its VMM is neither QEMU nor ours: named by process name and pid.
+        .find(|line| line.split_whitespace().nth(1).is_some_and(|vm| vm.starts_with("kvm-count-guest:")))
         .unwrap_or_else(|| panic!("no row for the guest in {stdout}"));
     let column = |n: usize| -> f64 { row.split_whitespace().nth(n).unwrap().parse().unwrap() };
     // EXITS/s is KVM's own count (the eBPF copy of its counters), on every backend.
@@ -257,12 +258,15 @@ fn a_qemu_guest_is_counted_exactly_and_its_timer_overhead_reported() {
     let mut command = vec![ctl.to_str().unwrap(), "observe", "--json", "--report", "--output"];
     command.extend([report_file.to_str().unwrap(), "--svg", svg_dir.to_str().unwrap(), "--"]);
     command.extend(qemu.iter().map(String::as_str));
+    // Named as libvirt names its guests: the report names the VM so.
+    command.extend(["-name", "guest=gamma,debug-threads=on"]);
     let events = ["kvm:kvm_msr", "kvm:kvm_apic_accept_irq", "kvm:kvm_vcpu_wakeup", "kvm:kvm_userspace_exit"];
     let (perf, stdout, status) = perf_stat_status(&events, &command).expect("perf stat over observe over QEMU");
     // QEMU exits 1 when the test passed (isa-debug-exit), and observe passes that on.
     assert_eq!(status.code(), Some(1), "{stdout}");
     let report = read_report(&report_file);
     let vm = vm_named(&report, "qemu-system-x86");
+    assert_eq!((vm["vm"]["name"].as_str(), vm["vm"]["vmm"].as_str()), (Some("gamma"), Some("qemu")), "{vm}");
     let counted = &vm["events"];
     let msr = counted["kvm_msr_write"].as_u64().unwrap_or(0) + counted["kvm_msr_read"].as_u64().unwrap_or(0);
     assert_eq!(msr, perf["kvm:kvm_msr"]);
@@ -293,7 +297,8 @@ fn a_qemu_guest_is_counted_exactly_and_its_timer_overhead_reported() {
     assert!(report["timer_model"]["backend"].is_string() && report["timer_model"]["source"].is_string());
     // The text report (after QEMU's output on stdout) names the VM; the SVG has one
     // line per category.
-    let line = stdout.lines().find(|l| l.contains("qemu-system-x86 (1 vCPU)")).unwrap_or_else(|| panic!("{stdout}"));
+    let named = format!("VM gamma (qemu, pid {}, 1 vCPU)", vm["pid"]);
+    let line = stdout.lines().find(|l| l.contains(&named)).unwrap_or_else(|| panic!("{named}: {stdout}"));
     assert!(line.contains(&format!("{exits} exits; timer {timer_exits} exits")), "{line}");
     let svg = std::fs::read_to_string(svg_dir.join(format!("vm-{}.svg", vm["pid"]))).expect("an SVG for the VM");
     assert_eq!(svg.matches("<polyline").count(), 5);

@@ -221,10 +221,10 @@ fn under_systemd_vms_survive_a_restart_and_stop_with_the_service() {
     assert_eq!(status["observer"], "attached", "{status}");
     assert_eq!(status["vm_launcher"], "systemd", "{status}");
 
-    // The embedded default: a tickless and a paratick VM, each in its own unit.
+    // The embedded default: a tickless and two paratick VMs, each in its own unit.
     let vms = container.vms();
     let before = pids(&vms);
-    assert_eq!(before.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(), ["tickless", "paratick"]);
+    assert_eq!(before.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(), ["tickless", "paratick", "contended"]);
     for (name, pid) in &before {
         let unit = format!("paratick-vm@{name}.service");
         assert_eq!(container.active(&unit), "active", "{}", container.journal());

@@ -298,12 +298,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_embedded_default_is_valid_and_runs_a_tickless_and_a_paratick_vm() {
+    fn the_embedded_default_is_valid_and_runs_a_tickless_and_two_paratick_vms() {
         let config = DaemonConfig::parse(DEFAULT_CONFIG).unwrap();
         assert_eq!(config.metrics_listen, "127.0.0.1:9477".parse().unwrap());
         assert_eq!(config.socket, PathBuf::from("/run/paratick/paratick.sock"));
         let modes: Vec<_> = config.vms.iter().map(|v| (v.config.name.as_str(), v.config.mode.name())).collect();
-        assert_eq!(modes, [("tickless", "tickless"), ("paratick", "paratick")]);
+        assert_eq!(modes, [("tickless", "tickless"), ("paratick", "paratick"), ("contended", "paratick")]);
         assert!(config.vms.iter().all(|v| v.autostart && v.config.amount == WorkAmount::Seconds(86400.0)));
     }
 

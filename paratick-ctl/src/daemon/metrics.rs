@@ -33,6 +33,8 @@ pub struct Metrics {
     pub bpf_stats_enabled: IntGauge,
     /// Per tracepoint: 1 when attached.
     pub tracepoint_attached: GaugeVec,
+    /// One series per observed VM of another VMM (the top ones), naming it.
+    pub observed_vm_info: GaugeVec,
     /// Every counter ([`CounterFamily`]), read at scrape time.
     pub counters: ScrapedCounters,
 }
@@ -124,8 +126,8 @@ impl CounterFamily {
             ),
             CounterFamily::ObservedExits => (
                 "paratick_observed_vm_exits_total",
-                "Exits of KVM processes the daemon did not start (top 10 by exits, the rest as pid=\"other\").",
-                &["pid", "name", "reason"],
+                "Exits of KVM VMs the daemon did not start, by VM name (QEMU's -name, else process:pid; see paratick_observed_vm_info): the top 10 by exits, the rest as vm=\"other\".",
+                &["pid", "vm", "reason"],
             ),
             CounterFamily::ObserverDrops => (
                 "paratick_observer_drops_total",
@@ -393,6 +395,12 @@ impl Metrics {
                 "1 when the observer's program is attached to this KVM tracepoint.",
                 &["tracepoint"],
             ),
+            observed_vm_info: gauge(
+                &registry,
+                "paratick_observed_vm_info",
+                "A KVM VM of another VMM among the top 10 by exits (always 1): its name (QEMU's -name guest=NAME or -name NAME, else process:pid), its VMM's process id, the VMM, and QEMU's -uuid if given.",
+                &["vm", "pid", "vmm", "uuid"],
+            ),
             registry,
             counters,
         }
@@ -477,7 +485,7 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("# TYPE paratick_vm_ticks_injected_total counter\n"), "{text}");
         assert!(text.contains("paratick_vm_ticks_injected_total{vm=\"a\"} 42\n"), "{text}");
-        assert!(text.contains("paratick_observed_vm_exits_total{name=\"qemu\",pid=\"9\",reason=\"hlt\"} 3\n"));
+        assert!(text.contains("paratick_observed_vm_exits_total{pid=\"9\",reason=\"hlt\",vm=\"qemu\"} 3\n"));
         assert!(!text.contains("paratick_vm_guest_ticks_total"), "no series, no family: {text}");
         // Run time is reported in nanoseconds and exported in seconds.
         metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &["kvm_msr"], 1_500_000_000);

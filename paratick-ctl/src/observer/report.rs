@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::counts::ProcessCounts;
 use super::kvm_stats::KvmStatsReport;
 use crate::model::TimerModel;
-use crate::procfs::ProcessInfo;
+use crate::procfs::{ProcessInfo, VmIdentity};
 
 /// How much of a VM's exit load is timekeeping, and what paratick would save of it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -84,6 +84,8 @@ pub struct VmReport {
     pub pid: u32,
     /// Process name (`comm`), or `?` if it exited before it could be read.
     pub name: String,
+    /// The VM: its name as its VMM's command line gives it, the VMM, its uuid.
+    pub vm: VmIdentity,
     /// Command line, when known.
     pub cmdline: String,
     /// vCPUs: vCPU threads seen by the eBPF programs, or vCPU file descriptors in /proc.
@@ -104,6 +106,8 @@ impl VmReport {
         VmReport {
             pid,
             name: info.map_or_else(|| "?".to_string(), |i| i.name.clone()),
+            vm: info
+                .map_or_else(|| VmIdentity { name: format!("?:{pid}"), vmm: "?".into(), uuid: None }, |i| i.vm.clone()),
             cmdline: info.map(|i| i.cmdline.clone()).unwrap_or_default(),
             vcpus,
             counts,
@@ -174,7 +178,7 @@ pub struct ObserverCost {
 pub struct Row {
     /// Process id.
     pub pid: u32,
-    /// Name.
+    /// The VM's name (see [`VmIdentity`]).
     pub name: String,
     /// vCPUs.
     pub vcpus: u32,
@@ -222,7 +226,7 @@ impl Row {
         let report = VmReport::new(pid, info, now.clone());
         Row {
             pid,
-            name: report.name,
+            name: report.vm.name,
             vcpus: report.vcpus,
             exits_per_s: exits_traced.then(|| rate(now.exits(), before.exits())),
             top_reasons: reasons,
@@ -262,10 +266,11 @@ pub fn render_timer_reports(vms: &[VmReport], model: &TimerModel) -> String {
         let share = timer.timer_exit_share.map_or_else(|| "n/a".to_string(), |s| format!("{:.1}%", s * 100.0));
         let _ = writeln!(
             out,
-            "  pid {} {} ({} vCPU): {exits} exits; timer {} exits ({share}): {} interrupts, {} writes, {} halts; \
+            "  VM {} ({}, pid {}, {} vCPU): {exits} exits; timer {} exits ({share}): {} interrupts, {} writes, {} halts; \
              tick rate {:.0} Hz while busy ({:.1} vCPU s); paratick would save about {} exits (projection)",
+            vm.vm.name,
+            vm.vm.vmm,
             vm.pid,
-            vm.name,
             vm.vcpus,
             timer.timer_exits,
             timer.timer_interrupts,
@@ -285,7 +290,7 @@ pub fn render_table(rows: &[Row]) -> String {
     let _ = writeln!(
         out,
         "{:>8} {:<16} {:>5} {:>10} {:>7} {:>11} {:>11} {:>11}  TOP EXIT REASONS (/s)",
-        "PID", "NAME", "VCPUS", "EXITS/s", "TIMER%", "TICKREQ/s", "TIMERIRQ/s", "USEREXIT/s"
+        "PID", "VM", "VCPUS", "EXITS/s", "TIMER%", "TICKREQ/s", "TIMERIRQ/s", "USEREXIT/s"
     );
     for row in rows {
         // KVM's count where known (every VMM, on every backend), else kvm_exit's.
@@ -365,7 +370,7 @@ mod tests {
             vec![("MSR_WRITE".into(), 200.0), ("HLT".into(), 100.0), ("IO_INSTRUCTION".into(), 25.0)]
         );
         assert_eq!((row.tick_requests_per_s, row.userspace_exits_per_s), (200.0, 25.0));
-        assert_eq!(row.name, "?");
+        assert_eq!(row.name, "?:42", "a process gone before it was read: its pid");
         let table = render_table(&[row]);
         assert!(table.contains("MSR_WRITE=200 HLT=100 IO_INSTRUCTION=25"), "{table}");
     }

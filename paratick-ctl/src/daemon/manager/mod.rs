@@ -905,11 +905,17 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         counters.retain_sources(CounterFamily::ObservedExits, |source| {
             source.split_once('/').is_some_and(|(pid, _)| alive.contains(pid))
         });
+        metrics.observed_vm_info.reset();
         for (rank, (pid, exits)) in others.into_iter().enumerate() {
             // Each process's own count is the source, so a process moving in or out of
             // the "other" group adds to it only what it counted while in it.
             let (pid_label, name) = if rank < OBSERVED_TOP_N {
-                (pid.to_string(), procfs::process_info(pid).map_or_else(|| "?".to_string(), |p| p.name))
+                let vm = procfs::process_info(pid).map(|p| p.vm);
+                let name = vm.as_ref().map_or_else(|| format!("?:{pid}"), |vm| vm.name.clone());
+                let (vmm, uuid) =
+                    vm.map_or_else(|| ("?".to_string(), String::new()), |vm| (vm.vmm, vm.uuid.unwrap_or_default()));
+                metrics.observed_vm_info.with_label_values(&[&name, &pid.to_string(), &vmm, &uuid]).set(1.0);
+                (pid.to_string(), name)
             } else {
                 ("other".to_string(), "other".to_string())
             };

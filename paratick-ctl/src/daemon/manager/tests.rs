@@ -177,7 +177,10 @@ impl EventSource for FakeEvents {
     }
 }
 
-const VMS: &str = r#"
+/// A paratick VM `p` and a tickless VM `t` (the last table: keys may follow).
+macro_rules! p_and_t {
+    () => {
+        r#"
     [[vm]]
     name = "p"
     mode = "paratick"
@@ -186,12 +189,21 @@ const VMS: &str = r#"
     name = "t"
     mode = "tickless"
     workload = "io"
+"#
+    };
+}
+
+/// `p`, `t`, and `manual`, which does not start with the daemon.
+const VMS: &str = concat!(
+    p_and_t!(),
+    r#"
     [[vm]]
     name = "manual"
     mode = "paratick"
     workload = "io"
     autostart = false
-"#;
+"#
+);
 
 /// A new state directory for each manager (removed when the test process's temporary
 /// files are; each holds one small file at most).
@@ -342,7 +354,8 @@ fn another_kvm_process_gets_exit_series_until_it_exits() {
     let pid = other.id();
     let events = FakeEvents { exits: BTreeMap::from([(pid, 500)]), ..FakeEvents::default() };
     let mut manager = manager(FakeProcesses::new(VmLauncher::Process), Ok(events));
-    let series = format!("paratick_observed_vm_exits_total{{name=\"sleep\",pid=\"{pid}\",reason=\"io_exits\"}} 500");
+    let series =
+        format!("paratick_observed_vm_exits_total{{pid=\"{pid}\",reason=\"io_exits\",vm=\"sleep:{pid}\"}} 500");
     let metrics = manager.metrics.render();
     assert!(metrics.contains(&series), "{metrics}");
     assert!(metrics.contains("paratick_observer_up 1"));
@@ -367,21 +380,7 @@ fn a_reload_starts_added_vms_stops_removed_ones_restarts_changed_ones_and_leaves
     assert!(metrics.contains("vm=\"manual\""), "{metrics}");
 
     // p as it was, t with another rate, manual gone, n new.
-    let new = r#"
-        [[vm]]
-        name = "p"
-        mode = "paratick"
-        workload = "io"
-        [[vm]]
-        name = "t"
-        mode = "tickless"
-        workload = "io"
-        hz = 100
-        [[vm]]
-        name = "n"
-        mode = "tickless"
-        workload = "sequential"
-    "#;
+    let new = concat!(p_and_t!(), "hz = 100\n[[vm]]\nname = \"n\"\nmode = \"tickless\"\nworkload = \"sequential\"\n");
     let summary = manager.reload(config(&dir, new));
     assert_eq!(summary, "added n; removed manual; changed (restarted if it ran) t; unchanged p");
     let mut asked = manager.supervisor.asked();
