@@ -41,6 +41,13 @@ impl TickDelivery {
 }
 
 /// Parses a delivery method name.
+///
+/// ```
+/// use paratick_vmm::{parse_delivery, TickDelivery};
+///
+/// assert_eq!(parse_delivery("lapic-timer").unwrap(), TickDelivery::LapicTimer);
+/// assert_eq!(parse_delivery("pigeon").unwrap_err().to_string(), "unknown tick delivery \"pigeon\": use msi, lapic-timer or ride");
+/// ```
 pub fn parse_delivery(name: &str) -> Result<TickDelivery, ConfigError> {
     name.parse().map_err(|_| ConfigError::Delivery(name.to_string()))
 }
@@ -126,6 +133,18 @@ pub enum ConfigError {
 
 impl VmConfig {
     /// A configuration with the default deadline and no operator rate.
+    ///
+    /// ```
+    /// use paratick_common::guest::{TickMode, Workload};
+    /// use paratick_vmm::{ConfigError, VmConfig, WorkAmount};
+    ///
+    /// let config = VmConfig::new("web", 2, TickMode::Paratick, 250, Workload::Io, WorkAmount::Seconds(10.0));
+    /// assert_eq!(config.validate(), Ok(()));
+    /// // Every setting is checked, and the error says what is wrong.
+    /// let fast = VmConfig { hz: 5, ..config.clone() };
+    /// assert_eq!(fast.validate(), Err(ConfigError::Hz(5)));
+    /// assert_eq!(fast.validate().unwrap_err().to_string(), "hz must be 10 to 4000, not 5");
+    /// ```
     pub fn new(name: &str, vcpus: u32, mode: TickMode, hz: u32, workload: Workload, amount: WorkAmount) -> VmConfig {
         let deadline = match amount {
             WorkAmount::Seconds(seconds) => Duration::from_secs_f64(seconds.clamp(0.0, MAX_RUN_SECONDS) + 60.0),
@@ -179,6 +198,14 @@ pub fn check_rate(hz: u32) -> Result<u32, ConfigError> {
 }
 
 /// Parses a tick mode name.
+///
+/// ```
+/// use paratick_common::guest::TickMode;
+/// use paratick_vmm::parse_tick_mode;
+///
+/// assert_eq!(parse_tick_mode("tickless-full").unwrap(), TickMode::TicklessFull);
+/// assert!(parse_tick_mode("turbo").unwrap_err().to_string().starts_with("unknown tick mode \"turbo\""));
+/// ```
 pub fn parse_tick_mode(name: &str) -> Result<TickMode, ConfigError> {
     name.parse().map_err(|_| ConfigError::Mode(name.to_string()))
 }

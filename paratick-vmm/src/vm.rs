@@ -173,6 +173,19 @@ impl std::fmt::Debug for Vm {
 impl Vm {
     /// Creates the VM and starts the guest `kernel` (an ELF; [`GUEST_KERNEL`] is
     /// Paratick's own, which the workloads and tick modes of `config` are for).
+    ///
+    /// A real VM (this needs `/dev/kvm`): a fixed amount of work, then its report.
+    ///
+    /// ```
+    /// use paratick_common::guest::{TickMode, Workload};
+    /// use paratick_vmm::{Vm, VmConfig, WorkAmount, GUEST_KERNEL};
+    ///
+    /// let config = VmConfig::new("doc", 1, TickMode::Paratick, 250, Workload::Sequential, WorkAmount::Units(300));
+    /// let report = Vm::start(config, GUEST_KERNEL)?.wait()?;
+    /// assert_eq!(report.work_units, 300);
+    /// assert!(report.counters.tick_requests >= 1, "the guest asked for its rate");
+    /// # Ok::<(), paratick_vmm::VmError>(())
+    /// ```
     pub fn start(config: VmConfig, kernel: &[u8]) -> Result<Vm, VmError> {
         config.validate()?;
         install_kick_handler();
@@ -356,6 +369,24 @@ impl Vm {
     }
 
     /// Live counters (guest counters are read from guest memory; no exit is caused).
+    ///
+    /// ```
+    /// use paratick_common::guest::{TickMode, Workload};
+    /// use paratick_vmm::{Vm, VmConfig, VmState, WorkAmount, GUEST_KERNEL};
+    ///
+    /// let config = VmConfig::new("live", 1, TickMode::Tickless, 250, Workload::Io, WorkAmount::Seconds(60.0));
+    /// let vm = Vm::start(config, GUEST_KERNEL)?;
+    /// let before = vm.counters()?.work_units;
+    /// while vm.counters()?.work_units < before + 100 {
+    ///     assert_eq!(vm.state().0, VmState::Running);
+    ///     std::thread::sleep(std::time::Duration::from_millis(10));
+    /// }
+    /// // The operator's rate is checked before it is taken.
+    /// assert!(vm.set_operator_hz(Some(5)).is_err());
+    /// let report = vm.stop()?;
+    /// assert!(report.counters.work_units >= before + 100);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn counters(&self) -> Result<Counters, VmError> {
         let results = self.guest_results()?;
         let guest = &results.vcpus[..self.config.vcpus as usize];
