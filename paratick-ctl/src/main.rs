@@ -251,7 +251,11 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     let results = paratick_ctl::bench::run(&options)?;
     for w in &results.summary {
         for c in w.comparisons.iter().filter(|c| c.mode == "paratick") {
-            let removed = c.timer_exits_removed.map_or("n/a".to_string(), |r| format!("{:.2}", r.median));
+            let removed = c
+                .timer_exits_removed
+                .map_or("n/a (the baseline's timer exits are too few to divide by)".to_string(), |r| {
+                    format!("{:.2}", r.median)
+                });
             println!(
                 "{:<14} {}: timer exits removed {removed}, exits {:+.1}% (modelled VMX {:+.1}%), throughput {:+.1}%, execution time {:+.1}%",
                 w.workload,

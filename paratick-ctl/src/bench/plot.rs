@@ -26,11 +26,21 @@ fn svg_start(title: &str) -> String {
     )
 }
 
+/// A round step for about four axis ticks up to `highest`: 1, 2, 2.5 or 5 times a power
+/// of ten.
+fn round_step(highest: f64) -> f64 {
+    let rough = highest.max(1e-9) / 4.0;
+    let power = 10f64.powf(rough.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0].into_iter().map(|m| m * power).find(|&step| step >= rough).unwrap_or(10.0 * power)
+}
+
 /// Bars per group (workload) and series (mode), with whiskers.
 fn bar_chart(title: &str, y_label: &str, groups: &[(String, Vec<(String, Spread)>)]) -> String {
     let mut svg = svg_start(title);
-    let top =
-        groups.iter().flat_map(|(_, bars)| bars.iter().map(|(_, s)| s.max)).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let highest = groups.iter().flat_map(|(_, bars)| bars.iter().map(|(_, s)| s.max)).fold(0.0f64, f64::max);
+    let step = round_step(highest);
+    let ticks = (highest / step).ceil().max(1.0) as u32;
+    let top = step * f64::from(ticks);
     let plot_h = HEIGHT - 2.0 * MARGIN;
     let plot_w = WIDTH - 2.0 * MARGIN;
     let y = |v: f64| MARGIN + plot_h * (1.0 - v / top);
@@ -42,15 +52,23 @@ fn bar_chart(title: &str, y_label: &str, groups: &[(String, Vec<(String, Spread)
         y(0.0)
     );
     let _ = writeln!(svg, "<line x1=\"{MARGIN}\" y1=\"{MARGIN}\" x2=\"{MARGIN}\" y2=\"{}\" stroke=\"black\"/>", y(0.0));
-    for tick in 0..=4 {
-        let value = top * tick as f64 / 4.0;
+    // As many decimals as the step has (2.5 → 1, 0.25 → 2).
+    let digits = (0..3).find(|&d| (step * 10f64.powi(d)).fract().abs() < 1e-9).unwrap_or(3) as usize;
+    for tick in 0..=ticks {
+        let value = step * f64::from(tick);
         let _ = writeln!(
             svg,
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{value:.0}</text>",
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{value:.digits$}</text>",
             MARGIN - 4.0,
             y(value) + 4.0
         );
     }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-size=\"11\">bars: median; whiskers: min to max over the repetitions</text>",
+        WIDTH - MARGIN,
+        HEIGHT - 6.0
+    );
     let _ = writeln!(
         svg,
         "<text x=\"14\" y=\"{:.1}\" transform=\"rotate(-90 14 {:.1})\" text-anchor=\"middle\">{y_label}</text>",
@@ -229,4 +247,19 @@ pub fn write_all(results: &Results, dir: &Path) -> Result<()> {
         std::fs::write(dir.join(name), svg).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_steps_are_round() {
+        assert_eq!(round_step(110.0), 50.0);
+        assert_eq!(round_step(100.0), 25.0);
+        assert_eq!(round_step(37.0), 10.0);
+        assert_eq!(round_step(7.3), 2.0);
+        assert_eq!(round_step(0.9), 0.25);
+        assert_eq!(round_step(0.0), round_step(1e-9));
+    }
 }

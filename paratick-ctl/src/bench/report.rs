@@ -316,18 +316,25 @@ impl<'a> ExecutionRuns<'a> {
     }
 
     /// `1 − timer(mode) / timer(baseline)` per repetition where the baseline's timer
-    /// cost something.
+    /// exits are large enough to divide by: at least [`MIN_BASELINE_TIMER_SHARE`] of the
+    /// baseline's exits. Below that they are within the run-to-run spread of the exits
+    /// they are taken from, and the ratio is noise (seen: −14.16, 303.00).
     fn timer_exits_removed(&self, mode: TickMode, baseline: TickMode) -> Vec<f64> {
         let base = self.timer_exits(baseline);
         self.timer_exits(mode)
             .into_iter()
             .filter_map(|(rep, timer)| {
                 let (_, base) = base.iter().find(|(r, _)| *r == rep)?;
-                (*base > 0.0).then(|| 1.0 - timer / base)
+                let large_enough = *base > 0.0 && *base >= MIN_BASELINE_TIMER_SHARE * self.exits(baseline, rep)?;
+                large_enough.then(|| 1.0 - timer / base)
             })
             .collect()
     }
 }
+
+/// The least share of a baseline's exits its timer must cause for "timer exits removed"
+/// to be a ratio and not noise.
+pub const MIN_BASELINE_TIMER_SHARE: f64 = 0.05;
 
 /// The guest's tick rate and the intervals between its busy ticks, at one requested
 /// rate (from the guest's own interval histogram, so the same for every delivery).
@@ -615,7 +622,10 @@ impl Results {
             md,
             "Timer-induced exits = exits − exits of the no-timer guest doing the same work in the same repetition \
              (measured, KVM's `exits`). Removed = 1 − timer-induced(mode) / timer-induced(baseline): median \
-             [min, max] over the repetitions.\n"
+             [min, max] over the repetitions where the baseline's timer caused at least {:.0}% of its exits; \
+             below that its timer exits are within the run-to-run spread of the exits they are taken from, \
+             and the ratio is marked, not shown.\n",
+            MIN_BASELINE_TIMER_SHARE * 100.0
         );
         let _ = writeln!(
             md,
@@ -627,9 +637,13 @@ impl Results {
                 let paper = c.paper.map_or(String::new(), |p| {
                     format!("{:+.0}% / {:+.0}% / {:+.0}%", p.exits_pct, p.throughput_pct, p.execution_time_pct)
                 });
-                let removed = c.timer_exits_removed.map_or("n/a (baseline: no timer exits)".to_string(), |r| {
-                    format!("{:.2} [{:.2}, {:.2}]", r.median, r.min, r.max)
-                });
+                let too_small = format!(
+                    "n/a (baseline's timer exits under {:.0}% of its exits: too small to divide by)",
+                    MIN_BASELINE_TIMER_SHARE * 100.0
+                );
+                let removed = c
+                    .timer_exits_removed
+                    .map_or(too_small, |r| format!("{:.2} [{:.2}, {:.2}]", r.median, r.min, r.max));
                 let _ = writeln!(
                     md,
                     "| {} | {} | {} | {removed} | {:+.1}% | {:+.1}% | {:+.1}% | {:+.1}% | {paper} |",
@@ -741,6 +755,15 @@ mod tests {
         // 1 - 50/500 and 1 - (-10)/400: below the floor counts as all removed and more.
         assert_eq!(runs.timer_exits_removed(TickMode::Paratick, TickMode::Tickless), [0.9, 1.025]);
         assert_eq!(runs.timer_exits_removed(TickMode::Paratick, TickMode::Periodic), Vec::<f64>::new());
+        // A baseline whose timer exits are under 5% of its exits gives no ratio: 1 − 50/20
+        // would be −1.5, noise.
+        let records = [
+            execution(TickMode::NoTimer, 0, 1000),
+            execution(TickMode::Tickless, 0, 1020),
+            execution(TickMode::Paratick, 0, 1050),
+        ];
+        let runs = ExecutionRuns::of(&records, Workload::Io);
+        assert_eq!(runs.timer_exits_removed(TickMode::Paratick, TickMode::Tickless), Vec::<f64>::new());
     }
 
     #[test]
