@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use paratick_ctl::procfs::process_alive;
 use paratick_tests::{
     free_port, kvm_unit_test, metric, one_vm_at_a_time, parse_metrics, process_usage, qemu_args, single_error_line,
     workspace_binary, ProcessUsage, Sample,
@@ -581,12 +582,6 @@ fn sigterm_under_load_stops_every_vm_process_and_exits_0() {
         assert!(!process_alive(vm), "VM process {vm} stopped with the daemon");
     }
     assert!(!socket.exists(), "the control socket is removed");
-}
-
-/// Whether a process lives (a zombie does not).
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
 /// The guest ticks VM `name` reports on its own socket (no daemon involved).

@@ -65,6 +65,12 @@ pub struct ProcessCounts {
     /// Threads that ran a vCPU (each vCPU thread of the VMM).
     #[serde(skip)]
     pub vcpu_threads: u32,
+    /// The LAPIC timer vector the guest programmed while observed; none if it did so
+    /// before (the timer interrupts are then those of Linux's vector, 0xec, and of the
+    /// paratick vector for a paratick guest).
+    pub timer_vector: Option<u32>,
+    /// Whether the guest asked for paratick ticks while observed.
+    pub paratick: bool,
 }
 
 impl ProcessCounts {
@@ -94,6 +100,8 @@ impl ProcessCounts {
             halts: self.halts.saturating_sub(earlier.halts),
             halted_ns: self.halted_ns.saturating_sub(earlier.halted_ns),
             vcpu_threads: self.vcpu_threads,
+            timer_vector: self.timer_vector,
+            paratick: self.paratick,
         }
     }
 }
@@ -163,6 +171,10 @@ pub fn per_process(snapshot: &Snapshot) -> BTreeMap<u32, ProcessCounts> {
     }
     for (tgid, threads) in &snapshot.vcpu_threads {
         out.entry(*tgid).or_default().vcpu_threads = *threads;
+    }
+    for (tgid, counts) in out.iter_mut() {
+        counts.timer_vector = snapshot.timer_vectors.get(tgid).copied();
+        counts.paratick = paratick_guests.contains(tgid);
     }
     out
 }

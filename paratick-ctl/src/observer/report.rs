@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use paratick_common::abi::LAPIC_TIMER_VECTOR as LINUX_TIMER_VECTOR;
 use serde::Serialize;
 
 use super::counts::ProcessCounts;
@@ -35,6 +36,9 @@ pub struct TimerReport {
     pub timer_exit_share: Option<f64>,
     /// Exits paratick would save for the same work: a projection by the model.
     pub projected_exits_saved: u64,
+    /// Whether the guest's timer vector is known: programmed while observed, or the
+    /// paratick vector. Without it the timer interrupts are those of Linux's vector only.
+    pub timer_vector_known: bool,
 }
 
 impl TimerReport {
@@ -58,6 +62,7 @@ impl TimerReport {
             timer_exits_source,
             timer_exit_share: exits.filter(|&e| e > 0).map(|e| timer_exits as f64 / e as f64),
             projected_exits_saved: model.projected_exits_saved(timer_exits as f64).round() as u64,
+            timer_vector_known: counts.timer_vector.is_some() || counts.paratick,
         }
     }
 }
@@ -280,7 +285,21 @@ pub fn render_timer_reports(vms: &[VmReport], model: &TimerModel) -> String {
             timer.busy_s,
             timer.projected_exits_saved
         );
+        if !timer.timer_vector_known {
+            let _ = writeln!(
+                out,
+                "    (its timer vector was not seen: the guest programmed its LAPIC timer before this window, so only \
+                 interrupts on Linux's vector {LINUX_TIMER_VECTOR:#x} count as timer interrupts; a guest using another \
+                 vector shows none. Observe from its start, `observe -- COMMAND`, or over a window with a timer set-up)"
+            );
+        }
     }
+    let _ = writeln!(
+        out,
+        "  (tick rate while busy: timer interrupts per vCPU second not halted, a halt counted whole when it ends in \
+         the window, so a short window of a mostly idle guest overstates it; the daemon's observed rate is the same \
+         ratio over its 1 s samples)"
+    );
     out
 }
 
@@ -346,6 +365,27 @@ mod tests {
         assert_eq!(counted.timer_exit_share, Some(0.2));
         // Never more than all exits.
         assert_eq!(TimerReport::new(&c, Some(150), 1.0, &model).timer_exits, 150);
+    }
+
+    #[test]
+    fn a_report_says_when_the_timer_vector_was_not_seen() {
+        let model = TimerModel::default_for(crate::model::ModelBackend::Pvm);
+        let report = |counts: ProcessCounts| {
+            let mut vm = VmReport::new(7, None, counts.clone());
+            vm.timer = Some(TimerReport::new(&counts, None, 1.0, &model));
+            render_timer_reports(&[vm], &model)
+        };
+        let unseen = report(ProcessCounts::default());
+        assert!(unseen.contains("its timer vector was not seen"), "{unseen}");
+        assert!(unseen.contains("Linux's vector 0xec"), "{unseen}");
+        for known in [
+            ProcessCounts { timer_vector: Some(0x20), ..Default::default() },
+            ProcessCounts { paratick: true, ..Default::default() },
+        ] {
+            let text = report(known);
+            assert!(!text.contains("not seen"), "{text}");
+        }
+        assert!(unseen.contains("tick rate while busy: timer interrupts per vCPU second not halted"), "{unseen}");
     }
 
     fn counts(exits: &[(&str, u64)], ticks: u64, uexits: u64) -> ProcessCounts {
