@@ -966,7 +966,12 @@ fn a_third_party_vm_is_exported_by_kvm_exit_category_and_forgotten_when_it_exits
     let exported = |s: &[Sample], reason: &str| {
         metric(s, "paratick_observed_vm_exits_total", &[("pid", &pid), ("reason", reason)])
     };
-    let samples = daemon.wait_for(Duration::from_secs(20), |s| exported(s, "halt_exits") >= Some(10.0));
+    let timer = |s: &[Sample], family: &str| metric(s, family, &[("pid", &pid), ("vm", "alpha")]);
+    let samples = daemon.wait_for(Duration::from_secs(20), |s| {
+        exported(s, "halt_exits") >= Some(10.0)
+            && timer(s, "paratick_observed_vm_timer_interrupts_total") >= Some(10.0)
+            && timer(s, "paratick_observed_vm_exits_saved_projected_total") > Some(0.0)
+    });
     assert!(qemu.try_wait().unwrap().is_none_or(|status| status.code() == Some(1)), "QEMU failed to run the test");
     let series: Vec<&Sample> = samples
         .iter()
@@ -974,6 +979,16 @@ fn a_third_party_vm_is_exported_by_kvm_exit_category_and_forgotten_when_it_exits
         .collect();
     assert!(exported(&samples, "halt_exits") >= Some(10.0), "{series:?}");
     assert!(series.iter().all(|s| s.labels.get("vm").map(String::as_str) == Some("alpha")), "{series:?}");
+    // Its timer overhead, by name: interrupts and TSC-deadline writes counted, timer exits
+    // by the model (no kvm_exit here) and never more than its exits, the savings below them.
+    let interrupts = timer(&samples, "paratick_observed_vm_timer_interrupts_total").unwrap();
+    let writes = timer(&samples, "paratick_observed_vm_timer_writes_total").unwrap();
+    let timer_exits = timer(&samples, "paratick_observed_vm_timer_exits_total").unwrap();
+    let saved = timer(&samples, "paratick_observed_vm_exits_saved_projected_total").unwrap();
+    let all_exits: f64 = series.iter().map(|s| s.value).sum();
+    assert!(interrupts >= 10.0 && writes >= interrupts - 2.0, "{interrupts} interrupts, {writes} writes");
+    assert!(timer_exits > 0.0 && timer_exits <= all_exits, "{timer_exits} timer exits of {all_exits}");
+    assert!(saved > 0.0 && saved <= timer_exits, "{saved} saved of {timer_exits}");
     let info = [("vm", "alpha"), ("pid", pid.as_str()), ("vmm", "qemu"), ("uuid", uuid)];
     assert_eq!(metric(&samples, "paratick_observed_vm_info", &info), Some(1.0), "{series:?}");
     let reasons: Vec<&str> = series.iter().map(|s| s.labels["reason"].as_str()).collect();

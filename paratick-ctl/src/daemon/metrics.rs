@@ -64,6 +64,14 @@ pub enum CounterFamily {
     Restarts,
     /// Exits of KVM processes the daemon did not start.
     ObservedExits,
+    /// Timer interrupts of other VMMs' VMs.
+    ObservedTimerInterrupts,
+    /// Timer programming writes of other VMMs' VMs.
+    ObservedTimerWrites,
+    /// Timer-induced exits of other VMMs' VMs.
+    ObservedTimerExits,
+    /// Exits paratick would save other VMMs' VMs (projection).
+    ObservedExitsSaved,
     /// Events the observer could not record.
     ObserverDrops,
     /// Events each of the observer's programs handled.
@@ -128,6 +136,26 @@ impl CounterFamily {
                 "paratick_observed_vm_exits_total",
                 "Exits of KVM VMs the daemon did not start, by VM name (QEMU's -name, else process:pid; see paratick_observed_vm_info): the top 10 by exits, the rest as vm=\"other\".",
                 &["pid", "vm", "reason"],
+            ),
+            CounterFamily::ObservedTimerInterrupts => (
+                "paratick_observed_vm_timer_interrupts_total",
+                "Timer interrupts delivered to KVM VMs the daemon did not start (the LAPIC timer's vector as the guest programmed it, else Linux's), by VM as in paratick_observed_vm_exits_total.",
+                &["pid", "vm"],
+            ),
+            CounterFamily::ObservedTimerWrites => (
+                "paratick_observed_vm_timer_writes_total",
+                "TSC-deadline and LAPIC timer writes of KVM VMs the daemon did not start.",
+                &["pid", "vm"],
+            ),
+            CounterFamily::ObservedTimerExits => (
+                "paratick_observed_vm_timer_exits_total",
+                "Exits of KVM VMs the daemon did not start that their timer caused: counted from kvm_exit's reasons where it fires, else by the exits model of this host from the timer interrupts and writes (as observe --report); never more than their exits.",
+                &["pid", "vm"],
+            ),
+            CounterFamily::ObservedExitsSaved => (
+                "paratick_observed_vm_exits_saved_projected_total",
+                "Projection, not a measurement: exits paratick would save KVM VMs the daemon did not start, by the exits model of this host (see paratick_vm_exits_saved_projected_total).",
+                &["pid", "vm"],
             ),
             CounterFamily::ObserverDrops => (
                 "paratick_observer_drops_total",

@@ -29,6 +29,14 @@ use crate::protocol::{DaemonStatus, Request, Response, VmInfo};
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// How many KVM processes of others get their own metric series.
 const OBSERVED_TOP_N: usize = 10;
+/// The families of other VMMs' VMs: by `pid` and `vm`, the top N and the rest as `other`.
+const OBSERVED_FAMILIES: [CounterFamily; 5] = [
+    CounterFamily::ObservedExits,
+    CounterFamily::ObservedTimerInterrupts,
+    CounterFamily::ObservedTimerWrites,
+    CounterFamily::ObservedTimerExits,
+    CounterFamily::ObservedExitsSaved,
+];
 
 /// What the async side asks of the manager.
 pub enum Command {
@@ -886,27 +894,34 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             }
             counts.userspace_exit_reasons.iter().map(|(r, n)| (format!("userspace_{}", r.to_lowercase()), *n)).collect()
         };
-        let mut others: Vec<(u32, BTreeMap<String, u64>)> = per_process
+        // Their timer overhead as `observe --report` computes it (one computation): timer
+        // interrupts and writes counted, timer exits counted where kvm_exit fires and
+        // modelled elsewhere, and what paratick would save of them.
+        let timer_of = |pid: u32, counts: &ProcessCounts| {
+            let exits = kvm_counters.get(&pid).map(|kvm| kvm.exits);
+            crate::observer::report::TimerReport::new(counts, exits, 0.0, &self.projection)
+        };
+        let mut others: Vec<(u32, BTreeMap<String, u64>, crate::observer::report::TimerReport)> = per_process
             .iter()
             .filter(|(pid, _)| **pid != own && !ours.contains(pid) && **pid < SYNTHETIC_OWNER_BASE)
             .filter(|(pid, _)| process_alive(**pid))
-            .map(|(pid, counts)| (*pid, exits_of(*pid, counts)))
+            .map(|(pid, counts)| (*pid, exits_of(*pid, counts), timer_of(*pid, counts)))
             .collect();
 
-        others.sort_by_key(|(pid, exits)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
+        others.sort_by_key(|(pid, exits, _)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
         // The series of processes that are gone, or fell out of the top N, go; so do
         // the sources of processes that are gone (what they counted stays counted).
         let named: std::collections::BTreeSet<String> =
-            others.iter().take(OBSERVED_TOP_N).map(|(pid, _)| pid.to_string()).collect();
+            others.iter().take(OBSERVED_TOP_N).map(|(pid, _, _)| pid.to_string()).collect();
+        let alive: std::collections::BTreeSet<String> = others.iter().map(|(pid, _, _)| pid.to_string()).collect();
         let counters = &metrics.counters;
-        counters
-            .retain_series(CounterFamily::ObservedExits, |labels| labels[0] == "other" || named.contains(&labels[0]));
-        let alive: std::collections::BTreeSet<String> = others.iter().map(|(pid, _)| pid.to_string()).collect();
-        counters.retain_sources(CounterFamily::ObservedExits, |source| {
-            source.split_once('/').is_some_and(|(pid, _)| alive.contains(pid))
-        });
+        for family in OBSERVED_FAMILIES {
+            counters.retain_series(family, |labels| labels[0] == "other" || named.contains(&labels[0]));
+            counters
+                .retain_sources(family, |source| source.split_once('/').is_some_and(|(pid, _)| alive.contains(pid)));
+        }
         metrics.observed_vm_info.reset();
-        for (rank, (pid, exits)) in others.into_iter().enumerate() {
+        for (rank, (pid, exits, timer)) in others.into_iter().enumerate() {
             // Each process's own count is the source, so a process moving in or out of
             // the "other" group adds to it only what it counted while in it.
             let (pid_label, name) = if rank < OBSERVED_TOP_N {
@@ -922,6 +937,14 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             for (reason, count) in exits {
                 let source = format!("{pid}/{reason}");
                 counters.report(CounterFamily::ObservedExits, &[&pid_label, &name, &reason], &source, count);
+            }
+            for (family, count) in [
+                (CounterFamily::ObservedTimerInterrupts, timer.timer_interrupts),
+                (CounterFamily::ObservedTimerWrites, timer.timer_writes),
+                (CounterFamily::ObservedTimerExits, timer.timer_exits),
+                (CounterFamily::ObservedExitsSaved, timer.projected_exits_saved),
+            ] {
+                counters.report(family, &[&pid_label, &name], &format!("{pid}/timer"), count);
             }
         }
     }
