@@ -377,7 +377,7 @@ fn a_real_prometheus_server_scrapes_both_vms_and_answers_every_dashboard_query_a
     let rules: Value = serde_json::from_str(&body).unwrap();
     let loaded: Vec<&Value> =
         rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(loaded.len(), 7, "{rules}");
+    assert_eq!(loaded.len(), 12, "{rules}");
     assert!(loaded.iter().all(|r| r["health"] == "ok" || r["health"] == "unknown"), "{rules}");
     assert!(query("paratick:vm_exits:rate5m")["data"]["result"].as_array().unwrap().len() == 2);
     let _ = prometheus.kill();
