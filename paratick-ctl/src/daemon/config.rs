@@ -15,6 +15,11 @@ use super::supervisor::VmLauncher;
 /// The default configuration, embedded in the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../packaging/paratick.toml");
 
+/// Other VMMs' VMs with series of their own unless the configuration says otherwise.
+const DEFAULT_OBSERVED_VMS_MAX: usize = 10;
+/// The most `observed_vms_max` may be: each VM has a dozen series.
+const MAX_OBSERVED_VMS_MAX: usize = 500;
+
 /// Default run time of a daemon VM.
 const DEFAULT_VM_DURATION: &str = "24h";
 
@@ -28,6 +33,7 @@ struct RawConfig {
     vm_launcher: Option<String>,
     timer_model: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    observed_vms_max: Option<usize>,
     #[serde(default, rename = "vm")]
     vms: Vec<RawVm>,
 }
@@ -65,6 +71,9 @@ pub struct DaemonConfig {
     pub timer_model: PathBuf,
     /// Where the operators' decisions outlive the daemon ([`super::state`]).
     pub state_dir: PathBuf,
+    /// How many VMs of other VMMs get series of their own (the busiest by exits); the
+    /// rest are summed as `vm="other"`.
+    pub observed_vms_max: usize,
     /// The VMs.
     pub vms: Vec<VmEntry>,
 }
@@ -217,6 +226,15 @@ impl DaemonConfig {
         if !state_dir.is_absolute() {
             return Err(value_error("state_dir", "must be an absolute path"));
         }
+        let observed_vms_max = raw.observed_vms_max.unwrap_or(DEFAULT_OBSERVED_VMS_MAX);
+        if observed_vms_max > MAX_OBSERVED_VMS_MAX {
+            return Err(value_error(
+                "observed_vms_max",
+                format!(
+                    "{observed_vms_max} is more series than a scrape should carry: use 0 to {MAX_OBSERVED_VMS_MAX}"
+                ),
+            ));
+        }
         Ok(DaemonConfig {
             metrics_listen,
             socket,
@@ -224,6 +242,7 @@ impl DaemonConfig {
             vm_launcher,
             timer_model,
             state_dir,
+            observed_vms_max,
             vms,
         })
     }
@@ -316,7 +335,7 @@ mod tests {
         assert_eq!(
             error_of("# metrics\nmetrics_port = 1\n"),
             "line 2, column 1: metrics_port: unknown field `metrics_port`, expected one of `metrics_listen`, `socket`, \
-             `socket_group`, `vm_launcher`, `timer_model`, `state_dir`, `vm`"
+             `socket_group`, `vm_launcher`, `timer_model`, `state_dir`, `observed_vms_max`, `vm`"
         );
         let vm = |extra: &str| format!("[[vm]]\nname = \"a\"\nmode = \"paratick\"\nworkload = \"io\"\n{extra}");
         assert!(error_of(&vm("colour = 1\n")).starts_with("line 5, column 1: vm[0].colour: unknown field `colour`"));
@@ -382,6 +401,12 @@ mod tests {
         assert_eq!((config.vms[0].restart, config.vms[0].restart_limit), (RestartPolicy::OnFailure, 5));
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/paratick"));
         assert_eq!(error_of("state_dir = \"state\"\n"), "line 1, column 1: state_dir: must be an absolute path");
+        assert_eq!(config.observed_vms_max, 10);
+        assert_eq!(DaemonConfig::parse("observed_vms_max = 0\n").unwrap().observed_vms_max, 0);
+        assert_eq!(
+            error_of("observed_vms_max = 5000\n"),
+            "line 1, column 1: observed_vms_max: 5000 is more series than a scrape should carry: use 0 to 500"
+        );
         assert_eq!(
             error_of(&vm("").replace("\"a\"", "\"a b\"")),
             "line 2, column 1: vm[0].name: use 1 to 64 letters, digits, '-' and '_' only"

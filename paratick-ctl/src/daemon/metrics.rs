@@ -9,6 +9,7 @@
 //! only what it counted while in it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
@@ -455,9 +456,32 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        let families = self.registry.gather();
         let mut buffer = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("text encoding");
-        String::from_utf8(buffer).expect("UTF-8 metrics")
+        TextEncoder::new().encode(&families, &mut buffer).expect("text encoding");
+        let mut text = String::from_utf8(buffer).expect("UTF-8 metrics");
+        // A family with no series yet (no VM of another VMM, no failure) is described all
+        // the same, so that dashboards, rules and readers know it exists.
+        let present: std::collections::BTreeSet<&str> = families.iter().map(|f| f.name()).collect();
+        let gauges = [
+            &self.tick_rate,
+            &self.vm_info,
+            &self.vcpus_halted,
+            &self.vm_state,
+            &self.tracepoint_attached,
+            &self.observed_vm_info,
+        ];
+        let described = gauges
+            .iter()
+            .flat_map(|gauge| gauge.desc().into_iter().map(|desc| (desc, "gauge")))
+            .chain(self.counters.desc().into_iter().map(|desc| (desc, "counter")));
+        for (desc, kind) in described {
+            if !present.contains(desc.fq_name.as_str()) {
+                let help = desc.help.replace('\\', "\\\\").replace('\n', "\\n");
+                let _ = write!(text, "# HELP {} {help}\n# TYPE {} {kind}\n", desc.fq_name, desc.fq_name);
+            }
+        }
+        text
     }
 }
 
@@ -514,7 +538,11 @@ mod tests {
         assert!(text.contains("# TYPE paratick_vm_ticks_injected_total counter\n"), "{text}");
         assert!(text.contains("paratick_vm_ticks_injected_total{vm=\"a\"} 42\n"), "{text}");
         assert!(text.contains("paratick_observed_vm_exits_total{pid=\"9\",reason=\"hlt\",vm=\"qemu\"} 3\n"));
-        assert!(!text.contains("paratick_vm_guest_ticks_total"), "no series, no family: {text}");
+        // No series: the family is described, with no sample.
+        assert!(text.contains("# HELP paratick_vm_guest_ticks_total Scheduler ticks the guest handled.\n"), "{text}");
+        assert!(text.contains("# TYPE paratick_vm_guest_ticks_total counter\n"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("paratick_vm_guest_ticks_total")), "{text}");
+        assert!(text.contains("# TYPE paratick_observed_vm_info gauge\n"), "{text}");
         // Run time is reported in nanoseconds and exported in seconds.
         metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &["kvm_msr"], 1_500_000_000);
         let text = metrics.render();

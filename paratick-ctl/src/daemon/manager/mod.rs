@@ -27,8 +27,6 @@ use crate::protocol::{DaemonStatus, Request, Response, VmInfo};
 
 /// How often VMs and the observer are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
-/// How many KVM processes of others get their own metric series.
-const OBSERVED_TOP_N: usize = 10;
 /// The families of other VMMs' VMs: by `pid` and `vm`, the top N and the rest as `other`.
 const OBSERVED_FAMILIES: [CounterFamily; 5] = [
     CounterFamily::ObservedExits,
@@ -912,7 +910,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         // The series of processes that are gone, or fell out of the top N, go; so do
         // the sources of processes that are gone (what they counted stays counted).
         let named: std::collections::BTreeSet<String> =
-            others.iter().take(OBSERVED_TOP_N).map(|(pid, _, _)| pid.to_string()).collect();
+            others.iter().take(self.config.observed_vms_max).map(|(pid, _, _)| pid.to_string()).collect();
         let alive: std::collections::BTreeSet<String> = others.iter().map(|(pid, _, _)| pid.to_string()).collect();
         let counters = &metrics.counters;
         for family in OBSERVED_FAMILIES {
@@ -924,7 +922,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         for (rank, (pid, exits, timer)) in others.into_iter().enumerate() {
             // Each process's own count is the source, so a process moving in or out of
             // the "other" group adds to it only what it counted while in it.
-            let (pid_label, name) = if rank < OBSERVED_TOP_N {
+            let (pid_label, name) = if rank < self.config.observed_vms_max {
                 let vm = procfs::process_info(pid).map(|p| p.vm);
                 let name = vm.as_ref().map_or_else(|| format!("?:{pid}"), |vm| vm.name.clone());
                 let (vmm, uuid) =

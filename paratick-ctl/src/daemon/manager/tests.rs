@@ -472,3 +472,19 @@ fn a_failed_vm_restarts_after_its_delay_up_to_its_limit_when_its_policy_says_so(
     assert!(!vm(&manager, "p").restarts.pending());
     assert_eq!(vm(&manager, "p").restarts.total, 2);
 }
+
+#[test]
+fn other_vms_beyond_the_configured_cap_are_summed_as_other() {
+    let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = other.id();
+    let events = FakeEvents { exits: BTreeMap::from([(pid, 500)]), ..FakeEvents::default() };
+    let config = config(&state_dir(), &format!("observed_vms_max = 0\n{VMS}"));
+    let manager = manager_of(&config, FakeProcesses::new(VmLauncher::Process), Ok(events));
+    let metrics = manager.metrics.render();
+    let summed = "paratick_observed_vm_exits_total{pid=\"other\",reason=\"io_exits\",vm=\"other\"} 500";
+    assert!(metrics.contains(summed), "{metrics}");
+    assert!(!metrics.contains(&format!("pid=\"{pid}\"")), "no series of its own: {metrics}");
+    assert!(!metrics.lines().any(|l| l.starts_with("paratick_observed_vm_info")), "{metrics}");
+    other.kill().unwrap();
+    other.wait().unwrap();
+}
