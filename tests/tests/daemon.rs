@@ -363,15 +363,24 @@ fn a_real_prometheus_server_scrapes_both_vms_and_answers_every_dashboard_query_a
     let mut checked = 0;
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"].as_str().unwrap();
-            let answer = query(expr);
+            // The dashboard's host and VM variables, set to all.
+            let expr = target["expr"].as_str().unwrap().replace("$instance", ".*").replace("$vm", ".*");
+            let answer = query(&expr);
             assert_eq!(answer["status"], "success", "{expr}: {answer}");
             let results = answer["data"]["result"].as_array().unwrap().len();
-            assert!(results > 0 || expr.contains("paratick_observed_vm_exits_total"), "{expr}: no data");
+            assert!(results > 0 || expr.contains("paratick_observed_vm_"), "{expr}: no data");
             checked += 1;
         }
     }
     assert!(checked >= 10, "{checked} queries");
+    // The host and VM variables, and the series they list.
+    let variables: Vec<&str> =
+        dashboard["templating"]["list"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(variables, ["datasource", "instance", "vm"]);
+    let vms = query(r#"count by (vm) ({__name__=~"paratick_vm_info|paratick_observed_vm_info"})"#);
+    assert_eq!(vms["data"]["result"].as_array().unwrap().len(), 2, "{vms}");
+    let hosts = query("count by (instance) (paratick_build_info)");
+    assert_eq!(hosts["data"]["result"].as_array().unwrap().len(), 1, "{hosts}");
     // The rules load and evaluate without error.
     let body = http_get(&format!("127.0.0.1:{port}"), "/api/v1/rules").unwrap();
     let rules: Value = serde_json::from_str(&body).unwrap();
