@@ -78,11 +78,18 @@ fn failed_vms(body: &str) -> Vec<String> {
 
 /// The VM processes of a daemon whose runtime directory is `dir`.
 /// The daemon's VM processes: `paratick-vmm serve … --runtime-dir DIR …`, by pgrep
-/// (xtask cannot use the VMM library: it builds before the guest toolchain exists).
+/// (xtask cannot use the VMM library: it builds before the guest toolchain exists). The
+/// directory is matched literally: its regex metacharacters are escaped.
 fn vm_processes(dir: &Path) -> Vec<u32> {
-    let pattern = format!("^[^ ]*paratick-vmm serve .*--runtime-dir {}( |$)", dir.display());
+    let pattern =
+        format!("^[^ ]*paratick-vmm serve .*--runtime-dir {}( |$)", regex_literal(&dir.display().to_string()));
     let Ok(output) = Command::new("pgrep").args(["-f", &pattern]).output() else { return Vec::new() };
     String::from_utf8_lossy(&output.stdout).lines().filter_map(|line| line.trim().parse().ok()).collect()
+}
+
+/// `text` as an extended regular expression that matches it and nothing else.
+fn regex_literal(text: &str) -> String {
+    text.chars().flat_map(|c| if r"\^$.|?*+()[]{}".contains(c) { vec!['\\', c] } else { vec![c] }).collect()
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -295,4 +302,15 @@ fn report(
         );
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_matched_literally() {
+        assert_eq!(regex_literal("/tmp/paratick-soak-42"), "/tmp/paratick-soak-42");
+        assert_eq!(regex_literal("/tmp/a.b+(c)[d]"), r"/tmp/a\.b\+\(c\)\[d\]");
+    }
 }
