@@ -980,6 +980,7 @@ fn a_third_party_vm_is_exported_by_kvm_exit_category_and_forgotten_when_it_exits
         exported(s, "halt_exits") >= Some(10.0)
             && timer(s, "paratick_observed_vm_timer_interrupts_total") >= Some(10.0)
             && timer(s, "paratick_observed_vm_exits_saved_projected_total") > Some(0.0)
+            && timer(s, "paratick_observed_vm_tick_rate_hertz") > Some(0.0)
     });
     assert!(qemu.try_wait().unwrap().is_none_or(|status| status.code() == Some(1)), "QEMU failed to run the test");
     let series: Vec<&Sample> = samples

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub tracepoint_attached: GaugeVec,
     /// One series per observed VM of another VMM (the top ones), naming it.
     pub observed_vm_info: GaugeVec,
+    /// Their tick rate as the host sees it.
+    pub observed_tick_rate: GaugeVec,
     /// Every counter ([`CounterFamily`]), read at scrape time.
     pub counters: ScrapedCounters,
 }
@@ -430,6 +432,12 @@ impl Metrics {
                 "A KVM VM of another VMM among the top 10 by exits (always 1): its name (QEMU's -name guest=NAME or -name NAME, else process:pid), its VMM's process id, the VMM, and QEMU's -uuid if given.",
                 &["vm", "pid", "vmm", "uuid"],
             ),
+            observed_tick_rate: gauge(
+                &registry,
+                "paratick_observed_vm_tick_rate_hertz",
+                "Tick rate of a KVM VM of another VMM among the top ones, as the host sees it: timer interrupts per second of vCPU time not halted over the last sample interval (the daemon's observed rate of its own VMs is the same ratio).",
+                &["vm", "pid"],
+            ),
             registry,
             counters,
         }
@@ -470,6 +478,7 @@ impl Metrics {
             &self.vm_state,
             &self.tracepoint_attached,
             &self.observed_vm_info,
+            &self.observed_tick_rate,
         ];
         let described = gauges
             .iter()

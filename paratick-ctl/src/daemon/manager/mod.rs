@@ -135,6 +135,9 @@ pub struct Manager<P = Supervisor, O = Observer> {
     metrics: Metrics,
     /// The observer's programs' runs as the kernel last counted them, all summed.
     observer_runs: u64,
+    /// Other VMMs' VMs: the last sample of their timer interrupts and halted time, and
+    /// their tick rate over the interval before it (see [`busy_tick_rate`]).
+    observed_ticks: BTreeMap<u32, ObservedTicks>,
     /// The operators' decisions, kept on disk.
     state: OperatorState,
     /// The configuration in force.
@@ -194,6 +197,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             observer,
             metrics: Metrics::new(),
             observer_runs: 0,
+            observed_ticks: BTreeMap::new(),
             state,
             config: config.clone(),
             to_start: Vec::new(),
@@ -919,15 +923,29 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 .retain_sources(family, |source| source.split_once('/').is_some_and(|(pid, _)| alive.contains(pid)));
         }
         metrics.observed_vm_info.reset();
+        metrics.observed_tick_rate.reset();
+        self.observed_ticks.retain(|pid, _| alive.contains(&pid.to_string()));
         for (rank, (pid, exits, timer)) in others.into_iter().enumerate() {
             // Each process's own count is the source, so a process moving in or out of
             // the "other" group adds to it only what it counted while in it.
             let (pid_label, name) = if rank < self.config.observed_vms_max {
-                let vm = procfs::process_info(pid).map(|p| p.vm);
+                let info = procfs::process_info(pid);
+                let vcpus = info.as_ref().map_or(1, |p| p.vcpus.max(1));
+                let vm = info.map(|p| p.vm);
                 let name = vm.as_ref().map_or_else(|| format!("?:{pid}"), |vm| vm.name.clone());
                 let (vmm, uuid) =
                     vm.map_or_else(|| ("?".to_string(), String::new()), |vm| (vm.vmm, vm.uuid.unwrap_or_default()));
                 metrics.observed_vm_info.with_label_values(&[&name, &pid.to_string(), &vmm, &uuid]).set(1.0);
+                let halted_ns = per_process.get(&pid).map_or(0, |c| c.halted_ns);
+                let now = ObservedTicks { at: Instant::now(), interrupts: timer.timer_interrupts, halted_ns, hz: None };
+                let hz = match self.observed_ticks.get(&pid) {
+                    Some(before) => busy_tick_rate(before, &now, vcpus).or(before.hz),
+                    None => None,
+                };
+                self.observed_ticks.insert(pid, ObservedTicks { hz, ..now });
+                if let Some(hz) = hz {
+                    metrics.observed_tick_rate.with_label_values(&[&name, &pid.to_string()]).set(hz);
+                }
                 (pid.to_string(), name)
             } else {
                 ("other".to_string(), "other".to_string())
@@ -946,6 +964,27 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             }
         }
     }
+}
+
+/// One sample of another VMM's VM for its tick rate.
+#[derive(Debug, Clone, Copy)]
+struct ObservedTicks {
+    at: Instant,
+    /// Timer interrupts so far (the observer's).
+    interrupts: u64,
+    /// Time its vCPUs spent halted so far (the observer's).
+    halted_ns: u64,
+    /// The rate over the interval that ended at this sample.
+    hz: Option<f64>,
+}
+
+/// Timer interrupts per second of vCPU time not halted between two samples, as the
+/// daemon's `observed` rate of its own VMs: `None` when the vCPUs ran less than 50 ms.
+fn busy_tick_rate(before: &ObservedTicks, now: &ObservedTicks, vcpus: u32) -> Option<f64> {
+    let seconds = now.at.duration_since(before.at).as_secs_f64();
+    let halted = now.halted_ns.saturating_sub(before.halted_ns) as f64 / 1e9;
+    let busy = seconds * f64::from(vcpus) - halted;
+    (busy > 0.05).then(|| now.interrupts.saturating_sub(before.interrupts) as f64 / busy)
 }
 
 fn vm_info(managed: &ManagedVm, model: &TimerModel) -> VmInfo {
