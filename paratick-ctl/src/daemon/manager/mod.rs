@@ -96,6 +96,15 @@ impl ManagedVm {
         }
     }
 
+    /// Stops the VM's process, if it has one, and records how it ended; whether it had one.
+    fn stop(&mut self, supervisor: &impl VmProcesses) -> bool {
+        let Some(mut process) = self.process.take() else { return false };
+        self.state = VmState::Stopping;
+        let end = supervisor.stop(&self.config.name, &mut process);
+        self.ended(end);
+        true
+    }
+
     fn ended(&mut self, end: VmEnd) {
         self.process = None;
         self.state = end.state;
@@ -388,14 +397,15 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             ));
         }
         let running = managed.process.is_some();
-        let checked = match &managed.process {
-            Some(_) => self.send_tick_rate(index, hz),
-            None => hz.map_or(Ok(()), |hz| {
+        let checked = if running {
+            self.send_tick_rate(index, hz)
+        } else {
+            hz.map_or(Ok(()), |hz| {
                 VmConfig { operator_hz: Some(hz), ..managed.config.clone() }
                     .validate()
                     .map(|_| ())
                     .map_err(|e| e.to_string())
-            }),
+            })
         };
         match checked {
             Err(e) => Response::error(e),
@@ -456,11 +466,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
 
     /// Stops a VM's process and records how it ended.
     fn stop_vm(&mut self, index: usize) {
-        let managed = &mut self.vms[index];
-        let Some(mut process) = managed.process.take() else { return };
-        managed.state = VmState::Stopping;
-        let end = self.supervisor.stop(&managed.config.name, &mut process);
-        managed.ended(end);
+        self.vms[index].stop(&self.supervisor);
     }
 
     fn shut_down(&mut self) {
@@ -636,11 +642,8 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 }
                 Some(position) => {
                     let mut vm = old_vms.remove(position);
-                    let was_running = vm.process.is_some();
-                    if let Some(mut process) = vm.process.take() {
-                        vm.state = VmState::Stopping;
-                        let end = self.supervisor.stop(name, &mut process);
-                        vm.ended(end);
+                    let was_running = vm.stop(&self.supervisor);
+                    if was_running {
                         self.supervisor.forget_end(name);
                     }
                     self.metrics.remove_vm_gauges(&vm.config);
