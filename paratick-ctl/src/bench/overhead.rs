@@ -177,26 +177,6 @@ impl ObserverOverhead {
     }
 }
 
-/// Runs `work` on a thread of its own while this thread samples `observer` (if any)
-/// every [`SAMPLE_INTERVAL`], as the daemon does; both arms wake alike otherwise.
-fn sampled<T: Send>(mut observer: Option<&mut Observer>, work: impl FnOnce() -> T + Send) -> Result<T> {
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(work);
-        let mut next_sample = Instant::now();
-        while !handle.is_finished() {
-            if let Some(observer) = observer.as_deref_mut() {
-                if Instant::now() >= next_sample {
-                    observer.snapshot()?;
-                    observer.kvm_counters()?;
-                    next_sample += SAMPLE_INTERVAL;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(handle.join().expect("the measured run does not panic"))
-    })
-}
-
 /// What runs beside a slice of a VM's run in the "with" arm.
 enum Beside {
     /// The observer in this process, sampled as the daemon samples it.
@@ -206,12 +186,18 @@ enum Beside {
 }
 
 impl Beside {
-    /// Waits `time`, sampling the observer every [`SAMPLE_INTERVAL`] if there is one, and
-    /// fails if the daemon beside ended; both arms wake every 20 ms alike.
+    /// Waits `time` (see [`Beside::watch`]).
     fn wait(beside: &mut Option<Beside>, time: Duration) -> Result<()> {
         let end = Instant::now() + time;
+        Beside::watch(beside, || Instant::now() >= end)
+    }
+
+    /// Waits until `done`, sampling the observer every [`SAMPLE_INTERVAL`] if there is
+    /// one, as the daemon does, and failing if the daemon beside ended; both arms wake
+    /// every 20 ms alike.
+    fn watch(beside: &mut Option<Beside>, mut done: impl FnMut() -> bool) -> Result<()> {
         let mut next_sample = Instant::now();
-        while Instant::now() < end {
+        while !done() {
             match beside {
                 Some(Beside::Observer(observer)) if Instant::now() >= next_sample => {
                     observer.snapshot()?;
@@ -225,7 +211,7 @@ impl Beside {
                 }
                 _ => {}
             }
-            std::thread::sleep(Duration::from_millis(20).min(end.saturating_duration_since(Instant::now())));
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     }
@@ -276,19 +262,24 @@ fn vm_slices(
     Ok(measured)
 }
 
-/// The third-party guest under QEMU, by its run time.
-fn qemu_run_time(kernel: &Path, observer: Option<&mut Observer>) -> Result<f64> {
+/// The third-party guest under QEMU, by its run time, with `beside` (if any) watched
+/// from this thread while QEMU runs on another.
+fn qemu_run_time(kernel: &Path, mut beside: Option<Beside>) -> Result<f64> {
     let started = Instant::now();
-    let status = sampled(observer, || {
-        Command::new("qemu-system-x86_64")
-            .args(QEMU_KVM_UNIT_TESTS_ARGS)
-            .arg("-kernel")
-            .arg(kernel)
-            .args(["-append", THIRD_PARTY_ARGS])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
+    let status = std::thread::scope(|scope| {
+        let qemu = scope.spawn(|| {
+            Command::new("qemu-system-x86_64")
+                .args(QEMU_KVM_UNIT_TESTS_ARGS)
+                .arg("-kernel")
+                .arg(kernel)
+                .args(["-append", THIRD_PARTY_ARGS])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+        });
+        Beside::watch(&mut beside, || qemu.is_finished())?;
+        anyhow::Ok(qemu.join().expect("the measured run does not panic"))
     })?
     .context("cannot run qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     // isa-debug-exit: (0 << 1) | 1 when every test passed.
@@ -403,10 +394,8 @@ pub(super) fn measure(bench: &mut Bench<'_>, pairs: u32, kvm_unit_tests: Option<
 
     match kvm_unit_tests.map(third_party_kernel) {
         Some(kernel) => {
-            let observed = || -> Result<f64> {
-                let mut observer = Observer::start(&PidFilter::All)?;
-                qemu_run_time(&kernel, Some(&mut observer))
-            };
+            let observed =
+                || qemu_run_time(&kernel, Some(Beside::Observer(Box::new(Observer::start(&PidFilter::All)?))));
             let (without, with) = alternate(bench, "QEMU", pairs, || qemu_run_time(&kernel, None), observed)?;
             let case = format!("QEMU {THIRD_PARTY_KERNEL} {THIRD_PARTY_ARGS}");
             cases.push(OverheadCase::new(case, MEASURE_RUN_TIME, without, with));
