@@ -216,6 +216,7 @@ impl VmProcesses for Supervisor {
 
     fn adopt(&self, name: &str) -> Option<Result<(VmProcess, Box<VmProcessStatus>), VmEnd>> {
         let deadline = Instant::now() + START_TIMEOUT;
+        let mut said_slow = false;
         loop {
             match self.request(name, &VmRequest::Status {}) {
                 Ok(VmReply { status: Some(status), .. }) => {
@@ -227,7 +228,12 @@ impl VmProcesses for Supervisor {
                 // host. It is asked again and its socket kept (removing it would cut off
                 // a live VM, and the daemon would start a second one beside it).
                 Err(e) if Instant::now() < deadline => {
-                    log::warn!("VM {name}: its process is slow to answer ({e}); asking again");
+                    if !said_slow {
+                        log::warn!("VM {name}: its process is slow to answer ({e}); asking again");
+                        said_slow = true;
+                    }
+                    // A reply that fails at once (a reset) is not asked again in a tight loop.
+                    std::thread::sleep(POLL);
                 }
                 answer => {
                     let why = answer.map_or_else(|e| e.to_string(), |_| "a reply without a status".to_string());
