@@ -575,16 +575,9 @@ fn sigterm_under_load_stops_every_vm_process_and_exits_0() {
     assert!(vms.iter().all(|&vm| vcpu_fds(vm) == 1), "each VM process has its vCPU");
     assert_eq!(vcpu_fds(pid), 0, "the daemon runs no vCPU of its own");
     // Four busy threads per core beside the VMs while the daemon stops.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..8)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || while !stop.load(std::sync::atomic::Ordering::Relaxed) {})
-        })
-        .collect();
+    let load = BusyLoad::start(8);
     let status = daemon.terminate();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    load.into_iter().for_each(|t| t.join().unwrap());
+    load.stop();
     assert_eq!(status.code(), Some(0));
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the process is gone with its threads");
     for vm in vms {
@@ -1032,6 +1025,30 @@ fn the_cli_prints_shell_completions_a_man_page_and_json_for_every_change() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// Threads that spin until stopped: a busy host.
+struct BusyLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyLoad {
+    fn start(threads: usize) -> BusyLoad {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || while !stop.load(std::sync::atomic::Ordering::Relaxed) {})
+            })
+            .collect();
+        BusyLoad { stop, threads }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+}
+
 /// Waits until the daemon's log has a line containing `text`, and returns that line.
 fn wait_for_log_line(daemon: &Daemon, text: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1140,13 +1157,7 @@ fn a_daemon_killed_and_restarted_under_load_adopts_both_vms_every_time() {
     let pids = (pid_of(&daemon, "a"), pid_of(&daemon, "b"));
     let mut dir = daemon.kill();
     // Two busy threads per core beside the VMs, as a build or a lint run would be.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || while !stop.load(std::sync::atomic::Ordering::Relaxed) {})
-        })
-        .collect();
+    let load = BusyLoad::start(4);
     for round in 0..3 {
         // Ready means the VMs are adopted: the first list shows both, as they were.
         let daemon = Daemon::start_in(dir);
@@ -1155,8 +1166,7 @@ fn a_daemon_killed_and_restarted_under_load_adopts_both_vms_every_time() {
         assert_eq!((pid_of(&daemon, "a"), pid_of(&daemon, "b")), pids, "round {round}: the same VM processes");
         dir = daemon.kill();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    load.into_iter().for_each(|t| t.join().unwrap());
+    load.stop();
     let daemon = Daemon::start_in(dir);
     assert_eq!(daemon.terminate().code(), Some(0));
 }
