@@ -86,7 +86,9 @@ pub struct TimerModel {
     /// Fraction of a tickless guest's timer exits that paratick removes for the same
     /// work (the projection for VMs that do not run paratick).
     pub paratick_removed_fraction: f64,
-    /// Where the figures come from: `default` or `calibrated`.
+    /// Where the figures come from: `default` (built in), `calibrated` (by `paratick-ctl
+    /// bench` on this host) or `measured` (by the daemon on its own VMs,
+    /// [`TimerModel::measured_on`]).
     pub source: String,
     /// How they were obtained.
     pub note: String,
@@ -219,6 +221,12 @@ impl TimerModel {
     /// re-programmed its timer twice per idle period (stop on idle, re-arm on wake-up);
     /// paratick paid `kicks` injected ticks instead.
     pub fn paratick_exits_saved(&self, busy: &[(f64, u32)], idle_periods: u64, kicks: u64) -> f64 {
+        self.tickless_timer_exits(busy, idle_periods) - kicks as f64 * self.exits_per_injected_tick
+    }
+
+    /// The timer exits a tickless guest would have taken for the same work (see
+    /// [`TimerModel::paratick_exits_saved`]): what the projected savings are taken from.
+    pub fn tickless_timer_exits(&self, busy: &[(f64, u32)], idle_periods: u64) -> f64 {
         let tickless_ticks: f64 = busy
             .iter()
             .map(|&(busy_s, hz)| {
@@ -226,9 +234,8 @@ impl TimerModel {
                 busy_s * hz / (1.0 - hz * self.guest_seconds_per_tick).max(0.2)
             })
             .sum();
-        let tickless = tickless_ticks * (self.exits_per_tick() + self.exits_per_timer_write)
-            + 2.0 * idle_periods as f64 * self.exits_per_timer_write;
-        tickless - kicks as f64 * self.exits_per_injected_tick
+        tickless_ticks * (self.exits_per_tick() + self.exits_per_timer_write)
+            + 2.0 * idle_periods as f64 * self.exits_per_timer_write
     }
 }
 
@@ -239,9 +246,66 @@ impl TimerModel {
         if counters.tick_requests == 0 {
             return 0;
         }
-        let busy: Vec<(f64, u32)> =
-            counters.guest_busy_s.iter().copied().zip(counters.effective_hz.iter().copied()).collect();
+        let busy = Self::busy(counters);
         self.paratick_exits_saved(&busy, counters.kvm_stats.halt_exits, counters.kicks()).max(0.0) as u64
+    }
+
+    /// This model with its exits per timer interrupt measured on tickless VMs of ours
+    /// (`tickless`: their counters), where they took enough ticks: what a tick costs
+    /// here, now, for this guest kernel. (On an emulating host it varies with the guest
+    /// tick's phase against the host's own tick, from about 1 exit to 2, so a live
+    /// figure beats a stored one.) The floor comes from paratick VMs (`paratick`) where
+    /// they ran long enough: what a busy vCPU takes beyond its kicks, per second.
+    pub fn measured_on<'a>(
+        &self,
+        paratick: impl Iterator<Item = &'a paratick_vmm::Counters>,
+        tickless: impl Iterator<Item = &'a paratick_vmm::Counters>,
+    ) -> TimerModel {
+        const ENOUGH_TICKS: u64 = 200;
+        const ENOUGH_BUSY_S: f64 = 1.0;
+        let (mut floor_exits, mut floor_busy) = (0.0, 0.0);
+        for counters in paratick {
+            floor_exits += counters.kvm_stats.exits as f64
+                - counters.kicks() as f64 * self.exits_per_injected_tick
+                - counters.tick_requests as f64;
+            floor_busy += counters.guest_busy_s.iter().sum::<f64>();
+        }
+        let floor = if floor_busy >= ENOUGH_BUSY_S && floor_exits > 0.0 {
+            floor_exits / floor_busy
+        } else {
+            self.floor_exits_per_s
+        };
+        let (mut exits, mut ticks) = (0.0, 0u64);
+        for counters in tickless {
+            let busy_s: f64 = counters.guest_busy_s.iter().sum();
+            exits += counters.kvm_stats.exits as f64 - floor * busy_s;
+            ticks += counters.guest_ticks.total - counters.guest_idle_ticks.total;
+        }
+        if ticks < ENOUGH_TICKS || exits <= 0.0 {
+            return self.clone();
+        }
+        TimerModel {
+            exits_per_timer_interrupt: (exits / ticks as f64).clamp(0.0, 10.0),
+            floor_exits_per_s: floor,
+            source: "measured".into(),
+            note: format!(
+                "exits per timer interrupt measured on this daemon's tickless VMs ({ticks} busy ticks), the floor on its \
+                 paratick VMs where they ran long enough; the rest: {} ({})",
+                self.source, self.note
+            ),
+            ..self.clone()
+        }
+    }
+
+    /// What [`TimerModel::exits_saved`] is taken from: the timer exits a tickless guest
+    /// would have taken for what one of our VMs did so far.
+    pub fn tickless_timer_exits_of(&self, counters: &paratick_vmm::Counters) -> f64 {
+        self.tickless_timer_exits(&Self::busy(counters), counters.kvm_stats.halt_exits)
+    }
+
+    /// Each vCPU's busy time and the rate it ticked at.
+    fn busy(counters: &paratick_vmm::Counters) -> Vec<(f64, u32)> {
+        counters.guest_busy_s.iter().copied().zip(counters.effective_hz.iter().copied()).collect()
     }
 }
 

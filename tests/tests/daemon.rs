@@ -1150,11 +1150,22 @@ fn a_failing_vm_with_restart_on_failure_is_restarted_up_to_its_limit() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// Every counter series of a scrape, by name and labels.
+fn counter_values(samples: &[Sample]) -> BTreeMap<String, f64> {
+    samples
+        .iter()
+        .filter(|s| s.name.ends_with("_total"))
+        .map(|s| (format!("{}{:?}", s.name, s.labels), s.value))
+        .collect()
+}
+
 #[test]
-fn a_daemon_killed_and_restarted_under_load_adopts_both_vms_every_time() {
+fn a_daemon_killed_and_restarted_under_load_adopts_both_vms_and_continues_every_counter() {
     let _lock = one_vm_at_a_time();
     let daemon = Daemon::start("readopt", TWO_VMS);
     let pids = (pid_of(&daemon, "a"), pid_of(&daemon, "b"));
+    // After the first sample, every family the VMs have is there.
+    let mut before = counter_values(&daemon.scrape());
     let mut dir = daemon.kill();
     // Two busy threads per core beside the VMs, as a build or a lint run would be.
     let load = BusyLoad::start(4);
@@ -1164,6 +1175,16 @@ fn a_daemon_killed_and_restarted_under_load_adopts_both_vms_every_time() {
         let list = daemon.list();
         assert!(list.iter().all(|vm| vm["state"] == "running"), "round {round}: {list:?}");
         assert_eq!((pid_of(&daemon, "a"), pid_of(&daemon, "b")), pids, "round {round}: the same VM processes");
+        // Each series continues where the killed daemon's last scrape left it.
+        let after = counter_values(&daemon.scrape());
+        let lost: Vec<String> = before
+            .iter()
+            .filter(|(series, value)| after.get(*series).is_none_or(|now| now < value))
+            .map(|(series, value)| format!("{series}: {value} -> {:?}", after.get(series)))
+            .collect();
+        assert!(lost.is_empty(), "round {round}: counters went down or vanished: {lost:#?}");
+        assert!(before.len() > 20, "round {round}: {before:?}");
+        before = after;
         dir = daemon.kill();
     }
     load.stop();
@@ -1188,15 +1209,8 @@ fn eight_vms_for_three_minutes_keep_every_counter_monotonic_and_resources_flat()
             vms.iter().map(|&pid| process_usage(pid).expect("every VM process lives")).collect();
         (own, each)
     };
-    let counters = |samples: &[Sample]| -> BTreeMap<String, f64> {
-        samples
-            .iter()
-            .filter(|s| s.name.ends_with("_total"))
-            .map(|s| (format!("{}{:?}", s.name, s.labels), s.value))
-            .collect()
-    };
     let started = Instant::now();
-    let mut previous = counters(&daemon.scrape());
+    let mut previous = counter_values(&daemon.scrape());
     let (first_daemon, first_vms) = usage();
     let mut settled = None;
     let mut decreases = Vec::new();
@@ -1204,7 +1218,7 @@ fn eight_vms_for_three_minutes_keep_every_counter_monotonic_and_resources_flat()
     while started.elapsed() < Duration::from_secs(180) {
         std::thread::sleep(Duration::from_secs(10));
         let samples = daemon.scrape();
-        let now = counters(&samples);
+        let now = counter_values(&samples);
         decreases.extend(
             now.iter()
                 .filter(|(series, value)| previous.get(*series).is_some_and(|before| *value < before))

@@ -6,7 +6,7 @@
 //! exits(mode) − exits(no-timer)` of the execution-time runs (the same work) of one
 //! repetition, and `timer_exits_removed = 1 − timer-induced(mode) /
 //! timer-induced(baseline)`. Modelled: `modelled_vmx_exits`, the exits a VMX host without
-//! APICv would take for the same events (see [`modelled_vmx_exits`]).
+//! APICv would take for the same events (see [`crate::model::modelled_vmx_exits`]).
 
 use std::fmt::Write as _;
 use std::path::Path;

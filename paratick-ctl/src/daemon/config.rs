@@ -69,7 +69,8 @@ pub struct DaemonConfig {
     pub vm_launcher: Option<VmLauncher>,
     /// The calibrated exits model (written by `bench`), if there is one.
     pub timer_model: PathBuf,
-    /// Where the operators' decisions outlive the daemon ([`super::state`]).
+    /// Where the operators' decisions outlive the daemon (`state.json`) and its counters
+    /// continue (`counters.json`).
     pub state_dir: PathBuf,
     /// How many VMs of other VMMs get series of their own (the busiest by exits); the
     /// rest are summed as `vm="other"`.
@@ -87,7 +88,7 @@ pub struct VmEntry {
     pub autostart: bool,
     /// Whether to start it again when it fails.
     pub restart: RestartPolicy,
-    /// Restarts at most within [`super::restart::WINDOW`].
+    /// Restarts at most within 10 minutes.
     pub restart_limit: u32,
 }
 

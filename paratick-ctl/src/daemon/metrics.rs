@@ -1,21 +1,15 @@
 //! The daemon's Prometheus metrics: names follow Prometheus practice (`paratick_`
-//! prefix, base units, counters ending in `_total`, bounded labels).
-//!
-//! Counters are not incremented: the manager reports each source's cumulative value
-//! (a VM's counters, a process's exits) to [`ScrapedCounters`], a `Collector` that
-//! works the series out from the latest values when it is scraped. A source that
-//! restarts (a VM started again) continues its series rather than making it go down;
-//! a source that moves between series (a process entering `pid="other"`) adds to each
-//! only what it counted while in it.
+//! prefix, base units, counters ending in `_total`, bounded labels). The gauges are
+//! set at each sample; the counters are [`ScrapedCounters`].
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
+use prometheus::core::Collector;
 use prometheus::{Encoder, GaugeVec, IntGauge, Opts, Registry, TextEncoder};
+use serde::{Deserialize, Serialize};
 use strum::VariantArray;
+
+pub use super::counters::ScrapedCounters;
 
 /// Every metric the daemon exports.
 pub struct Metrics {
@@ -43,7 +37,7 @@ pub struct Metrics {
 }
 
 /// The daemon's counters: one row each of name, help and labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray, Serialize, Deserialize)]
 pub enum CounterFamily {
     /// Ticks delivered by the injector.
     TicksInjected,
@@ -87,7 +81,7 @@ pub enum CounterFamily {
 
 impl CounterFamily {
     /// Name, help and label names.
-    const fn spec(self) -> (&'static str, &'static str, &'static [&'static str]) {
+    pub(super) const fn spec(self) -> (&'static str, &'static str, &'static [&'static str]) {
         match self {
             CounterFamily::TicksInjected => {
                 ("paratick_vm_ticks_injected_total", "Ticks injected into the VM.", &["vm"])
@@ -185,195 +179,11 @@ impl CounterFamily {
 
     /// What a reported value is multiplied by for the exposition (nanoseconds reported,
     /// seconds exported).
-    const fn scale(self) -> f64 {
+    pub(super) const fn scale(self) -> f64 {
         match self {
             CounterFamily::ObserverProgramRunSeconds => 1e-9,
             _ => 1.0,
         }
-    }
-}
-
-/// One source of a counter series: where it counts now (`None` once its series was
-/// removed), its value when it joined that series, and its latest value.
-#[derive(Debug)]
-struct Source {
-    series: Option<Vec<String>>,
-    joined_at: u64,
-    now: u64,
-}
-
-/// What the collector knows between scrapes.
-#[derive(Debug, Default)]
-struct CounterState {
-    /// Per series: what it counted from sources that have left it or restarted.
-    carried: BTreeMap<(CounterFamily, Vec<String>), u64>,
-    /// Per source (its family and name).
-    sources: HashMap<(CounterFamily, String), Source>,
-}
-
-impl CounterState {
-    /// Moves what `source` counted in its series into that series' carried count.
-    fn settle(carried: &mut BTreeMap<(CounterFamily, Vec<String>), u64>, family: CounterFamily, source: &Source) {
-        if let Some(series) = &source.series {
-            if let Some(count) = carried.get_mut(&(family, series.clone())) {
-                *count += source.now - source.joined_at;
-            }
-        }
-    }
-}
-
-/// The counters of [`CounterFamily`], as a `prometheus` collector that reads the
-/// sources' latest cumulative values when scraped. Clones share their state.
-#[derive(Clone)]
-pub struct ScrapedCounters {
-    descs: Arc<Vec<Desc>>,
-    state: Arc<Mutex<CounterState>>,
-}
-
-impl ScrapedCounters {
-    fn new() -> ScrapedCounters {
-        let descs = CounterFamily::VARIANTS
-            .iter()
-            .map(|family| {
-                let (name, help, labels) = family.spec();
-                let labels = labels.iter().map(|l| l.to_string()).collect();
-                Desc::new(name.into(), help.into(), labels, HashMap::new()).expect("valid metric")
-            })
-            .collect();
-        ScrapedCounters { descs: Arc::new(descs), state: Arc::default() }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, CounterState> {
-        // The state stays consistent at every step: a panic elsewhere cannot break it.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Reports the cumulative `value` of a series' only source.
-    pub fn report_own(&self, family: CounterFamily, labels: &[&str], value: u64) {
-        self.report(family, labels, &labels.join("\u{1f}"), value);
-    }
-
-    /// Reports the cumulative `value` of `source` (e.g. one process's exits of one
-    /// reason), which counts in the series `labels`.
-    pub fn report(&self, family: CounterFamily, labels: &[&str], source: &str, value: u64) {
-        debug_assert_eq!(labels.len(), family.spec().2.len(), "{family:?}: label values");
-        let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-        let mut state = self.state();
-        let CounterState { carried, sources } = &mut *state;
-        carried.entry((family, labels.clone())).or_insert(0);
-        match sources.get_mut(&(family, source.to_string())) {
-            None => {
-                sources.insert((family, source.to_string()), Source { series: Some(labels), joined_at: 0, now: value });
-            }
-            Some(known) => {
-                let restarted = value < known.now;
-                if restarted || known.series.as_ref() != Some(&labels) {
-                    CounterState::settle(carried, family, known);
-                    // A restarted source counts from zero; a moved one from where it was.
-                    known.joined_at = if restarted { 0 } else { known.now };
-                    known.series = Some(labels);
-                }
-                known.now = value;
-            }
-        }
-    }
-
-    /// Removes the series of `family` that `keep` refuses; their sources are
-    /// remembered, so that they add only their increase wherever they count next.
-    pub fn retain_series(&self, family: CounterFamily, keep: impl Fn(&[String]) -> bool) {
-        let mut state = self.state();
-        let CounterState { carried, sources } = &mut *state;
-        carried.retain(|(f, labels), _| *f != family || keep(labels));
-        for ((f, _), source) in sources.iter_mut() {
-            if *f == family && source.series.as_ref().is_some_and(|s| !carried.contains_key(&(family, s.clone()))) {
-                source.series = None;
-            }
-        }
-    }
-
-    /// Removes every series of the VM `vm` (a VM gone from the configuration), and what
-    /// its sources counted.
-    pub fn remove_vm(&self, vm: &str) {
-        let mut state = self.state();
-        let of_vm =
-            |family: CounterFamily, labels: &[String]| family.spec().2.first() == Some(&"vm") && labels[0] == vm;
-        state.carried.retain(|(family, labels), _| !of_vm(*family, labels));
-        state.sources.retain(|(family, _), source| !source.series.as_ref().is_some_and(|s| of_vm(*family, s)));
-    }
-
-    /// Forgets the sources of `family` that `keep` refuses (processes that are gone);
-    /// what they counted stays in their series.
-    pub fn retain_sources(&self, family: CounterFamily, keep: impl Fn(&str) -> bool) {
-        let mut state = self.state();
-        let CounterState { carried, sources } = &mut *state;
-        sources.retain(|(f, name), source| {
-            let kept = *f != family || keep(name);
-            if !kept {
-                CounterState::settle(carried, family, source);
-            }
-            kept
-        });
-    }
-
-    /// Every series' value now.
-    fn values(&self) -> BTreeMap<(CounterFamily, Vec<String>), u64> {
-        let state = self.state();
-        let mut values = state.carried.clone();
-        for ((family, _), source) in &state.sources {
-            if let Some(count) = source.series.as_ref().and_then(|s| values.get_mut(&(*family, s.clone()))) {
-                *count += source.now - source.joined_at;
-            }
-        }
-        values
-    }
-}
-
-impl Collector for ScrapedCounters {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let values = self.values();
-        CounterFamily::VARIANTS
-            .iter()
-            .filter_map(|&family| {
-                let (name, help, label_names) = family.spec();
-                // Label pairs in name order, as the prometheus crate's own vectors have them.
-                let mut order: Vec<usize> = (0..label_names.len()).collect();
-                order.sort_by_key(|&i| label_names[i]);
-                let metrics: Vec<proto::Metric> = values
-                    .range((family, Vec::new())..)
-                    .take_while(|((f, _), _)| *f == family)
-                    .map(|((_, labels), value)| {
-                        let pairs = order
-                            .iter()
-                            .map(|&i| {
-                                let mut pair = LabelPair::default();
-                                pair.set_name(label_names[i].to_string());
-                                pair.set_value(labels[i].clone());
-                                pair
-                            })
-                            .collect();
-                        let mut metric = proto::Metric::default();
-                        metric.set_label(pairs);
-                        let mut counter = proto::Counter::default();
-                        counter.set_value(*value as f64 * family.scale());
-                        metric.set_counter(counter);
-                        metric
-                    })
-                    .collect();
-                if metrics.is_empty() {
-                    return None;
-                }
-                let mut out = MetricFamily::default();
-                out.set_name(name.into());
-                out.set_help(help.into());
-                out.set_field_type(MetricType::COUNTER);
-                out.set_metric(metrics);
-                Some(out)
-            })
-            .collect()
     }
 }
 
@@ -497,52 +307,14 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn value(counters: &ScrapedCounters, family: CounterFamily, labels: &[&str]) -> Option<u64> {
-        let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-        counters.values().get(&(family, labels)).copied()
-    }
-
-    #[test]
-    fn a_source_moving_between_series_adds_only_its_increase() {
-        let counters = ScrapedCounters::new();
-        let family = CounterFamily::ObservedExits;
-        let report = |pid: &str, source: &str, count| counters.report(family, &[pid, pid, "io"], source, count);
-        // Process 7 is first in the top group, then falls into "other", then returns.
-        report("7", "7/io", 100);
-        report("other", "8/io", 50);
-        report("other", "7/io", 130);
-        report("other", "8/io", 60);
-        report("7", "7/io", 135);
-        assert_eq!(value(&counters, family, &["7", "7", "io"]), Some(100 + 5));
-        assert_eq!(value(&counters, family, &["other", "other", "io"]), Some(50 + 30 + 10), "increases while in it");
-        // A restarted source continues from its new value.
-        report("7", "7/io", 4);
-        assert_eq!(value(&counters, family, &["7", "7", "io"]), Some(109));
-    }
-
-    #[test]
-    fn removed_series_vanish_and_forgotten_sources_leave_their_counts() {
-        let counters = ScrapedCounters::new();
-        let family = CounterFamily::ObservedExits;
-        counters.report(family, &["7", "qemu", "io"], "7/io", 100);
-        counters.report(family, &["other", "other", "io"], "8/io", 50);
-        // 7 leaves the top N: its series goes; back in "other" it adds its increase.
-        counters.retain_series(family, |labels| labels[0] != "7");
-        assert_eq!(value(&counters, family, &["7", "qemu", "io"]), None);
-        counters.report(family, &["other", "other", "io"], "7/io", 120);
-        assert_eq!(value(&counters, family, &["other", "other", "io"]), Some(50 + 20));
-        // 8 exits: forgotten, but what it counted stays counted.
-        counters.retain_sources(family, |source| !source.starts_with("8/"));
-        assert_eq!(value(&counters, family, &["other", "other", "io"]), Some(70));
-        assert_eq!(counters.state().sources.len(), 1);
-    }
+    use crate::daemon::counters::Instance;
 
     #[test]
     fn the_collector_renders_counters_with_their_help_and_sorted_labels() {
         let metrics = Metrics::new();
-        metrics.counters.report_own(CounterFamily::TicksInjected, &["a"], 42);
-        metrics.counters.report(CounterFamily::ObservedExits, &["9", "qemu", "hlt"], "9/hlt", 3);
+        let instance = Instance::default();
+        metrics.counters.report_own(CounterFamily::TicksInjected, &["a"], instance, 42);
+        metrics.counters.report(CounterFamily::ObservedExits, &["9", "qemu", "hlt"], "9/hlt", instance, 3);
         let text = metrics.render();
         assert!(text.contains("# TYPE paratick_vm_ticks_injected_total counter\n"), "{text}");
         assert!(text.contains("paratick_vm_ticks_injected_total{vm=\"a\"} 42\n"), "{text}");
@@ -553,7 +325,7 @@ mod tests {
         assert!(!text.lines().any(|l| l.starts_with("paratick_vm_guest_ticks_total")), "{text}");
         assert!(text.contains("# TYPE paratick_observed_vm_info gauge\n"), "{text}");
         // Run time is reported in nanoseconds and exported in seconds.
-        metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &["kvm_msr"], 1_500_000_000);
+        metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &["kvm_msr"], instance, 1_500_000_000);
         let text = metrics.render();
         assert!(text.contains("paratick_observer_program_run_seconds_total{program=\"kvm_msr\"} 1.5\n"), "{text}");
     }

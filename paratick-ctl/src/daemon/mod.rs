@@ -4,6 +4,7 @@
 //! every VM on SIGTERM.
 
 pub mod config;
+mod counters;
 mod manager;
 pub use manager::SAMPLE_INTERVAL;
 mod metrics;

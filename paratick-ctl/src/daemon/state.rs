@@ -2,12 +2,14 @@
 //! `vm set-tick-rate`, and a VM stopped with `vm stop`. Kept in `state.json` under the
 //! state directory (`/var/lib/paratick`, systemd's `StateDirectory=`), written whole to a
 //! temporary file and renamed over the old one, so that a crash leaves the old state or
-//! the new one, never a mix. The format carries its version.
+//! the new one, never a mix. The format carries its version. The counters
+//! (`counters.json`, [`super::counters`]) are kept with the same file helpers.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The state directory when neither the configuration nor systemd names one.
@@ -75,28 +77,9 @@ impl OperatorState {
     /// moved aside, reported, and the daemon starts with no decisions.
     pub fn load(dir: &Path) -> (OperatorState, Option<StateError>) {
         let path = dir.join(FILE_NAME);
-        let empty = |path: PathBuf| OperatorState { path, vms: BTreeMap::new() };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (empty(path), None),
-            Err(source) => return (empty(path.clone()), Some(StateError::Io { action: "cannot read", path, source })),
-        };
-        let parsed = serde_json::from_str::<StateFile>(&text).map_err(|e| e.to_string()).and_then(|file| {
-            if file.version == FORMAT_VERSION {
-                Ok(file.vms)
-            } else {
-                Err(format!("format version {}, this daemon knows {FORMAT_VERSION}", file.version))
-            }
-        });
-        match parsed {
-            Ok(vms) => (OperatorState { path, vms }, None),
-            Err(reason) => {
-                let moved_to = path.with_extension("json.unreadable");
-                if let Err(source) = std::fs::rename(&path, &moved_to) {
-                    return (empty(path.clone()), Some(StateError::Io { action: "cannot move aside", path, source }));
-                }
-                (empty(path.clone()), Some(StateError::Unreadable { path, reason, moved_to }))
-            }
+        match read_versioned::<StateFile>(&path, FORMAT_VERSION) {
+            Ok(file) => (OperatorState { vms: file.map(|f| f.vms).unwrap_or_default(), path }, None),
+            Err(problem) => (OperatorState { path, vms: BTreeMap::new() }, Some(problem)),
         }
     }
 
@@ -130,25 +113,69 @@ impl OperatorState {
         Ok(())
     }
 
-    /// Writes the whole state to a temporary file, syncs it, renames it over the old
-    /// one and syncs the directory: after a crash the file is the old state or the new.
     fn save(&self) -> Result<(), StateError> {
-        let io = |action: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StateError::Io { action, path, source }
-        };
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         let file = StateFile { version: FORMAT_VERSION, vms: self.vms.clone() };
-        let mut text = serde_json::to_string_pretty(&file).expect("the state serializes");
-        text.push('\n');
-        let temporary = self.path.with_extension("json.tmp");
-        let mut out = std::fs::File::create(&temporary).map_err(io("cannot create", &temporary))?;
-        out.write_all(text.as_bytes()).and_then(|()| out.sync_all()).map_err(io("cannot write", &temporary))?;
-        std::fs::rename(&temporary, &self.path).map_err(io("cannot replace", &self.path))?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", dir))?;
-        Ok(())
+        write_whole(&self.path, &file, Durability::Synced)
     }
+}
+
+/// Whether [`write_whole`] waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The file and its directory are synced: the write survives a crash of the host.
+    Synced,
+    /// Left to the page cache: it survives the daemon's crash, not the host's.
+    Cached,
+}
+
+/// Writes `value` as JSON to `path` through a temporary file renamed over it, so that
+/// after a crash the file is the old content or the new, never a mix.
+pub fn write_whole(path: &Path, value: &impl Serialize, durability: Durability) -> Result<(), StateError> {
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { action, path, source }
+    };
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+    let mut text = serde_json::to_string_pretty(value).expect("the state serializes");
+    text.push('\n');
+    let temporary = path.with_extension("json.tmp");
+    let mut out = std::fs::File::create(&temporary).map_err(io("cannot create", &temporary))?;
+    let synced = |out: &mut std::fs::File| match durability {
+        Durability::Synced => out.sync_all(),
+        Durability::Cached => Ok(()),
+    };
+    out.write_all(text.as_bytes()).and_then(|()| synced(&mut out)).map_err(io("cannot write", &temporary))?;
+    std::fs::rename(&temporary, path).map_err(io("cannot replace", path))?;
+    if durability == Durability::Synced {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", dir))?;
+    }
+    Ok(())
+}
+
+/// Reads a JSON file whose `version` field must be `version`: `None` when there is no
+/// file. A file that cannot be parsed, or of another version, is moved aside (to
+/// `NAME.json.unreadable`, so that nothing is lost) and reported.
+pub fn read_versioned<T: DeserializeOwned>(path: &Path, version: u32) -> Result<Option<T>, StateError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Io { action: "cannot read", path: path.to_path_buf(), source }),
+    };
+    let parsed = serde_json::from_str::<serde_json::Value>(&text).map_err(|e| e.to_string()).and_then(|value| {
+        match value.get("version").and_then(serde_json::Value::as_u64) {
+            Some(v) if v == u64::from(version) => serde_json::from_value::<T>(value).map_err(|e| e.to_string()),
+            Some(v) => Err(format!("format version {v}, this daemon knows {version}")),
+            None => Err("no format version".into()),
+        }
+    });
+    parsed.map(Some).map_err(|reason| {
+        let moved_to = path.with_extension("json.unreadable");
+        match std::fs::rename(path, &moved_to) {
+            Ok(()) => StateError::Unreadable { path: path.to_path_buf(), reason, moved_to },
+            Err(source) => StateError::Io { action: "cannot move aside", path: path.to_path_buf(), source },
+        }
+    })
 }
 
 #[cfg(test)]
@@ -192,6 +219,7 @@ mod tests {
             ("{not json", "key must be a string"),
             (r#"{"version": 2, "vms": {}}"#, "format version 2, this daemon knows 1"),
             (r#"{"version": 1, "vms": {"a": {"colour": 1}}}"#, "unknown field `colour`"),
+            (r#"{"vms": {}}"#, "no format version"),
         ] {
             let dir = temporary_dir("unreadable");
             std::fs::create_dir_all(&dir).unwrap();

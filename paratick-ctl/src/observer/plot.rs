@@ -14,7 +14,7 @@ const CATEGORIES: [(&str, &str); 5] =
 pub struct ExitSample {
     /// End of the interval, seconds since the observer started.
     pub at_s: f64,
-    /// Per category of [`CATEGORIES`], exits per second.
+    /// Per category (the chart's colours), exits per second.
     pub rates: [f64; 5],
 }
 

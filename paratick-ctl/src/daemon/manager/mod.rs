@@ -15,7 +15,8 @@ use paratick_vmm::{Counters, VmConfig, VmState};
 use tokio::sync::oneshot;
 
 use super::config::{DaemonConfig, VmEntry};
-use super::metrics::{CounterFamily, Metrics};
+use super::counters::{counters_file, Instance};
+use super::metrics::{CounterFamily, Metrics, ScrapedCounters};
 use super::restart::{AfterFailure, Restarts, WINDOW as RESTART_WINDOW};
 use super::state::{OperatorState, VmDecisions};
 use super::supervisor::{Probe, Supervisor, VmLauncher, VmProcess, VmProcesses};
@@ -57,6 +58,8 @@ struct ManagedVm {
     error: Option<String>,
     /// The VM's process while it has one.
     process: Option<VmProcess>,
+    /// The identity of its latest process (what counted its counters).
+    process_id: u64,
     /// The latest sample, and when it was taken.
     sample: Option<(Instant, Counters)>,
     halted_vcpus: u32,
@@ -85,6 +88,7 @@ impl ManagedVm {
             state: VmState::Stopped,
             error: None,
             process: None,
+            process_id: 0,
             sample: None,
             halted_vcpus: 0,
             effective_hz: 0.0,
@@ -120,6 +124,7 @@ impl ManagedVm {
     }
 
     fn running(&mut self, process: VmProcess, status: &VmProcessStatus) {
+        self.process_id = Instance::process_id(process.pid, procfs::start_ticks(process.pid));
         self.process = Some(process);
         self.state = status.state;
         self.error = status.error.clone();
@@ -149,6 +154,12 @@ pub struct Manager<P = Supervisor, O = Observer> {
     observed_ticks: BTreeMap<u32, ObservedTicks>,
     /// The operators' decisions, kept on disk.
     state: OperatorState,
+    /// Where the counters are kept for the next daemon, and whether the last write failed
+    /// (logged once).
+    counters_path: std::path::PathBuf,
+    counters_unsaved: bool,
+    /// This daemon run, which counts what its observer counts (from zero).
+    run: u64,
     /// The configuration in force.
     config: DaemonConfig,
     /// VMs to start once the daemon is ready (indices into `vms`).
@@ -198,13 +209,22 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         }
         let vms = config.vms.iter().map(|entry| ManagedVm::new(entry, &state.of(&entry.config.name))).collect();
         let model = Self::load_model(config);
+        let metrics = Metrics::new();
+        let counters_path = counters_file(&config.state_dir);
+        if let Err(problem) = metrics.counters.restore(&counters_path) {
+            log::error!("the counters start again from zero: {:#}", anyhow::Error::new(problem));
+        }
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let mut manager = Self {
             vms,
             projection: model.clone(),
             model,
             supervisor,
             observer,
-            metrics: Metrics::new(),
+            metrics,
+            counters_path,
+            counters_unsaved: false,
+            run: since_epoch.as_nanos() as u64 | 1,
             observer_runs: 0,
             observed_ticks: BTreeMap::new(),
             state,
@@ -341,7 +361,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 Response { status: Some(self.status.clone()), ..Response::ok() }
             }
             Request::List {} => Response {
-                vms: Some(self.vms.iter().map(|vm| vm_info(vm, &self.projection)).collect()),
+                vms: Some(self.vms.iter().map(|vm| vm_info(vm, &self.metrics.counters)).collect()),
                 ..Response::ok()
             },
             Request::SetTickRate { vm, hz } => match self.find(&vm) {
@@ -537,7 +557,9 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             }
             Err(_) => None,
         };
-        self.projection = self.measured_projection();
+        // From this sample's counters, so that the sample's figures and the projection
+        // agree from a daemon's first sample on.
+        self.projection = self.measured_projection(&statuses);
         let per_pid = snapshot.as_ref().map(per_process).unwrap_or_default();
         let exits_traced = self.kvm_exit_traced();
         for (index, status) in statuses.into_iter().enumerate() {
@@ -564,6 +586,15 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             if let Err(e) = observer.forget_processes(|pid| !process_alive(pid)) {
                 log::warn!("observer: {e}");
             }
+        }
+        // Kept before any scrape can show the values (scrapes are served by this thread).
+        match self.metrics.counters.save(&self.counters_path) {
+            Ok(()) => self.counters_unsaved = false,
+            Err(e) if !self.counters_unsaved => {
+                self.counters_unsaved = true;
+                log::error!("the counters are not kept for the next daemon: {:#}", anyhow::Error::new(e));
+            }
+            Err(_) => {}
         }
     }
 
@@ -692,52 +723,17 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         summary
     }
 
-    /// The model with its exits per timer interrupt measured on this daemon's tickless
-    /// VMs, where they took enough ticks: what a tick costs here, now, for this guest
-    /// kernel. (On an emulating host it varies with the guest tick's phase against the
-    /// host's own tick, from about 1 exit to 2, so a live figure beats a stored one.)
-    fn measured_projection(&self) -> TimerModel {
-        const ENOUGH_TICKS: u64 = 200;
-        const ENOUGH_BUSY_S: f64 = 1.0;
-        let samples = |modes: &'static [TickMode]| {
-            self.vms
-                .iter()
-                .filter(move |vm| modes.contains(&vm.config.mode))
-                .filter_map(|vm| vm.sample.as_ref().map(|(_, counters)| counters))
-        };
-        // The floor: what a paratick VM's busy vCPU takes beyond its kicks, per second.
-        let (mut floor_exits, mut floor_busy) = (0.0, 0.0);
-        for counters in samples(&[TickMode::Paratick]) {
-            floor_exits += counters.kvm_stats.exits as f64
-                - counters.kicks() as f64 * self.model.exits_per_injected_tick
-                - counters.tick_requests as f64;
-            floor_busy += counters.guest_busy_s.iter().sum::<f64>();
-        }
-        let floor = if floor_busy >= ENOUGH_BUSY_S && floor_exits > 0.0 {
-            floor_exits / floor_busy
-        } else {
-            self.model.floor_exits_per_s
-        };
-        let (mut exits, mut ticks) = (0.0, 0u64);
-        for counters in samples(&[TickMode::Tickless, TickMode::TicklessFull]) {
-            let busy_s: f64 = counters.guest_busy_s.iter().sum();
-            exits += counters.kvm_stats.exits as f64 - floor * busy_s;
-            ticks += counters.guest_ticks.total - counters.guest_idle_ticks.total;
-        }
-        if ticks < ENOUGH_TICKS || exits <= 0.0 {
-            return self.model.clone();
-        }
-        TimerModel {
-            exits_per_timer_interrupt: (exits / ticks as f64).clamp(0.0, 10.0),
-            floor_exits_per_s: floor,
-            source: "measured".into(),
-            note: format!(
-                "exits per timer interrupt measured on this daemon's tickless VMs ({ticks} busy ticks), the floor on its \
-                 paratick VMs where they ran long enough; the rest: {} ({})",
-                self.model.source, self.model.note
-            ),
-            ..self.model.clone()
-        }
+    /// The model the projections use, from `fresh` counters of each VM (else its last
+    /// sample): the exits per timer interrupt measured on the tickless VMs
+    /// ([`TimerModel::measured_on`]).
+    fn measured_projection(&self, fresh: &[Option<Box<VmProcessStatus>>]) -> TimerModel {
+        let latest =
+            |modes: &'static [TickMode]| {
+                self.vms.iter().zip(fresh).filter(move |(vm, _)| modes.contains(&vm.config.mode)).filter_map(
+                    |(vm, status)| status.as_ref().map(|s| &s.counters).or(vm.sample.as_ref().map(|(_, c)| c)),
+                )
+            };
+        self.model.measured_on(latest(&[TickMode::Paratick]), latest(&[TickMode::Tickless, TickMode::TicklessFull]))
     }
 
     /// Whether `kvm_exit` fires on this host and is attached.
@@ -766,7 +762,12 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         for &state in VmState::VARIANTS {
             metrics.vm_state.with_label_values(&[&name, state.name()]).set(f64::from(u8::from(state == managed.state)));
         }
-        metrics.counters.report_own(CounterFamily::Restarts, &[&name], managed.restarts.total);
+        // What the daemon counts itself, what its observer counts of the VM's process, and
+        // what the VM process counts.
+        let daemon = Instance { process: 0, run: self.run };
+        let observer = Instance { process: managed.process_id, run: self.run };
+        let process = Instance { process: managed.process_id, run: 0 };
+        metrics.counters.report_own(CounterFamily::Restarts, &[&name], daemon, managed.restarts.total);
         let Some(status) = status else {
             if managed.process.is_none() {
                 metrics.vcpus_halted.with_label_values(&[&name]).set(0.0);
@@ -819,31 +820,42 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 let _ = metrics.tick_rate.remove_label_values(&[&name, "configured"]);
             }
         }
-        metrics.counters.report_own(CounterFamily::TicksInjected, &[&name], counters.ticks_injected);
-        metrics.counters.report_own(CounterFamily::TicksRidden, &[&name], counters.ticks_ridden);
-        metrics.counters.report_own(CounterFamily::TicksSkippedIdle, &[&name], counters.ticks_skipped_idle);
-        metrics.counters.report_own(CounterFamily::TickRequestsClamped, &[&name], counters.tick_requests_clamped);
-        metrics.counters.report_own(CounterFamily::GuestTicks, &[&name], counters.guest_ticks.total);
-        metrics.counters.report_own(CounterFamily::WorkUnits, &[&name], counters.work_units);
-        metrics.counters.report_own(CounterFamily::ExitsSaved, &[&name], self.projection.exits_saved(&counters));
+        metrics.counters.report_own(CounterFamily::TicksInjected, &[&name], process, counters.ticks_injected);
+        metrics.counters.report_own(CounterFamily::TicksRidden, &[&name], process, counters.ticks_ridden);
+        metrics.counters.report_own(CounterFamily::TicksSkippedIdle, &[&name], process, counters.ticks_skipped_idle);
+        metrics.counters.report_own(
+            CounterFamily::TickRequestsClamped,
+            &[&name],
+            process,
+            counters.tick_requests_clamped,
+        );
+        metrics.counters.report_own(CounterFamily::GuestTicks, &[&name], process, counters.guest_ticks.total);
+        metrics.counters.report_own(CounterFamily::WorkUnits, &[&name], process, counters.work_units);
+        metrics.counters.report_own(
+            CounterFamily::ExitsSaved,
+            &[&name],
+            process,
+            self.projection.exits_saved(&counters),
+        );
         metrics.vcpus_halted.with_label_values(&[&name]).set(f64::from(status.halted_vcpus));
         match observed {
             Some(observed) => {
                 for (kind, count) in &observed.tick_requests_by_kind {
-                    metrics.counters.report_own(CounterFamily::TickRequests, &[&name, kind], *count);
+                    metrics.counters.report_own(CounterFamily::TickRequests, &[&name, kind], observer, *count);
                 }
             }
             None => {
-                metrics.counters.report_own(CounterFamily::TickRequests, &[&name, "paratick"], counters.tick_requests)
+                let requests = counters.tick_requests;
+                metrics.counters.report_own(CounterFamily::TickRequests, &[&name, "paratick"], process, requests)
             }
         }
         if exits_traced {
             for (reason, count) in observed.map(|o| &o.exit_reasons).into_iter().flatten() {
-                metrics.counters.report_own(CounterFamily::Exits, &[&name, reason], *count);
+                metrics.counters.report_own(CounterFamily::Exits, &[&name, reason], observer, *count);
             }
         } else {
             for (stat, count) in counters.kvm_stats.by_category() {
-                metrics.counters.report_own(CounterFamily::Exits, &[&name, stat], count);
+                metrics.counters.report_own(CounterFamily::Exits, &[&name, stat], process, count);
             }
         }
         managed.sample = Some((now, counters));
@@ -862,6 +874,8 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             return;
         };
         metrics.observer_up.set(1);
+        // The programs, and what they count, are this daemon run's.
+        let daemon = Instance { process: 0, run: self.run };
         for (tracepoint, state) in observer.tracepoints() {
             let attached = f64::from(u8::from(*state == TracepointState::Attached));
             metrics.tracepoint_attached.with_label_values(&[tracepoint]).set(attached);
@@ -875,29 +889,33 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         self.observer_runs = runs;
         metrics.bpf_stats_enabled.set(i64::from(counting));
         for (program, stats) in run_stats.into_iter().filter(|(_, s)| s.runs > 0) {
-            metrics.counters.report_own(CounterFamily::ObserverProgramRuns, &[program], stats.runs);
-            metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &[program], stats.run_ns);
+            metrics.counters.report_own(CounterFamily::ObserverProgramRuns, &[program], daemon, stats.runs);
+            metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &[program], daemon, stats.run_ns);
         }
         let Some(snapshot) = snapshot else { return };
         for (reason, count) in snapshot.drops_by_name() {
-            metrics.counters.report_own(CounterFamily::ObserverDrops, &[reason], count);
+            metrics.counters.report_own(CounterFamily::ObserverDrops, &[reason], daemon, count);
         }
         for (program, &count) in &snapshot.program_events {
-            metrics.counters.report_own(CounterFamily::ObserverProgramEvents, &[program], count);
+            metrics.counters.report_own(CounterFamily::ObserverProgramEvents, &[program], daemon, count);
         }
         // Other KVM processes: their exits by reason where kvm_exit fires; else KVM's own
         // counters by category (the observer's copies); else what fires for every exit
         // that reaches userspace.
         let own = std::process::id();
         let ours: Vec<u32> = self.vms.iter().filter_map(ManagedVm::pid).collect();
-        let exits_of = |pid: u32, counts: &ProcessCounts| -> BTreeMap<String, u64> {
+        // With the run that counted them: KVM's counters are the process's own; what the
+        // observer counts starts from zero with this daemon.
+        let run = self.run;
+        let exits_of = |pid: u32, counts: &ProcessCounts| -> (BTreeMap<String, u64>, u64) {
             if exits_traced {
-                return counts.exit_reasons.clone();
+                return (counts.exit_reasons.clone(), run);
             }
             if let Some(kvm) = kvm_counters.get(&pid) {
-                return kvm.by_category().iter().map(|(name, n)| (name.to_string(), *n)).collect();
+                return (kvm.by_category().iter().map(|(name, n)| (name.to_string(), *n)).collect(), 0);
             }
-            counts.userspace_exit_reasons.iter().map(|(r, n)| (format!("userspace_{}", r.to_lowercase()), *n)).collect()
+            let userspace = counts.userspace_exit_reasons.iter();
+            (userspace.map(|(r, n)| (format!("userspace_{}", r.to_lowercase()), *n)).collect(), run)
         };
         // Their timer overhead as `observe --report` computes it (one computation): timer
         // interrupts and writes counted, timer exits counted where kvm_exit fires and
@@ -906,14 +924,15 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             let exits = kvm_counters.get(&pid).map(|kvm| kvm.exits);
             crate::observer::report::TimerReport::new(counts, exits, 0.0, &self.projection)
         };
-        let mut others: Vec<(u32, BTreeMap<String, u64>, crate::observer::report::TimerReport)> = per_process
+        type Other = (u32, (BTreeMap<String, u64>, u64), crate::observer::report::TimerReport);
+        let mut others: Vec<Other> = per_process
             .iter()
             .filter(|(pid, _)| **pid != own && !ours.contains(pid) && **pid < SYNTHETIC_OWNER_BASE)
             .filter(|(pid, _)| process_alive(**pid))
             .map(|(pid, counts)| (*pid, exits_of(*pid, counts), timer_of(*pid, counts)))
             .collect();
 
-        others.sort_by_key(|(pid, exits, _)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
+        others.sort_by_key(|(pid, (exits, _), _)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
         // The series of processes that are gone, or fell out of the top N, go; so do
         // the sources of processes that are gone (what they counted stays counted).
         let named: std::collections::BTreeSet<String> =
@@ -928,7 +947,8 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         metrics.observed_vm_info.reset();
         metrics.observed_tick_rate.reset();
         self.observed_ticks.retain(|pid, _| alive.contains(&pid.to_string()));
-        for (rank, (pid, exits, timer)) in others.into_iter().enumerate() {
+        for (rank, (pid, (exits, exits_run), timer)) in others.into_iter().enumerate() {
+            let process_id = Instance::process_id(pid, procfs::start_ticks(pid));
             // Each process's own count is the source, so a process moving in or out of
             // the "other" group adds to it only what it counted while in it.
             let (pid_label, name) = if rank < self.config.observed_vms_max {
@@ -955,7 +975,8 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             };
             for (reason, count) in exits {
                 let source = format!("{pid}/{reason}");
-                counters.report(CounterFamily::ObservedExits, &[&pid_label, &name, &reason], &source, count);
+                let instance = Instance { process: process_id, run: exits_run };
+                counters.report(CounterFamily::ObservedExits, &[&pid_label, &name, &reason], &source, instance, count);
             }
             for (family, count) in [
                 (CounterFamily::ObservedTimerInterrupts, timer.timer_interrupts),
@@ -963,7 +984,8 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 (CounterFamily::ObservedTimerExits, timer.timer_exits),
                 (CounterFamily::ObservedExitsSaved, timer.projected_exits_saved),
             ] {
-                counters.report(family, &[&pid_label, &name], &format!("{pid}/timer"), count);
+                let instance = Instance { process: process_id, run };
+                counters.report(family, &[&pid_label, &name], &format!("{pid}/timer"), instance, count);
             }
         }
     }
@@ -990,8 +1012,12 @@ fn busy_tick_rate(before: &ObservedTicks, now: &ObservedTicks, vcpus: u32) -> Op
     (busy > 0.05).then(|| now.interrupts.saturating_sub(before.interrupts) as f64 / busy)
 }
 
-fn vm_info(managed: &ManagedVm, model: &TimerModel) -> VmInfo {
-    let counters = managed.sample.as_ref().map(|(_, c)| c);
+/// What `vm list` shows of a VM: its counters as /metrics has them (`counters`),
+/// rates and ratios of its current process.
+fn vm_info(managed: &ManagedVm, counters: &ScrapedCounters) -> VmInfo {
+    let name = managed.config.name.as_str();
+    let series = |family| counters.value(family, &[name]).unwrap_or(0);
+    let sample = managed.sample.as_ref().map(|(_, c)| c);
     VmInfo {
         name: managed.config.name.clone(),
         pid: managed.pid(),
@@ -1000,15 +1026,15 @@ fn vm_info(managed: &ManagedVm, model: &TimerModel) -> VmInfo {
         mode: managed.config.mode.name().into(),
         vcpus: managed.config.vcpus,
         hz: managed.config.hz,
-        requested_hz: counters.and_then(|c| c.requested_hz.iter().copied().max()).unwrap_or(0),
+        requested_hz: sample.and_then(|c| c.requested_hz.iter().copied().max()).unwrap_or(0),
         configured_hz: managed.config.operator_hz,
         effective_hz: managed.effective_hz,
         observed_hz: managed.observed_hz,
         exits_per_s: managed.exits_per_s,
-        exits: counters.map_or(0, |c| c.kvm_stats.exits),
-        exits_saved: counters.map_or(0, |c| model.exits_saved(c)),
-        work_units: counters.map_or(0, |c| c.work_units),
-        exits_per_unit: counters.filter(|c| c.work_units > 0).map(|c| c.kvm_stats.exits as f64 / c.work_units as f64),
+        exits: sample.map_or(0, |c| c.kvm_stats.exits),
+        exits_saved: series(CounterFamily::ExitsSaved),
+        work_units: series(CounterFamily::WorkUnits),
+        exits_per_unit: sample.filter(|c| c.work_units > 0).map(|c| c.kvm_stats.exits as f64 / c.work_units as f64),
         restarts: managed.restarts.total,
     }
 }

@@ -108,7 +108,10 @@ impl VmProcesses for FakeProcesses {
         if self.broken.contains(&config.name) {
             return Err("paratick-vmm exited with status 1".into());
         }
-        let pid = 4_000_000 + self.running.lock().unwrap().len() as u32;
+        // A new pid for every process, as the kernel gives (none of the host's: above
+        // its usual pid_max of 4194304).
+        static NEXT_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(5_000_000);
+        let pid = NEXT_PID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut status = FakeProcesses::status(&config.name, pid);
         status.counters.operator_hz = config.operator_hz;
         self.running.lock().unwrap().insert(config.name.clone(), status.clone());
@@ -499,4 +502,152 @@ fn another_vms_tick_rate_is_its_timer_interrupts_per_busy_vcpu_second() {
     // Halted all along: no rate rather than a division by almost nothing.
     let idle = ObservedTicks { halted_ns: 6_990_000_000, ..now };
     assert_eq!(busy_tick_rate(&before, &idle, 2), None);
+}
+
+/// One thing that happens to the daemon's VMs.
+#[derive(Debug, Clone)]
+enum Life {
+    /// A second passes: each running guest does `work` units, ticking at `hz`; then the
+    /// daemon samples.
+    Second {
+        work: u64,
+        hz: u32,
+    },
+    /// A VM's guest fails (its process ends).
+    Fail(usize),
+    /// The operator stops a VM, or starts it.
+    Stop(usize),
+    Start(usize),
+    /// The daemon restarts; the VM processes run on and are adopted.
+    RestartDaemon,
+    /// The host restarts: a new daemon, and every VM process started anew.
+    RestartHost,
+}
+
+const LIVES: [&str; 2] = ["p", "t"];
+
+fn life() -> impl proptest::strategy::Strategy<Value = Life> {
+    use proptest::prelude::*;
+    prop_oneof![
+        10 => (0..200u64, 10..1000u32).prop_map(|(work, hz)| Life::Second { work, hz }),
+        1 => (0..2usize).prop_map(Life::Fail),
+        1 => (0..2usize).prop_map(Life::Stop),
+        2 => (0..2usize).prop_map(Life::Start),
+        1 => Just(Life::RestartDaemon),
+        1 => Just(Life::RestartHost),
+    ]
+}
+
+/// Every counter series of a rendering, by its name and labels.
+fn counter_series(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| series.split('{').next().is_some_and(|name| name.ends_with("_total")))
+        .map(|(series, value)| (series.to_string(), value.parse().unwrap()))
+        .collect()
+}
+
+impl FakeProcesses {
+    /// A second of work in every running VM: busy vCPU time, ticks at `hz` (injected
+    /// into the paratick guest, half of them riding on other exits), idle periods and
+    /// exits.
+    fn second(&self, work: u64, hz: u32) {
+        for status in self.running.lock().unwrap().values_mut() {
+            let c = &mut status.counters;
+            let paratick = status.name == "p";
+            c.work_units += work;
+            c.guest_busy_s = vec![c.guest_busy_s.first().copied().unwrap_or(0.0) + work as f64 / 200.0];
+            c.effective_hz = vec![if paratick { hz } else { 0 }];
+            c.guest_ticks.total += u64::from(hz);
+            if paratick {
+                c.tick_requests += 1;
+                c.ticks_injected += u64::from(hz);
+                c.ticks_ridden += u64::from(hz / 2);
+            }
+            c.kvm_stats.halt_exits += 1;
+            c.kvm_stats.exits += 3 * work + u64::from(hz);
+            status.uptime_s += 1.0;
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// Whatever happens to the VMs and the daemon: every counter series only grows;
+    /// `vm list` shows the exits saved and work done that /metrics shows; and the
+    /// exits saved never exceed the tickless timer exits they are taken from, summed
+    /// over the VM's processes.
+    #[test]
+    fn counters_grow_through_restarts_stops_and_adoptions_and_agree_with_vm_list(
+        lives in proptest::collection::vec(life(), 1..40)
+    ) {
+        use proptest::prelude::*;
+        let dir = state_dir();
+        let config = config(&dir, p_and_t!());
+        let mut manager = manager_of(&config, FakeProcesses::new(VmLauncher::Process), Err("none".into()));
+        let mut before = counter_series(&manager.metrics.render());
+        // Per VM: the most tickless exits any of its ended processes was modelled at,
+        // summed, and the current process's most.
+        let mut modelled = [(0.0f64, 0.0f64); 2];
+        let mut pids = [None; 2];
+        for life in &lives {
+            match *life {
+                Life::Second { work, hz } => {
+                    manager.supervisor.second(work, hz);
+                    manager.update();
+                }
+                Life::Fail(vm) => {
+                    if manager.supervisor.running.lock().unwrap().contains_key(LIVES[vm]) {
+                        manager.supervisor.fail(LIVES[vm], "guest panicked");
+                        manager.update();
+                    }
+                }
+                Life::Stop(vm) => {
+                    let _ = ask(&mut manager, &format!(r#"{{"cmd":"stop","vm":"{}"}}"#, LIVES[vm]));
+                }
+                Life::Start(vm) => {
+                    let _ = ask(&mut manager, &format!(r#"{{"cmd":"start","vm":"{}"}}"#, LIVES[vm]));
+                }
+                Life::RestartDaemon => {
+                    let Manager { supervisor, .. } = manager;
+                    manager = manager_of(&config, supervisor, Err("none".into()));
+                }
+                Life::RestartHost => {
+                    manager = manager_of(&config, FakeProcesses::new(VmLauncher::Process), Err("none".into()));
+                }
+            }
+            for (index, name) in LIVES.iter().enumerate() {
+                let managed = vm(&manager, name);
+                let sampled = managed.sample.as_ref().map(|(_, c)| c);
+                let tickless = sampled.map_or(0.0, |c| manager.projection.tickless_timer_exits_of(c));
+                if managed.pid().is_some() && managed.pid() != pids[index] {
+                    // A new process: what the last one was modelled at is kept.
+                    modelled[index].0 += std::mem::take(&mut modelled[index].1);
+                    pids[index] = managed.pid();
+                }
+                modelled[index].1 = modelled[index].1.max(tickless);
+                if let Some(c) = sampled {
+                    let saved = manager.projection.exits_saved(c) as f64;
+                    prop_assert!(saved <= tickless, "{name}: {saved} saved of {tickless} modelled");
+                }
+            }
+            let now = counter_series(&manager.metrics.render());
+            for (series, value) in &before {
+                let after = now.get(series).copied();
+                prop_assert!(after.is_some_and(|a| a >= *value), "{series}: {value} then {after:?} after {life:?}");
+            }
+            let list = ask(&mut manager, r#"{"cmd":"list"}"#).vms.unwrap();
+            for (index, info) in list.iter().enumerate() {
+                let series = |name: &str| now.get(&format!("{name}{{vm=\"{}\"}}", info.name)).copied().unwrap_or(0.0);
+                prop_assert_eq!(info.exits_saved as f64, series("paratick_vm_exits_saved_projected_total"));
+                prop_assert_eq!(info.work_units as f64, series("paratick_vm_work_units_total"));
+                let bound = modelled[index].0 + modelled[index].1;
+                prop_assert!(info.exits_saved as f64 <= bound + 1.0, "{}: {} saved of {bound}", info.name, info.exits_saved);
+            }
+            before = now;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
