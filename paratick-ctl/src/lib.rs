@@ -1,10 +1,7 @@
-//! Paratick controller library: the eBPF KVM observer and what the CLI and daemon build on.
+//! Paratick controller library: what the CLI builds on, the daemon and the bench. The
+//! observer, the exits model and VM identity are the `paratick-observer` crate's.
 
-pub mod backend;
 pub mod bench;
 pub mod client;
 pub mod daemon;
-pub mod model;
-pub mod observer;
-pub mod procfs;
 pub mod protocol;

@@ -12,15 +12,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use paratick_ctl::model::{ModelBackend, TimerModel};
-use paratick_ctl::observer::report::{
-    render_table, render_timer_reports, CommandReport, ObserveReport, ObserverCost, Row, TimerReport, VmReport,
-};
-use paratick_ctl::observer::{kvm_stats, plot};
-use paratick_ctl::observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
-use paratick_ctl::procfs::{self, ProcessInfo};
 use paratick_ctl::protocol::Request;
 use paratick_ctl::{client, daemon};
+use paratick_observer::model::{ModelBackend, TimerModel};
+use paratick_observer::procfs::{self, ProcessInfo};
+use paratick_observer::report::{
+    render_table, render_timer_reports, CommandReport, ObserveReport, ObserverCost, Row, TimerReport, VmReport,
+};
+use paratick_observer::{kvm_stats, plot};
+use paratick_observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
 use paratick_vmm::kvm_stats::KvmExitCounts;
 
 /// Paratick: paravirtualized scheduler ticks for KVM guests.
@@ -82,7 +82,7 @@ struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Where the calibrated exits model goes (what `observe` and the daemon read).
-    #[arg(long, value_name = "FILE", default_value = paratick_ctl::model::DEFAULT_MODEL_FILE)]
+    #[arg(long, value_name = "FILE", default_value = paratick_observer::model::DEFAULT_MODEL_FILE)]
     model_out: PathBuf,
     /// Directory of the kvm-unit-tests kernels: the observer's cost is then also measured
     /// on QEMU running tscdeadline_latency.flat (a third-party VMM and guest).
@@ -154,7 +154,7 @@ struct ObserveArgs {
     svg: Option<std::path::PathBuf>,
     /// The exits model (calibrated by `paratick-ctl bench`); its backend's defaults
     /// where the file is missing.
-    #[arg(long, value_name = "FILE", default_value = paratick_ctl::model::DEFAULT_MODEL_FILE)]
+    #[arg(long, value_name = "FILE", default_value = paratick_observer::model::DEFAULT_MODEL_FILE)]
     model: std::path::PathBuf,
     /// Turn the kernel's BPF run statistics on while observing, and report each of the
     /// observer's programs' runs and run time (each run then costs two clock reads more).
@@ -415,7 +415,7 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
     };
     // Statistics on before the programs load: their run counts then cover every run.
     let program_stats = match args.program_stats {
-        true => Some(paratick_ctl::observer::enable_bpf_stats()?),
+        true => Some(paratick_observer::enable_bpf_stats()?),
         false => None,
     };
     let mut observer = Observer::start(&filter).context("cannot start the eBPF observer")?;
@@ -638,7 +638,7 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
             observer: ObserverCost {
                 programs: observer.loaded_programs(),
                 program_events: snapshot.program_events.clone(),
-                program_runs: (program_stats.is_some() || paratick_ctl::observer::bpf_stats_enabled())
+                program_runs: (program_stats.is_some() || paratick_observer::bpf_stats_enabled())
                     .then(|| observer.program_run_stats()),
             },
         };

@@ -124,7 +124,7 @@ pub struct DaemonStatus {
     /// How VM processes are started: `systemd` (units) or `process`.
     pub vm_launcher: String,
     /// The exits model the projections use now.
-    pub exits_model: Option<crate::model::TimerModel>,
+    pub exits_model: Option<paratick_observer::model::TimerModel>,
     /// VMs running.
     pub vms_running: usize,
     /// VMs configured.

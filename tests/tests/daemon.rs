@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use paratick_ctl::procfs::process_alive;
+use paratick_observer::procfs::process_alive;
 use paratick_tests::{
     free_port, kvm_unit_test, metric, one_vm_at_a_time, parse_metrics, process_usage, qemu_args, single_error_line,
     workspace_binary, ProcessUsage, Sample,
@@ -208,7 +208,7 @@ fn metrics_show_both_vms_and_their_counters_rise() {
     let _lock = one_vm_at_a_time();
     // The kernel's BPF run statistics on while this test runs, as an operator may set
     // kernel.bpf_stats_enabled: the daemon then exports its programs' runs and run time.
-    let _bpf_stats = paratick_ctl::observer::enable_bpf_stats().expect("BPF_ENABLE_STATS");
+    let _bpf_stats = paratick_observer::enable_bpf_stats().expect("BPF_ENABLE_STATS");
     let daemon = Daemon::start("metrics", TWO_VMS);
     let first = daemon
         .wait_for(Duration::from_secs(5), |s| metric(s, "paratick_vm_guest_ticks_total", &[("vm", "b")]) > Some(0.0));

@@ -425,7 +425,7 @@ fn the_cli_prints_the_documented_json_and_rejects_bad_input() {
 /// paratick saved.
 #[test]
 fn the_projected_exits_saved_match_the_measured_difference_in_kvm_exits() {
-    use paratick_ctl::model::{ModelBackend, TimerModel};
+    use paratick_observer::model::{ModelBackend, TimerModel};
     let _lock = one_vm_at_a_time();
     let model = TimerModel::default_for(ModelBackend::of_host());
     // (Sequential: the saving is half the exits. Under the I/O workload it is about 1%

@@ -8,9 +8,12 @@
 //! each way of delivering ticks where every tick is needed (the contended workload), the
 //! observer's overhead, and tick precision.
 
+mod calibration;
 pub mod overhead;
 mod plot;
+mod render;
 pub mod report;
+pub mod stats;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -22,9 +25,10 @@ use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::{TickMode, Workload};
 use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount, GUEST_KERNEL};
 
-use crate::model::{ModelBackend, TimerModel};
-use crate::observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
-use report::{DeliverySummary, Kind, Record, Spread};
+use paratick_observer::model::{ModelBackend, TimerModel};
+use paratick_observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
+use report::{DeliverySummary, Kind, Record};
+use stats::Spread;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -223,7 +227,7 @@ pub fn run(options: &BenchOptions) -> Result<report::Results> {
     let work: Vec<(Workload, u64)> = workloads
         .iter()
         .map(|w| {
-            let rate = report::median(
+            let rate = stats::median(
                 records.iter().filter(|r| r.workload == w.name() && r.mode == "tickless").map(|r| r.throughput_per_s),
             );
             (*w, ((rate * options.duration.as_secs_f64()).round() as u64).max(1))

@@ -26,10 +26,10 @@ use paratick_common::guest::{TickMode, Workload};
 use paratick_vmm::{Vm, VmConfig, WorkAmount, GUEST_KERNEL};
 use serde::Serialize;
 
-use super::report::Spread;
+use super::stats::Spread;
 use super::Bench;
 use crate::daemon::SAMPLE_INTERVAL;
-use crate::observer::{EventSource, Observer, PidFilter};
+use paratick_observer::{EventSource, Observer, PidFilter};
 
 /// Fewest pairs a case of the full bench runs, whatever `--reps` says: a median of fewer
 /// is noise here.
@@ -162,8 +162,8 @@ impl ObserverOverhead {
                 "| {} | {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {} |",
                 c.case,
                 c.measure,
-                super::report::median(c.without.iter().copied()),
-                super::report::median(c.with.iter().copied()),
+                super::stats::median(c.without.iter().copied()),
+                super::stats::median(c.with.iter().copied()),
                 c.ratio.median,
                 c.ratio.min,
                 c.ratio.max,

@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 
 use paratick_common::guest::TICK_INTERVAL_BINS_PER_PERIOD;
 
-use super::report::{Record, Results, Spread, HISTOGRAM_BINS};
+use super::report::{Record, Results, HISTOGRAM_BINS};
+use super::stats::Spread;
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 360.0;
@@ -133,13 +134,13 @@ fn per_mode(results: &Results, kind: &str, value: fn(&Record) -> f64) -> Vec<(St
         .summary
         .iter()
         .map(|w| {
-            let base = super::report::median(values(w.workload, "tickless").into_iter()).max(1e-9);
+            let base = super::stats::median(values(w.workload, "tickless").into_iter()).max(1e-9);
             let bars = w
                 .modes
                 .iter()
                 .map(|m| {
                     let percent: Vec<f64> = values(w.workload, m.mode).iter().map(|v| 100.0 * v / base).collect();
-                    let median = super::report::median(percent.iter().copied());
+                    let median = super::stats::median(percent.iter().copied());
                     let min = percent.iter().copied().fold(f64::INFINITY, f64::min);
                     let max = percent.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     (m.mode.to_string(), Spread { median, min, max })

@@ -6,21 +6,22 @@
 //! exits(mode) − exits(no-timer)` of the execution-time runs (the same work) of one
 //! repetition, and `timer_exits_removed = 1 − timer-induced(mode) /
 //! timer-induced(baseline)`. Modelled: `modelled_vmx_exits`, the exits a VMX host without
-//! APICv would take for the same events (see [`crate::model::modelled_vmx_exits`]).
+//! APICv would take for the same events (see [`super::calibration::modelled_vmx_exits`]).
 
-use std::fmt::Write as _;
 use std::path::Path;
 use strum::VariantArray;
 
 use anyhow::{Context, Result};
 use paratick_common::guest::{TickMode, Workload, TICK_INTERVAL_BINS, TICK_INTERVAL_BINS_PER_PERIOD};
-use paratick_vmm::{RunReport, TickDelivery};
+use paratick_vmm::RunReport;
 use serde::Serialize;
 
+use super::calibration::calibrated_model;
 use super::overhead::ObserverOverhead;
+use super::stats::{pct, ExecutionRuns, Spread};
 use super::BenchOptions;
-use crate::model::TimerModel;
-use crate::observer::ProcessCounts;
+use paratick_observer::model::TimerModel;
+use paratick_observer::ProcessCounts;
 
 /// The paper's results against a tickless guest (ICPP 2021, Table/Figures): VM exits,
 /// throughput, execution time, in percent, per workload.
@@ -142,7 +143,7 @@ impl Record {
             vcpus: report.vcpus,
             exits: stats.exits,
             exits_per_s: stats.exits as f64 / report.wall_s.max(1e-9),
-            modelled_vmx_exits: crate::model::modelled_vmx_exits(mode, report, observed),
+            modelled_vmx_exits: super::calibration::modelled_vmx_exits(mode, report, observed),
             throughput_per_s: report.throughput_per_s,
             elapsed_s: report.elapsed_s,
             work_units: report.work_units,
@@ -161,48 +162,6 @@ impl Record {
             userspace_exits: observed.event("kvm_userspace_exit"),
             insn_emulation: stats.insn_emulation,
             exits_saved_estimate: model.exits_saved(&report.counters),
-        }
-    }
-}
-
-/// Median of the values (0 for none).
-pub fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[middle]
-    } else {
-        (values[middle - 1] + values[middle]) / 2.0
-    }
-}
-
-/// Median, minimum and maximum.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct Spread {
-    /// Median.
-    pub median: f64,
-    /// Smallest.
-    pub min: f64,
-    /// Largest.
-    pub max: f64,
-}
-
-impl Spread {
-    /// The spread of `values`, if there are any.
-    pub fn of_some(values: &[f64]) -> Option<Spread> {
-        (!values.is_empty()).then(|| Spread::of(values))
-    }
-
-    /// The spread of `values` (infinite bounds for none).
-    pub fn of(values: &[f64]) -> Spread {
-        Spread {
-            median: median(values.iter().copied()),
-            min: values.iter().copied().fold(f64::INFINITY, f64::min),
-            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         }
     }
 }
@@ -280,61 +239,6 @@ impl WorkloadSummary {
         self.comparisons.iter().find(|c| c.mode == mode.name() && c.baseline == baseline.name())
     }
 }
-
-fn pct(new: f64, base: f64) -> f64 {
-    if base == 0.0 {
-        0.0
-    } else {
-        (new / base - 1.0) * 100.0
-    }
-}
-
-/// The execution-time runs of one workload, by mode and repetition.
-struct ExecutionRuns<'a> {
-    runs: Vec<&'a Record>,
-}
-
-impl<'a> ExecutionRuns<'a> {
-    fn of(records: &'a [Record], workload: Workload) -> ExecutionRuns<'a> {
-        ExecutionRuns {
-            runs: records
-                .iter()
-                .filter(|r| r.workload == workload.name() && r.kind == Kind::Execution.name())
-                .collect(),
-        }
-    }
-
-    fn exits(&self, mode: TickMode, rep: u32) -> Option<f64> {
-        self.runs.iter().find(|r| r.mode == mode.name() && r.rep == rep).map(|r| r.exits as f64)
-    }
-
-    /// Timer-induced exits of `mode` in each repetition that has it and the floor.
-    fn timer_exits(&self, mode: TickMode) -> Vec<(u32, f64)> {
-        let mut reps: Vec<u32> = self.runs.iter().filter(|r| r.mode == mode.name()).map(|r| r.rep).collect();
-        reps.sort_unstable();
-        reps.into_iter().filter_map(|rep| Some((rep, self.exits(mode, rep)? - self.exits(FLOOR, rep)?))).collect()
-    }
-
-    /// `1 − timer(mode) / timer(baseline)` per repetition where the baseline's timer
-    /// exits are large enough to divide by: at least [`MIN_BASELINE_TIMER_SHARE`] of the
-    /// baseline's exits. Below that they are within the run-to-run spread of the exits
-    /// they are taken from, and the ratio is noise (seen: −14.16, 303.00).
-    fn timer_exits_removed(&self, mode: TickMode, baseline: TickMode) -> Vec<f64> {
-        let base = self.timer_exits(baseline);
-        self.timer_exits(mode)
-            .into_iter()
-            .filter_map(|(rep, timer)| {
-                let (_, base) = base.iter().find(|(r, _)| *r == rep)?;
-                let large_enough = *base > 0.0 && *base >= MIN_BASELINE_TIMER_SHARE * self.exits(baseline, rep)?;
-                large_enough.then(|| 1.0 - timer / base)
-            })
-            .collect()
-    }
-}
-
-/// The least share of a baseline's exits its timer must cause for "timer exits removed"
-/// to be a ratio and not noise.
-pub const MIN_BASELINE_TIMER_SHARE: f64 = 0.05;
 
 /// The guest's tick rate and the intervals between its busy ticks, at one requested
 /// rate (from the guest's own interval histogram, so the same for every delivery).
@@ -432,7 +336,7 @@ pub struct Results {
     pub tick_precision: Vec<TickPrecision>,
     /// Each way of delivering ticks, where the guest needs them all.
     pub delivery: Vec<DeliverySummary>,
-    /// The exits model calibrated from these runs (see `crate::model::calibrate`).
+    /// The exits model calibrated from these runs (see `paratick_observer::model::calibrate`).
     pub timer_model: Option<TimerModel>,
 }
 
@@ -498,52 +402,6 @@ fn summarise(options: &BenchOptions, runs: &[Record], workload: Workload) -> Wor
     WorkloadSummary { workload: workload.name(), vcpus: options.vcpus_for(workload), modes, comparisons }
 }
 
-/// The exits model of these runs: floor and tickless execution-time runs of the
-/// sequential workload (one busy vCPU) in each repetition, the MSI delivery's exits per
-/// tick, and paratick's median removed fraction over the workloads.
-fn calibrated_model(
-    options: &BenchOptions,
-    runs: &[Record],
-    summary: &[WorkloadSummary],
-    delivery: &[DeliverySummary],
-    kernel: &str,
-) -> Option<TimerModel> {
-    use crate::model::{calibrate, CalibrationRun, ModelBackend};
-    let run = |mode: TickMode, rep: u32| {
-        runs.iter()
-            .find(|r| {
-                r.workload == Workload::Sequential.name()
-                    && r.kind == Kind::Execution.name()
-                    && r.mode == mode.name()
-                    && r.rep == rep
-            })
-            .map(|r| CalibrationRun {
-                exits: r.exits,
-                elapsed_s: r.elapsed_s,
-                timer_interrupts: r.timer_interrupts,
-                timer_writes: r.tsc_deadline_writes + r.lapic_timer_writes,
-            })
-    };
-    let pairs: Vec<_> =
-        (0..options.reps).filter_map(|rep| Some((run(FLOOR, rep)?, run(TickMode::Tickless, rep)?))).collect();
-    let injected = delivery
-        .iter()
-        .find(|d| d.delivery == TickDelivery::Msi.name())
-        .and_then(|d| d.timer_exits_per_tick.map(|s| s.median));
-    let removed: Vec<f64> = summary
-        .iter()
-        .filter_map(|w| w.comparison(TickMode::Paratick, TickMode::Tickless)?.timer_exits_removed.map(|r| r.median))
-        .collect();
-    let removed = (!removed.is_empty()).then(|| median(removed.iter().copied()));
-    let note = format!(
-        "calibrated by paratick-ctl bench ({} repetition(s), {:.1} s runs, {} Hz) on kernel {kernel}",
-        options.reps,
-        options.duration.as_secs_f64(),
-        options.hz
-    );
-    calibrate(ModelBackend::of_host(), &pairs, injected, removed, note)
-}
-
 impl Results {
     /// Summarises the runs.
     pub fn new(
@@ -560,7 +418,7 @@ impl Results {
         Results {
             command: options.command.clone(),
             host: Host {
-                backend: crate::backend::Backend::of_host().name(),
+                backend: paratick_observer::backend::Backend::of_host().name(),
                 kernel,
                 cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             },
@@ -593,187 +451,5 @@ impl Results {
             out.serialize(run)?;
         }
         Ok(String::from_utf8(out.into_inner()?)?)
-    }
-
-    fn markdown(&self) -> String {
-        let mut md = String::new();
-        let _ = writeln!(md, "# Paratick bench results\n");
-        let _ = writeln!(
-            md,
-            "Host: {} backend, kernel {}, {} CPUs. {} Hz, {} repetition(s), {:.1} s runs. Command: `{}`\n",
-            self.host.backend, self.host.kernel, self.host.cpus, self.hz, self.reps, self.duration_s, self.command
-        );
-        if let Some(model) = &self.timer_model {
-            let _ = writeln!(
-                md,
-                "Exits model calibrated from these runs ({} backend): {:.2} exits per timer interrupt, {:.0} us of guest \
-                 time per tick, {:.0} floor exits/s, {:.2} exits per injected tick, {:.0}% of timer exits removed by \
-                 paratick.\n",
-                model.backend,
-                model.exits_per_timer_interrupt,
-                model.guest_seconds_per_tick * 1e6,
-                model.floor_exits_per_s,
-                model.exits_per_injected_tick,
-                model.paratick_removed_fraction * 100.0
-            );
-        }
-        let _ = writeln!(md, "## Timer-induced exits removed, and the comparisons (medians)\n");
-        let _ = writeln!(
-            md,
-            "Timer-induced exits = exits − exits of the no-timer guest doing the same work in the same repetition \
-             (measured, KVM's `exits`). Removed = 1 − timer-induced(mode) / timer-induced(baseline): median \
-             [min, max] over the repetitions where the baseline's timer caused at least {:.0}% of its exits; \
-             below that its timer exits are within the run-to-run spread of the exits they are taken from, \
-             and the ratio is marked, not shown.\n",
-            MIN_BASELINE_TIMER_SHARE * 100.0
-        );
-        let _ = writeln!(
-            md,
-            "| workload | vCPUs | comparison | timer exits removed | exits, measured | exits, modelled VMX | throughput | execution time | paper: exits / throughput / time |"
-        );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
-        for w in &self.summary {
-            for c in &w.comparisons {
-                let paper = c.paper.map_or(String::new(), |p| {
-                    format!("{:+.0}% / {:+.0}% / {:+.0}%", p.exits_pct, p.throughput_pct, p.execution_time_pct)
-                });
-                let too_small = format!(
-                    "n/a (baseline's timer exits under {:.0}% of its exits: too small to divide by)",
-                    MIN_BASELINE_TIMER_SHARE * 100.0
-                );
-                let removed = c
-                    .timer_exits_removed
-                    .map_or(too_small, |r| format!("{:.2} [{:.2}, {:.2}]", r.median, r.min, r.max));
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {removed} | {:+.1}% | {:+.1}% | {:+.1}% | {:+.1}% | {paper} |",
-                    w.workload,
-                    w.vcpus,
-                    c.comparison,
-                    c.exits_pct,
-                    c.modelled_vmx_exits_pct,
-                    c.throughput_pct,
-                    c.execution_time_pct
-                );
-            }
-        }
-        let _ = writeln!(md, "\n## Per mode: median [min, max]\n");
-        let _ = writeln!(
-            md,
-            "| workload | mode | throughput (units/s) | execution time (s) | exits, measured | timer-induced exits | exits, modelled VMX |"
-        );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
-        let spread =
-            |s: &Spread, digits: usize| format!("{:.*} [{:.*}, {:.*}]", digits, s.median, digits, s.min, digits, s.max);
-        for w in &self.summary {
-            for m in &w.modes {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} | {} | {} | {} |",
-                    w.workload,
-                    m.mode,
-                    spread(&m.throughput_per_s, 1),
-                    spread(&m.execution_s, 3),
-                    spread(&m.exits, 0),
-                    spread(&m.timer_exits, 0),
-                    spread(&m.modelled_vmx_exits, 0)
-                );
-            }
-        }
-        let _ = writeln!(md, "\n## Tick delivery (contended workload: every tick is needed)\n");
-        let _ = writeln!(
-            md,
-            "| delivery | exits/s | timer-induced exits per tick | injector CPU (s/s) | effective Hz | p50 (µs) | p99 (µs) |"
-        );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
-        for d in &self.delivery {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {:.4} | {:.1} | {} | {} |",
-                d.delivery,
-                spread(&d.exits_per_s, 0),
-                d.timer_exits_per_tick.map_or("n/a (no ticks)".to_string(), |s| spread(&s, 2)),
-                d.injector_cpu_s_per_s.median,
-                d.precision.effective_hz,
-                d.precision.interval_p50_us,
-                d.precision.interval_p99_us
-            );
-        }
-        md.push_str(&self.observer_overhead.markdown());
-        let _ = writeln!(md, "\n## Tick precision (paratick, contended workload, as the guest took its ticks)\n");
-        let _ = writeln!(md, "| requested Hz | delivery | effective Hz | intervals | p1 (µs) | p50 (µs) | p99 (µs) |");
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
-        for p in &self.tick_precision {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {:.1} | {} | {} | {} | {} |",
-                p.requested_hz,
-                p.delivery,
-                p.effective_hz,
-                p.intervals,
-                p.interval_p1_us,
-                p.interval_p50_us,
-                p.interval_p99_us
-            );
-        }
-        let _ = writeln!(
-            md,
-            "\nMeasured: KVM's `exits` statistic, throughput, execution time, timer-induced exits and every eBPF \
-             count. Modelled: \"exits, modelled VMX\" = MSR writes + port I/O + MMIO + HLT exits + one exit per \
-             timer tick (timer expiry, or the kick of an injected tick that did not ride on another exit), the exits \
-             a VMX host without APICv would take for the same events. Interval percentiles are the upper edges of \
-             eighth-of-a-period bins. Plots: exits_per_second.svg, timer_exits.svg, throughput.svg, \
-             tick_intervals.svg."
-        );
-        md
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn execution(mode: TickMode, rep: u32, exits: u64) -> Record {
-        Record { workload: "io", mode: mode.name(), kind: "execution", rep, exits, ..Record::default() }
-    }
-
-    #[test]
-    fn timer_exits_are_measured_against_the_floor_of_the_same_repetition() {
-        let records = [
-            execution(TickMode::NoTimer, 0, 1000),
-            execution(TickMode::Tickless, 0, 1500),
-            execution(TickMode::Paratick, 0, 1050),
-            execution(TickMode::NoTimer, 1, 2000),
-            execution(TickMode::Tickless, 1, 2400),
-            execution(TickMode::Paratick, 1, 1990),
-            // A throughput run is not the same work: never paired.
-            Record { kind: "throughput", ..execution(TickMode::Paratick, 0, 9) },
-        ];
-        let runs = ExecutionRuns::of(&records, Workload::Io);
-        assert_eq!(runs.timer_exits(TickMode::Tickless), [(0, 500.0), (1, 400.0)]);
-        assert_eq!(runs.timer_exits(TickMode::Paratick), [(0, 50.0), (1, -10.0)]);
-        // 1 - 50/500 and 1 - (-10)/400: below the floor counts as all removed and more.
-        assert_eq!(runs.timer_exits_removed(TickMode::Paratick, TickMode::Tickless), [0.9, 1.025]);
-        assert_eq!(runs.timer_exits_removed(TickMode::Paratick, TickMode::Periodic), Vec::<f64>::new());
-        // A baseline whose timer exits are under 5% of its exits gives no ratio: 1 − 50/20
-        // would be −1.5, noise.
-        let records = [
-            execution(TickMode::NoTimer, 0, 1000),
-            execution(TickMode::Tickless, 0, 1020),
-            execution(TickMode::Paratick, 0, 1050),
-        ];
-        let runs = ExecutionRuns::of(&records, Workload::Io);
-        assert_eq!(runs.timer_exits_removed(TickMode::Paratick, TickMode::Tickless), Vec::<f64>::new());
-    }
-
-    #[test]
-    fn medians_and_percentages() {
-        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
-        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
-        assert_eq!(median(std::iter::empty()), 0.0);
-        assert_eq!(pct(50.0, 100.0), -50.0);
-        assert_eq!(pct(1.0, 0.0), 0.0);
-        let s = Spread::of(&[2.0, 9.0, 4.0]);
-        assert_eq!((s.median, s.min, s.max), (4.0, 2.0, 9.0));
     }
 }

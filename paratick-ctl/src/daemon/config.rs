@@ -222,7 +222,8 @@ impl DaemonConfig {
                 format!("systemd VM units keep their sockets in {VM_UNIT_RUNTIME_DIR}: use the default socket"),
             ));
         }
-        let timer_model = raw.timer_model.unwrap_or_else(|| PathBuf::from(crate::model::DEFAULT_MODEL_FILE));
+        let timer_model =
+            raw.timer_model.unwrap_or_else(|| PathBuf::from(paratick_observer::model::DEFAULT_MODEL_FILE));
         let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
             return Err(value_error("state_dir", "must be an absolute path"));

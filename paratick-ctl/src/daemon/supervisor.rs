@@ -21,7 +21,7 @@ use nix::unistd::Pid;
 use paratick_vmm::control::{self, ControlError, VmEnd, VmProcessStatus, VmReply, VmRequest};
 use paratick_vmm::{VmConfig, VmState};
 
-use crate::procfs::process_alive;
+use paratick_observer::procfs::process_alive;
 
 /// The template unit of VM processes under systemd.
 pub const VM_UNIT_TEMPLATE: &str = "paratick-vm@.service";

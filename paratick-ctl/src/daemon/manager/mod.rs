@@ -20,11 +20,11 @@ use super::metrics::{CounterFamily, Metrics, ScrapedCounters};
 use super::restart::{AfterFailure, Restarts, WINDOW as RESTART_WINDOW};
 use super::state::{OperatorState, VmDecisions};
 use super::supervisor::{Probe, Supervisor, VmLauncher, VmProcess, VmProcesses};
-use crate::backend::Backend;
-use crate::model::{ModelBackend, TimerModel};
-use crate::observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts, TracepointState};
-use crate::procfs::{self, process_alive};
 use crate::protocol::{DaemonStatus, Request, Response, VmInfo};
+use paratick_observer::backend::Backend;
+use paratick_observer::model::{ModelBackend, TimerModel};
+use paratick_observer::procfs::{self, process_alive};
+use paratick_observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts, TracepointState};
 
 /// How often VMs and the observer are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -863,7 +863,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
 
     fn update_observer_metrics(
         &mut self,
-        snapshot: Option<&crate::observer::Snapshot>,
+        snapshot: Option<&paratick_observer::Snapshot>,
         per_process: &BTreeMap<u32, ProcessCounts>,
         kvm_counters: &BTreeMap<u32, KvmExitCounts>,
         exits_traced: bool,
@@ -885,7 +885,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         // either way the runs grow. Nothing is reported of programs that never ran so.
         let run_stats = observer.program_run_stats();
         let runs: u64 = run_stats.values().map(|s| s.runs).sum();
-        let counting = crate::observer::bpf_stats_enabled() || runs > self.observer_runs;
+        let counting = paratick_observer::bpf_stats_enabled() || runs > self.observer_runs;
         self.observer_runs = runs;
         metrics.bpf_stats_enabled.set(i64::from(counting));
         for (program, stats) in run_stats.into_iter().filter(|(_, s)| s.runs > 0) {
@@ -922,9 +922,9 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         // modelled elsewhere, and what paratick would save of them.
         let timer_of = |pid: u32, counts: &ProcessCounts| {
             let exits = kvm_counters.get(&pid).map(|kvm| kvm.exits);
-            crate::observer::report::TimerReport::new(counts, exits, 0.0, &self.projection)
+            paratick_observer::report::TimerReport::new(counts, exits, 0.0, &self.projection)
         };
-        type Other = (u32, (BTreeMap<String, u64>, u64), crate::observer::report::TimerReport);
+        type Other = (u32, (BTreeMap<String, u64>, u64), paratick_observer::report::TimerReport);
         let mut others: Vec<Other> = per_process
             .iter()
             .filter(|(pid, _)| **pid != own && !ours.contains(pid) && **pid < SYNTHETIC_OWNER_BASE)

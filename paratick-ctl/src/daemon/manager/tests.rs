@@ -8,7 +8,7 @@ use paratick_common::event::{EventKey, EventKind, EventStats};
 use paratick_vmm::control::{ControlError, VmReply};
 
 use super::*;
-use crate::observer::{ObserverError, ProgramRunStats, Snapshot};
+use paratick_observer::{ObserverError, ProgramRunStats, Snapshot};
 
 /// VM processes as a map: each "process" is a status the fake answers with.
 struct FakeProcesses {

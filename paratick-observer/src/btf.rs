@@ -261,7 +261,7 @@ mod tests {
         let mut checked = 0;
         for (group, event, fields) in events.chain([("sched", "sched_process_fork", &[FORK_CHILD_PID][..])]) {
             let path = format!("/sys/kernel/tracing/events/{group}/{event}/format");
-            let format = crate::observer::format::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let format = crate::format::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
             for name in fields.iter().flat_map(|spec| spec.names) {
                 let Some(field) = format.field(name) else { continue };
                 let from_btf = btf.member_offset(&format!("trace_event_raw_{event}"), name).unwrap();

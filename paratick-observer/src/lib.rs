@@ -1,12 +1,20 @@
-//! The eBPF KVM observer: loads the programs built from `paratick-ebpf`, resolves each
-//! tracepoint's field layout from the running kernel's format files, attaches to every
-//! KVM tracepoint the kernel has (reporting the ones it lacks), and reads the counts.
+//! The eBPF KVM observer: the userspace side of the programs in `paratick-ebpf`, for any
+//! KVM VM on the host whatever its VMM. [`Observer`] loads the programs (built by
+//! build.rs), resolves each tracepoint's field layout from the running kernel's format
+//! files and BTF, attaches to every KVM tracepoint the kernel has (reporting the ones it
+//! lacks), and reads the counts; [`counts`] decodes them per process, [`kvm_stats`] adds
+//! KVM's own exit counters, [`procfs`] names the VMs, [`model`] is the exits model of
+//! the host's backend ([`backend`]), and [`report`] is what `paratick-ctl observe`, the
+//! daemon and the bench show of them.
 
+pub mod backend;
 mod btf;
 pub mod counts;
 pub mod format;
 pub mod kvm_stats;
+pub mod model;
 pub mod plot;
+pub mod procfs;
 pub mod report;
 
 use std::collections::BTreeMap;

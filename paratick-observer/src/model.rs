@@ -309,35 +309,6 @@ impl TimerModel {
     }
 }
 
-/// Exits a VMX host without APICv would take for what this run did, by the exits
-/// model's VMX coefficients: every MSR write (TSC deadline, EOI, IPI), port and MMIO
-/// access and HLT exit, plus the timer's exits: each expiry of a guest- or
-/// VMM-programmed LAPIC timer, or the kick of an injected tick that did not ride on
-/// another exit (the guest's own one-shot timer for sleepers expires on top of those).
-/// Interrupts to a halted vCPU cost no extra exit; the tick page is plain memory.
-pub fn modelled_vmx_exits(
-    mode: paratick_common::guest::TickMode,
-    report: &paratick_vmm::RunReport,
-    observed: &crate::observer::ProcessCounts,
-) -> u64 {
-    use paratick_common::guest::TickMode;
-    use paratick_vmm::TickDelivery;
-    let vmx = TimerModel::default_for(ModelBackend::Vmx);
-    let injected = mode == TickMode::Paratick && report.delivery != TickDelivery::LapicTimer.name();
-    let timer_exits = if injected {
-        let kicks = report.counters.kicks() as f64 * vmx.exits_per_injected_tick;
-        let own_timer = observed.timer_interrupts.saturating_sub(report.counters.ticks_injected);
-        kicks + own_timer as f64 * vmx.exits_per_timer_interrupt
-    } else {
-        observed.timer_interrupts as f64 * vmx.exits_per_timer_interrupt
-    };
-    // Every MSR write traps on VMX without APICv (the TSC-deadline ones included): the
-    // model's write coefficient applies to all of them.
-    let trapped = observed.event("kvm_msr_write") as f64 * vmx.exits_per_timer_write
-        + (observed.event("kvm_pio") + observed.event("kvm_mmio") + report.counters.kvm_stats.halt_exits) as f64;
-    (trapped + timer_exits).round() as u64
-}
-
 /// One run of the same work, as the calibration needs it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CalibrationRun {
