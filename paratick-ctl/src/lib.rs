@@ -4,4 +4,7 @@
 pub mod bench;
 pub mod client;
 pub mod daemon;
+#[cfg(test)]
+mod fake_events;
+pub mod observe;
 pub mod protocol;

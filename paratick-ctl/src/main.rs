@@ -1,27 +1,21 @@
 //! `paratick-ctl`: the Paratick command line.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, ExitCode};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use paratick_ctl::observe::{self, ObserveOptions};
 use paratick_ctl::protocol::Request;
 use paratick_ctl::{client, daemon};
 use paratick_observer::model::{ModelBackend, TimerModel};
-use paratick_observer::procfs::{self, ProcessInfo};
-use paratick_observer::report::{
-    render_table, render_timer_reports, CommandReport, ObserveReport, ObserverCost, Row, TimerReport, VmReport,
-};
-use paratick_observer::{kvm_stats, plot};
-use paratick_observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
-use paratick_vmm::kvm_stats::KvmExitCounts;
+use paratick_observer::report::{render_timer_reports, ObserveReport, ObserverCost};
+use paratick_observer::{EventSource, Observer};
 
 /// Paratick: paravirtualized scheduler ticks for KVM guests.
 #[derive(Debug, Parser)]
@@ -380,244 +374,41 @@ fn print_ok(response: &paratick_ctl::protocol::Response, json: bool) -> Result<(
     Ok(())
 }
 
-/// The counts at the end of the live table's last interval: when, the observer's per
-/// process, KVM's per process.
-type Interval = (Instant, BTreeMap<u32, ProcessCounts>, BTreeMap<u32, KvmExitCounts>);
-
-/// How often `observe` reads the maps and /proc, so that short-lived VMs are still named.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
 fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
-    for &pid in &args.pids {
-        match procfs::process_info(pid) {
-            None => bail!("no process with pid {pid}"),
-            Some(info) if !info.is_kvm() => bail!(
-                "pid {pid} ({}) is not a KVM process (it has no KVM VM file descriptor); run `paratick-ctl observe` to list KVM processes",
-                info.name
-            ),
-            Some(_) => {}
-        }
-    }
+    observe::check_pids(&args.pids)?;
     if let Some(path) = &args.output {
         std::fs::File::create(path).with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
-    let own_pid = std::process::id();
-    let filter = if args.command.is_empty() && args.pids.is_empty() {
-        PidFilter::All
-    } else {
-        // For `-- COMMAND` we track ourselves and follow forks: the child is then tracked
-        // by the fork tracepoint before it runs a single instruction.
-        let mut pids = args.pids.clone();
-        if !args.command.is_empty() {
-            pids.push(own_pid);
-        }
-        PidFilter::Pids { pids, follow_forks: !args.command.is_empty() }
+    let options = ObserveOptions {
+        pids: args.pids,
+        command: args.command,
+        duration: args.duration,
+        interval: args.interval,
+        live_table: !json,
+        clear_screen: std::io::stdout().is_terminal(),
+        svg: args.svg.is_some(),
     };
     // Statistics on before the programs load: their run counts then cover every run.
     let program_stats = match args.program_stats {
         true => Some(paratick_observer::enable_bpf_stats()?),
         false => None,
     };
+    let filter = observe::pid_filter(&options, std::process::id());
     let mut observer = Observer::start(&filter).context("cannot start the eBPF observer")?;
     let (model, model_problem) = TimerModel::load(&args.model, ModelBackend::of_host());
     if let Some(problem) = &model_problem {
         log::warn!("{problem}");
     }
-    // KVM's own counts: the eBPF copies, else debugfs.
-    let ebpf_counters = observer.kvm_counters_state().is_ok();
-    let kvm_stats_problem = if ebpf_counters { None } else { kvm_stats::ensure_debugfs().err() };
-    if let Some(problem) = &kvm_stats_problem {
-        log::warn!("KVM's exit counts are unavailable: {problem}");
-    }
-    let mut kvm = kvm_stats::KvmStatsTracker::default();
-    let own_start = procfs::start_ticks(own_pid).unwrap_or(0);
-    let mut lifetimes: HashMap<u32, (Instant, Instant)> = HashMap::new();
-    let mut series: BTreeMap<u32, Vec<plot::ExitSample>> = BTreeMap::new();
-
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot install signal handlers")?;
     }
-    let started = Instant::now();
-    let mut child = match args.command.split_first() {
-        Some((program, rest)) => Some(
-            std::process::Command::new(program).args(rest).spawn().with_context(|| format!("cannot run {program}"))?,
-        ),
-        None => None,
-    };
-
-    let mut known: HashMap<u32, ProcessInfo> = HashMap::new();
-    let mut previous: Option<Interval> = None;
-    let mut next_table = started + args.interval;
-    let mut next_kvm_sample = started;
-    let live_table = !json;
-    let clear_screen = std::io::stdout().is_terminal();
-    loop {
-        std::thread::sleep(POLL_INTERVAL.min(args.interval));
-        observer.flush_logs();
-        let child_done = match &child {
-            Some(child) => exited_without_reaping(child)?,
-            None => false,
-        };
-        let snapshot = observer.snapshot()?;
-        remember(&mut known, snapshot.pids().into_iter().filter(|&p| p != own_pid));
-        let now = Instant::now();
-        if kvm_stats_problem.is_none() {
-            // KVM's counters once an interval (the first poll gives the baseline): each
-            // sample visits every open file of the host. A VM's final counts need no
-            // sample: its vCPU threads' exits copy them.
-            let kvm_due = now >= next_kvm_sample || child_done;
-            let counters = if ebpf_counters && kvm_due { Some(observer.kvm_counters()?) } else { None };
-            let mut pids: BTreeSet<u32> = known.iter().filter(|(_, i)| i.is_kvm()).map(|(p, _)| *p).collect();
-            pids.extend(&args.pids);
-            if let Some(counters) = &counters {
-                pids.extend(counters.keys().filter(|&&p| p != own_pid));
-            }
-            let none = BTreeMap::new();
-            for pid in pids {
-                // One read of /proc/PID/stat says both whether it lives and when it began.
-                let start = procfs::start_ticks(pid);
-                let new_in_window = start.is_some_and(|start| start >= own_start);
-                if kvm_due {
-                    kvm.sample(pid, new_in_window, counters.as_ref().map(|c| c.get(&pid).unwrap_or(&none)));
-                }
-                if start.is_some() {
-                    lifetimes.entry(pid).and_modify(|(_, last)| *last = now).or_insert((now, now));
-                }
-            }
-            if kvm_due {
-                next_kvm_sample = now + args.interval;
-            }
-        }
-        let sample_interval = live_table || args.svg.is_some();
-        if sample_interval && now >= next_table {
-            let per_pid = per_process(&snapshot);
-            let mut pids: BTreeSet<u32> = per_pid.keys().copied().filter(|&p| p != own_pid).collect();
-            if matches!(filter, PidFilter::All) {
-                pids.extend(procfs::kvm_processes().into_iter().map(|p| p.pid));
-            }
-            pids.extend(&args.pids);
-            remember(&mut known, pids.iter().copied());
-            let (since, before, kvm_before) = match &previous {
-                Some((at, counts, kvm_counts)) => (now.duration_since(*at), Some(counts), Some(kvm_counts)),
-                None => (now.duration_since(started), None, None),
-            };
-            let empty = ProcessCounts::default();
-            let seconds = since.as_secs_f64().max(1e-3);
-            let mut kvm_now = BTreeMap::new();
-            let rows: Vec<Row> = pids
-                .iter()
-                .map(|pid| {
-                    let counts = per_pid.get(pid).unwrap_or(&empty);
-                    let before_counts = before.and_then(|b| b.get(pid));
-                    let row = Row::new(
-                        *pid,
-                        known.get(pid),
-                        counts,
-                        before_counts,
-                        seconds,
-                        observer.backend().traces_every_exit(),
-                    );
-                    let Some(total) = kvm.report(*pid).map(|r| r.total) else { return row };
-                    kvm_now.insert(*pid, total);
-                    let exits = total.since(kvm_before.and_then(|k| k.get(pid)).copied().unwrap_or_default());
-                    let timer = TimerReport::new(
-                        &counts.since(before_counts.unwrap_or(&empty)),
-                        Some(exits.exits),
-                        0.0,
-                        &model,
-                    );
-                    series.entry(*pid).or_default().push(plot::ExitSample::new(
-                        now.duration_since(started).as_secs_f64(),
-                        seconds,
-                        &exits,
-                        timer.timer_exits,
-                    ));
-                    row.with_kvm_exits(exits.exits, seconds, &timer)
-                })
-                .collect();
-            previous = Some((now, per_pid, kvm_now));
-            next_table = now + args.interval;
-            if !live_table {
-                continue;
-            }
-            let mut out = std::io::stdout().lock();
-            if clear_screen {
-                write!(out, "\x1b[H\x1b[2J")?;
-            }
-            writeln!(
-                out,
-                "paratick-ctl observe: {} VM process(es), backend {}",
-                rows.len(),
-                observer.backend().name()
-            )?;
-            out.write_all(render_table(&rows).as_bytes())?;
-            writeln!(out)?;
-        }
-        let timed_out = args.duration.is_some_and(|d| now.duration_since(started) >= d);
-        if child_done || timed_out || stop.load(Ordering::Relaxed) {
-            break;
-        }
-    }
-
-    let duration_s = started.elapsed().as_secs_f64();
-    let command = match child.as_mut() {
-        Some(child) => {
-            let status = child.wait().context("cannot wait for the command")?;
-            Some(CommandReport {
-                argv: args.command.clone(),
-                pid: child.id(),
-                exit_code: status.code(),
-                signal: status.signal(),
-            })
-        }
-        None => None,
-    };
-    // A last sample: the final counts of VMs whose process has just exited (copied as
-    // their vCPU threads exited).
-    if ebpf_counters {
-        let counters = observer.kvm_counters()?;
-        for (&pid, vcpus) in &counters {
-            if pid != own_pid {
-                let new_in_window =
-                    lifetimes.contains_key(&pid) && procfs::start_ticks(pid).is_none_or(|start| start >= own_start);
-                kvm.sample(pid, new_in_window, Some(vcpus));
-            }
-        }
-    }
-    // Read after that sample, so that the programs' event counts below cover the same
-    // runs as the kernel's run counts read with them.
-    let snapshot = observer.snapshot()?;
-    let mut per_pid = per_process(&snapshot);
-    per_pid.remove(&own_pid);
-    for pid in &args.pids {
-        per_pid.entry(*pid).or_default();
-    }
-    let vms: Vec<VmReport> = per_pid
-        .into_iter()
-        .map(|(pid, counts)| {
-            let mut vm = VmReport::new(pid, known.get(&pid), counts);
-            vm.kvm_stats = kvm.report(pid);
-            let lifetime_s = lifetimes.get(&pid).map_or(duration_s, |(first, last)| {
-                (last.duration_since(*first) + POLL_INTERVAL).as_secs_f64().min(duration_s)
-            });
-            let busy_s = (lifetime_s * f64::from(vm.vcpus.max(1)) - vm.counts.halted_ns as f64 / 1e9).max(0.0);
-            let exits = vm.kvm_stats.as_ref().map(|k| k.total.exits);
-            vm.timer = Some(TimerReport::new(&vm.counts, exits, busy_s, &model));
-            vm
-        })
-        .collect();
+    let seen = observe::observe(&mut observer, &model, &options, &stop, &mut std::io::stdout().lock())?;
     if let Some(dir) = &args.svg {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        for (pid, samples) in &series {
-            let name = known.get(pid).map_or("?", |i| i.vm.name.as_str());
-            let path = dir.join(format!("vm-{pid}.svg"));
-            std::fs::write(&path, plot::exits_over_time(&format!("{name} (pid {pid}): exits per second"), samples))
-                .with_context(|| format!("cannot write {}", path.display()))?;
-        }
+        seen.write_svgs(dir)?;
     }
     if args.report {
-        let text = render_timer_reports(&vms, &model);
+        let text = render_timer_reports(&seen.vms, &model);
         // Stdout is the JSON document's when it has no file of its own.
         if json && args.output.is_none() {
             eprint!("{text}");
@@ -625,22 +416,23 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
             print!("{text}");
         }
     }
+    let exit_code = seen.exit_code();
     if json {
         let report = ObserveReport {
             timer_model: model.clone(),
             timer_model_problem: model_problem.clone(),
             backend: observer.backend().name(),
             tracepoints: observer.tracepoints().iter().map(|(name, state)| (*name, state.describe())).collect(),
-            drops: snapshot.drops_by_name(),
-            duration_s,
-            command: command.clone(),
-            vms,
+            drops: seen.snapshot.drops_by_name(),
+            duration_s: seen.duration_s,
+            command: seen.command.clone(),
             observer: ObserverCost {
                 programs: observer.loaded_programs(),
-                program_events: snapshot.program_events.clone(),
+                program_events: seen.snapshot.program_events.clone(),
                 program_runs: (program_stats.is_some() || paratick_observer::bpf_stats_enabled())
                     .then(|| observer.program_run_stats()),
             },
+            vms: seen.vms,
         };
         let document = serde_json::to_string_pretty(&report)? + "\n";
         match &args.output {
@@ -648,40 +440,10 @@ fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
             None => std::io::stdout().write_all(document.as_bytes())?,
         }
     } else {
-        println!("paratick-ctl observe: stopped after {duration_s:.1}s");
+        println!("paratick-ctl observe: stopped after {:.1}s", seen.duration_s);
     }
-    if snapshot.drops.iter().any(|&d| d > 0) {
-        log::warn!("some events were not recorded: {:?}", snapshot.drops_by_name());
+    if seen.snapshot.drops.iter().any(|&d| d > 0) {
+        log::warn!("some events were not recorded: {:?}", seen.snapshot.drops_by_name());
     }
-    Ok(match command {
-        Some(CommandReport { exit_code: Some(code), .. }) => ExitCode::from(code.clamp(0, 255) as u8),
-        Some(CommandReport { signal: Some(signal), .. }) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
-        _ => ExitCode::SUCCESS,
-    })
-}
-
-/// Updates what we know of these processes; a process that is gone keeps its last info,
-/// and the vCPU count keeps its maximum (vCPU fds close before the process exits).
-fn remember(known: &mut HashMap<u32, ProcessInfo>, pids: impl IntoIterator<Item = u32>) {
-    for pid in pids {
-        let Some(mut info) = procfs::process_info(pid) else { continue };
-        if let Some(old) = known.get(&pid) {
-            info.vcpus = info.vcpus.max(old.vcpus);
-            // An exiting process's command line reads empty: what it said stays.
-            if info.cmdline.is_empty() {
-                info.cmdline = old.cmdline.clone();
-                info.vm = old.vm.clone();
-            }
-        }
-        known.insert(pid, info);
-    }
-}
-
-/// Whether the child has exited, leaving it a zombie so that /proc still names it.
-fn exited_without_reaping(child: &Child) -> Result<bool> {
-    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-    let status = waitid(Id::Pid(pid), flags).context("waitid on the command")?;
-    Ok(status != WaitStatus::StillAlive)
+    Ok(ExitCode::from(exit_code))
 }

@@ -11,6 +11,7 @@ use super::counts::ProcessCounts;
 use super::kvm_stats::KvmStatsReport;
 use crate::model::TimerModel;
 use crate::procfs::{ProcessInfo, VmIdentity};
+use paratick_vmm::kvm_stats::KvmExitCounts;
 
 /// How much of a VM's exit load is timekeeping, and what paratick would save of it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -245,10 +246,24 @@ impl Row {
 
     /// Adds KVM's exits of the interval, and the share of them the model puts on the
     /// timer.
-    pub fn with_kvm_exits(mut self, exits: u64, seconds: f64, timer: &TimerReport) -> Row {
+    /// Where `kvm_exit` does not fire, the top reasons are KVM's own exit counters by
+    /// category.
+    pub fn with_kvm_exits(mut self, counts: &KvmExitCounts, seconds: f64, timer: &TimerReport) -> Row {
         // (the timer report is of the same interval)
+        let exits = counts.exits;
         self.kvm_exits_per_s = Some(exits as f64 / seconds);
         self.timer_exit_share = (exits > 0).then(|| timer.timer_exits.min(exits) as f64 / exits as f64);
+        if self.exits_per_s.is_none() {
+            let mut categories: Vec<(String, f64)> = counts
+                .by_category()
+                .iter()
+                .filter(|(_, count)| *count > 0)
+                .map(|(name, count)| (name.to_string(), *count as f64 / seconds))
+                .collect();
+            categories.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            categories.truncate(TOP_REASONS);
+            self.top_reasons = categories;
+        }
         self
     }
 }
@@ -315,8 +330,8 @@ pub fn render_table(rows: &[Row]) -> String {
         // KVM's count where known (every VMM, on every backend), else kvm_exit's.
         let exits = row.kvm_exits_per_s.or(row.exits_per_s).map_or_else(|| "n/a".to_string(), |r| format!("{r:.0}"));
         let share = row.timer_exit_share.map_or_else(|| "n/a".to_string(), |s| format!("{:.1}", s * 100.0));
-        let reasons = if row.exits_per_s.is_none() {
-            "(kvm_exit does not fire on this host)".to_string()
+        let reasons = if row.exits_per_s.is_none() && row.kvm_exits_per_s.is_none() {
+            "(no exit reasons here: kvm_exit does not fire and KVM's counters are unavailable)".to_string()
         } else {
             row.top_reasons.iter().map(|(n, r)| format!("{n}={r:.0}")).collect::<Vec<_>>().join(" ")
         };
@@ -416,10 +431,22 @@ mod tests {
     }
 
     #[test]
-    fn hosts_without_kvm_exit_show_no_exit_rate() {
-        let row = Row::new(1, None, &counts(&[], 5, 5), None, 1.0, false);
+    fn hosts_without_kvm_exit_show_kvms_own_counters_by_category() {
+        let row = Row::new(1, None, &counts(&[], 5, 5), None, 2.0, false);
         assert_eq!(row.exits_per_s, None);
-        assert!(render_table(&[row]).contains("(kvm_exit does not fire on this host)"));
+        assert!(render_table(std::slice::from_ref(&row)).contains("(no exit reasons here: kvm_exit does not fire"));
+        // KVM's counters of the interval: the busiest categories, as rates.
+        let kvm = KvmExitCounts { exits: 1000, halt_exits: 100, io_exits: 600, mmio_exits: 20, ..Default::default() };
+        let timer = TimerReport::new(
+            &ProcessCounts::default(),
+            Some(1000),
+            0.0,
+            &TimerModel::default_for(crate::model::ModelBackend::Pvm),
+        );
+        let row = row.with_kvm_exits(&kvm, 2.0, &timer);
+        assert_eq!(row.kvm_exits_per_s, Some(500.0));
+        let table = render_table(&[row]);
+        assert!(table.contains("io_exits=300 other_exits=140 halt_exits=50"), "{table}");
         assert!(render_table(&[]).contains("(no KVM processes)"));
     }
 }

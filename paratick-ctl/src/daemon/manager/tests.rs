@@ -4,11 +4,10 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
-use paratick_common::event::{EventKey, EventKind, EventStats};
 use paratick_vmm::control::{ControlError, VmReply};
 
 use super::*;
-use paratick_observer::{ObserverError, ProgramRunStats, Snapshot};
+use crate::fake_events::FakeEvents;
 
 /// VM processes as a map: each "process" is a status the fake answers with.
 struct FakeProcesses {
@@ -134,49 +133,6 @@ impl VmProcesses for FakeProcesses {
         let end = VmEnd { name: name.into(), pid: process.pid, state: VmState::Stopped, error: None, counters: None };
         self.ends.lock().unwrap().insert(name.into(), end.clone());
         end
-    }
-}
-
-/// KVM events of other processes: `exits` KVM exits for each pid.
-#[derive(Default)]
-struct FakeEvents {
-    exits: BTreeMap<u32, u64>,
-    tracepoints: BTreeMap<&'static str, TracepointState>,
-}
-
-impl EventSource for FakeEvents {
-    fn kvm_counters_state(&self) -> Result<(), &str> {
-        Ok(())
-    }
-
-    fn program_run_stats(&self) -> BTreeMap<&'static str, ProgramRunStats> {
-        BTreeMap::new()
-    }
-
-    fn kvm_counters(&mut self) -> Result<BTreeMap<u32, BTreeMap<u32, KvmExitCounts>>, ObserverError> {
-        let counts = |exits| KvmExitCounts { exits, io_exits: exits, ..KvmExitCounts::default() };
-        Ok(self.exits.iter().map(|(&pid, &exits)| (pid, BTreeMap::from([(0, counts(exits))]))).collect())
-    }
-
-    fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) -> Result<(), ObserverError> {
-        self.exits.retain(|&pid, _| !gone(pid));
-        Ok(())
-    }
-
-    fn tracepoints(&self) -> &BTreeMap<&'static str, TracepointState> {
-        &self.tracepoints
-    }
-
-    fn backend(&self) -> Backend {
-        Backend::Pvm
-    }
-
-    fn flush_logs(&mut self) {}
-
-    fn snapshot(&self) -> Result<Snapshot, ObserverError> {
-        let key = |tgid| EventKey { tgid, vcpu: 0, kind: EventKind::KvmPio as u16, aux: 0, detail: 0x80 };
-        let events = self.exits.keys().map(|&pid| (key(pid), EventStats { count: 1, sum_ns: 0 })).collect();
-        Ok(Snapshot { events, ..Snapshot::default() })
     }
 }
 
