@@ -2,19 +2,19 @@
 //! the trap handler (ticks, system calls, device interrupts, exceptions), the idle loop,
 //! the barrier and block I/O that tasks block on, and the results the VMM reads.
 
-use core::cell::UnsafeCell;
+use core::cell::{RefCell, UnsafeCell};
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use paratick_common::abi::{LAPIC_TIMER_VECTOR, PARATICK_TICK_VECTOR};
 use paratick_common::guest::{
-    BlockRequest, BootInfo, GuestResults, GuestStatus, TickMode, VcpuCounters, Workload, BLOCK_COMPLETION_VECTOR,
-    BLOCK_OP_READ, BLOCK_REQUEST_PORT, BLOCK_STATUS_PENDING, BOOT_INFO_ADDR, BOOT_MAGIC, IO_AREA_ADDR, MAX_TASKS,
-    MAX_VCPUS, PANIC_MESSAGE_LEN, RESULTS_ADDR, RESULTS_PORT, SECTOR_SIZE, SPURIOUS_VECTOR, USER_STACKS_ADDR,
-    USER_STACK_SIZE, WAKEUP_VECTOR,
+    BlockRequest, BootInfo, GuestStatus, TickMode, Workload, BLOCK_COMPLETION_VECTOR, BLOCK_OP_READ,
+    BLOCK_REQUEST_PORT, BLOCK_STATUS_PENDING, BOOT_INFO_ADDR, BOOT_MAGIC, IO_AREA_ADDR, MAX_TASKS, MAX_VCPUS,
+    PANIC_MESSAGE_LEN, RESULTS_PORT, SECTOR_SIZE, SPURIOUS_VECTOR, USER_STACKS_ADDR, USER_STACK_SIZE, WAKEUP_VECTOR,
 };
 
 use crate::arch::{self, TrapFrame, USER_CODE_SELECTOR, USER_DATA_SELECTOR, USER_RFLAGS};
+use crate::shared::{self, boot, count, results, BootExt, InitOnce};
 use crate::tick::{self, Load, TickState};
 use crate::user::{self, TaskParams, BLOCK_SECTORS, SYS_BARRIER, SYS_EXIT, SYS_READ_BLOCK, SYS_SLEEP};
 use crate::{apic, console};
@@ -34,16 +34,22 @@ const NONE: usize = usize::MAX;
 /// Where block buffers start in the I/O area (requests come first).
 const IO_BUFFERS_OFFSET: u64 = 0x1_0000;
 
-/// A value written by vCPU 0 during init, then only read (after `INIT_DONE`).
-struct InitOnce<T>(UnsafeCell<T>);
-// SAFETY: written only by vCPU 0 before INIT_DONE is released, read-only afterwards.
-unsafe impl<T> Sync for InitOnce<T> {}
-
-/// A value only its own vCPU touches, with interrupts off (in the kernel).
+/// A value only its own vCPU touches, with interrupts off (in the kernel), copied in
+/// and out whole or written field by field: no reference to it is kept.
 struct PerVcpu<T>(UnsafeCell<T>);
 // SAFETY: element `i` of a `[PerVcpu<_>; MAX_VCPUS]` is only accessed by vCPU `i`, and
 // the kernel runs with interrupts disabled, so accesses never overlap.
 unsafe impl<T> Sync for PerVcpu<T> {}
+
+/// A vCPU's state, borrowed by its own vCPU only. Kernel paths re-enter one another (an
+/// interrupt during the idle loop's halt; the idle loop entered from a trap that has
+/// nothing to run), so it is borrowed for a few field updates at a time ([`with_cpu`]),
+/// never across a call that may halt or switch tasks; the `RefCell` turns a borrow
+/// that would alias into a guest panic.
+struct PerVcpuCell<T>(RefCell<T>);
+// SAFETY: element `i` of a `[PerVcpuCell<_>; MAX_VCPUS]` is only accessed by vCPU `i`
+// (the RefCell's count is never touched by two vCPUs).
+unsafe impl<T> Sync for PerVcpuCell<T> {}
 
 /// A task: its state is shared (other vCPUs wake it), the rest belongs to its vCPU.
 struct Task {
@@ -64,19 +70,6 @@ struct Cpu {
 }
 
 static INIT_DONE: AtomicBool = AtomicBool::new(false);
-static BOOT: InitOnce<BootInfo> = InitOnce(UnsafeCell::new(BootInfo {
-    magic: 0,
-    tsc_khz: 0,
-    work_units: 0,
-    duration_ms: 0,
-    vcpus: 0,
-    tick_mode: 0,
-    workload: 0,
-    hz: 0,
-    disk_sectors: 0,
-    housekeeping_hz: 0,
-    reserved: 0,
-}));
 static TASK_COUNT: AtomicU32 = AtomicU32::new(0);
 static LIVE_TASKS: AtomicU32 = AtomicU32::new(0);
 static PANICKED: AtomicBool = AtomicBool::new(false);
@@ -134,48 +127,14 @@ static TASKS: [Task; MAX_TASKS] = [NEW_TASK; MAX_TASKS];
 
 // As NEW_TASK.
 #[allow(clippy::declare_interior_mutable_const)]
-const NEW_CPU: PerVcpu<Cpu> =
-    PerVcpu(UnsafeCell::new(Cpu { current: NONE, slice_left: SLICE_TICKS, tick: TickState::new(), accounted_tsc: 0 }));
-static CPUS: [PerVcpu<Cpu>; MAX_VCPUS] = [NEW_CPU; MAX_VCPUS];
+const NEW_CPU: PerVcpuCell<Cpu> =
+    PerVcpuCell(RefCell::new(Cpu { current: NONE, slice_left: SLICE_TICKS, tick: TickState::new(), accounted_tsc: 0 }));
+static CPUS: [PerVcpuCell<Cpu>; MAX_VCPUS] = [NEW_CPU; MAX_VCPUS];
 
-/// The boot information (valid once init is done).
-pub fn boot() -> &'static BootInfo {
-    // SAFETY: see InitOnce.
-    unsafe { &*BOOT.0.get() }
-}
-
-/// Decoded views of the boot information (validated at init).
-pub trait BootExt {
-    /// The tick mode.
-    fn mode(&self) -> TickMode;
-    /// The workload.
-    fn work(&self) -> Workload;
-}
-
-impl BootExt for BootInfo {
-    fn mode(&self) -> TickMode {
-        TickMode::from_u32(self.tick_mode).unwrap_or(TickMode::Periodic)
-    }
-    fn work(&self) -> Workload {
-        Workload::from_u32(self.workload).unwrap_or(Workload::Sequential)
-    }
-}
-
-fn results() -> *mut GuestResults {
-    RESULTS_ADDR as *mut GuestResults
-}
-
-/// TSC when the workload started.
-pub fn start_tsc() -> u64 {
-    // SAFETY: written once by vCPU 0 during init, before any tick (see InitOnce).
-    unsafe { (*results()).start_tsc }
-}
-
-/// Guest time in ticks, shared by all vCPUs (in the results block, read live by the VMM).
-pub fn jiffies() -> &'static AtomicU64 {
-    // SAFETY: `jiffies` is an aligned u64 in the results block, only ever accessed
-    // atomically once the kernel runs; AtomicU64 has the layout of u64.
-    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*results()).jiffies)) }
+/// Runs `f` on this vCPU's state (see [`PerVcpuCell`]); `f` must not call anything that
+/// borrows it again.
+fn with_cpu<R>(vcpu: usize, f: impl FnOnce(&mut Cpu) -> R) -> R {
+    f(&mut CPUS[vcpu].0.borrow_mut())
 }
 
 /// Marks `task` runnable (from blocked or sleeping); any vCPU may do this.
@@ -196,28 +155,30 @@ fn load(vcpu: usize) -> Load {
 /// Adds the current task's run time up to now to this vCPU's account.
 fn account_run_time(vcpu: usize) {
     let now = arch::rdtsc();
-    let cpu = cpu(vcpu);
-    if cpu.current != NONE && TASKS[cpu.current].state.load(Ordering::Relaxed) == RUNNING {
-        counters(vcpu).run_tsc += now.saturating_sub(cpu.accounted_tsc);
-    }
-    cpu.accounted_tsc = now;
+    let ran = with_cpu(vcpu, |cpu| {
+        let running = cpu.current != NONE && TASKS[cpu.current].state.load(Ordering::Relaxed) == RUNNING;
+        let ran = if running { now.saturating_sub(cpu.accounted_tsc) } else { 0 };
+        cpu.accounted_tsc = now;
+        ran
+    });
+    count(vcpu, |c| c.run_tsc += ran);
 }
 
-/// This vCPU's counters in the results block (which the VMM reads live).
-pub fn counters(vcpu: usize) -> &'static mut VcpuCounters {
-    // SAFETY: the results block is guest memory reserved by the memory map; entry
-    // `vcpu` is only written by that vCPU.
-    unsafe { &mut (*results()).vcpus[vcpu] }
+/// The task running on this vCPU (`NONE`: none).
+fn current(vcpu: usize) -> usize {
+    with_cpu(vcpu, |cpu| cpu.current)
 }
 
-fn cpu(vcpu: usize) -> &'static mut Cpu {
-    // SAFETY: see PerVcpu; callers are on `vcpu` with interrupts off.
-    unsafe { &mut *CPUS[vcpu].0.get() }
-}
-
-fn task_frame(task: usize) -> &'static mut TrapFrame {
+/// A copy of a task's saved user context.
+fn load_frame(task: usize) -> TrapFrame {
     // SAFETY: a task's frame is only touched by the vCPU it is pinned to (see PerVcpu).
-    unsafe { &mut *TASKS[task].frame.0.get() }
+    unsafe { TASKS[task].frame.0.get().read() }
+}
+
+/// Saves a task's user context.
+fn save_frame(task: usize, frame: &TrapFrame) {
+    // SAFETY: as load_frame.
+    unsafe { TASKS[task].frame.0.get().write(*frame) }
 }
 
 fn request_of(task: usize) -> *mut BlockRequest {
@@ -247,8 +208,8 @@ pub fn init(boot_info: *const BootInfo) {
     if mode == TickMode::Paratick && !(1..=info.hz).contains(&info.housekeeping_hz) {
         panic!("bad boot information: housekeeping rate {} Hz (1 to {} Hz)", info.housekeeping_hz, info.hz);
     }
-    // SAFETY: see InitOnce: nobody reads BOOT before INIT_DONE.
-    unsafe { *BOOT.0.get() = info };
+    // SAFETY: vCPU 0, at init: the other vCPUs wait for INIT_DONE.
+    unsafe { shared::set_boot(info) };
     let _ = writeln!(
         console::Console,
         "paratick-guest: {} vCPUs, {} at {} Hz, workload {}",
@@ -291,15 +252,18 @@ pub fn init(boot_info: *const BootInfo) {
         };
         // SAFETY: see InitOnce.
         unsafe { *task.params.0.get() = params };
-        let frame = task_frame(index);
-        frame.rip = user::task_main as *const () as u64;
-        frame.cs = USER_CODE_SELECTOR as u64;
-        frame.ss = USER_DATA_SELECTOR as u64;
-        frame.rflags = USER_RFLAGS;
-        // As if called: the return-address slot keeps the ABI's stack alignment.
-        frame.rsp = USER_STACKS_ADDR + (index as u64 + 1) * USER_STACK_SIZE - 8;
-        frame.rdi = task.params.0.get() as u64;
-        frame.rsi = workload as u64;
+        let frame = TrapFrame {
+            rip: user::task_main as *const () as u64,
+            cs: USER_CODE_SELECTOR as u64,
+            ss: USER_DATA_SELECTOR as u64,
+            rflags: USER_RFLAGS,
+            // As if called: the return-address slot keeps the ABI's stack alignment.
+            rsp: USER_STACKS_ADDR + (index as u64 + 1) * USER_STACK_SIZE - 8,
+            rdi: task.params.0.get() as u64,
+            rsi: workload as u64,
+            ..TrapFrame::default()
+        };
+        save_frame(index, &frame);
         task.vcpu.store((index % home_vcpus) as u32, Ordering::Relaxed);
         make_runnable(task);
     }
@@ -325,7 +289,7 @@ pub fn run(vcpu: usize) -> ! {
     if vcpu == 0 && boot().work() == Workload::TripleFault {
         arch::triple_fault();
     }
-    tick::start(vcpu, &mut cpu(vcpu).tick);
+    with_cpu(vcpu, |cpu| tick::start(vcpu, &mut cpu.tick));
     if vcpu == 0 && boot().work() == Workload::Fuzz {
         crate::fuzz::run(boot().work_units);
     }
@@ -335,7 +299,7 @@ pub fn run(vcpu: usize) -> ! {
 /// The next runnable task of `vcpu`, round robin after the current one.
 fn pick_next(vcpu: usize) -> Option<usize> {
     let count = TASK_COUNT.load(Ordering::Relaxed) as usize;
-    let after = match cpu(vcpu).current {
+    let after = match current(vcpu) {
         NONE => 0,
         current => current + 1,
     };
@@ -347,22 +311,25 @@ fn pick_next(vcpu: usize) -> Option<usize> {
 /// Runs `task` on return from this trap (or from idle).
 fn dispatch(vcpu: usize, task: usize, frame: &mut TrapFrame) {
     account_run_time(vcpu);
-    let cpu = cpu(vcpu);
-    if cpu.current != task {
-        counters(vcpu).context_switches += 1;
+    let switched = with_cpu(vcpu, |cpu| {
+        let switched = cpu.current != task;
+        cpu.current = task;
+        cpu.slice_left = SLICE_TICKS;
+        switched
+    });
+    if switched {
+        count(vcpu, |c| c.context_switches += 1);
     }
-    cpu.current = task;
-    cpu.slice_left = SLICE_TICKS;
     TASKS[task].state.store(RUNNING, Ordering::Relaxed);
-    *frame = *task_frame(task);
+    *frame = load_frame(task);
 }
 
 /// The current task stops running (`new_state`); another runnable task of this vCPU
 /// takes over in `frame`, or the vCPU goes idle.
 fn switch_away(vcpu: usize, frame: &mut TrapFrame, new_state: u32) {
     account_run_time(vcpu);
-    let current = cpu(vcpu).current;
-    *task_frame(current) = *frame;
+    let current = current(vcpu);
+    save_frame(current, frame);
     TASKS[current].state.store(new_state, Ordering::Release);
     if new_state != RUNNABLE {
         RUNNABLE_ON[vcpu].fetch_sub(1, Ordering::AcqRel);
@@ -375,18 +342,24 @@ fn switch_away(vcpu: usize, frame: &mut TrapFrame, new_state: u32) {
 
 /// The idle loop: halts until a task of this vCPU is runnable, then enters it.
 fn idle(vcpu: usize) -> ! {
-    tick::on_idle(vcpu, &mut cpu(vcpu).tick, load(vcpu).next_sleeper);
+    let next_sleeper = load(vcpu).next_sleeper;
+    with_cpu(vcpu, |cpu| tick::on_idle(vcpu, &mut cpu.tick, next_sleeper));
     loop {
         if let Some(task) = pick_next(vcpu) {
-            tick::on_busy(vcpu, &mut cpu(vcpu).tick, load(vcpu));
+            let load = load(vcpu);
+            with_cpu(vcpu, |cpu| tick::on_busy(vcpu, &mut cpu.tick, load));
             let mut frame = TrapFrame::default();
             dispatch(vcpu, task, &mut frame);
-            // SAFETY: interrupts are off; the frame is a task's saved user context.
-            unsafe { arch::enter(task_frame(task)) }
+            // SAFETY: interrupts are off; the frame is a copy of the task's saved user
+            // context.
+            unsafe { arch::enter(&frame) }
         }
+        // Nothing of this vCPU's is borrowed here: the interrupt that ends the halt runs
+        // the trap handler, which borrows it.
         let halted_at = arch::rdtsc();
         arch::enable_interrupts_and_halt();
-        counters(vcpu).idle_tsc += arch::rdtsc() - halted_at;
+        let halted = arch::rdtsc() - halted_at;
+        count(vcpu, |c| c.idle_tsc += halted);
     }
 }
 
@@ -400,17 +373,20 @@ extern "C" fn trap_entry(frame: &mut TrapFrame) {
         v if v == LAPIC_TIMER_VECTOR as u64 || v == PARATICK_TICK_VECTOR as u64 => {
             apic::eoi();
             let woke = expire_sleepers(vcpu);
-            tick::on_tick(vcpu, &mut cpu(vcpu).tick, !from_user, load(vcpu));
+            let load = load(vcpu);
+            with_cpu(vcpu, |cpu| tick::on_tick(vcpu, &mut cpu.tick, !from_user, load));
             if from_user {
                 account_run_time(vcpu);
-                let cpu = cpu(vcpu);
-                cpu.slice_left = cpu.slice_left.saturating_sub(1);
+                let slice_over = with_cpu(vcpu, |cpu| {
+                    cpu.slice_left = cpu.slice_left.saturating_sub(1);
+                    cpu.slice_left == 0
+                });
                 // A sleeper that just woke runs at once (wake-up preemption), so a
                 // timer on time means a wake-up on time.
-                if (cpu.slice_left == 0 || woke) && pick_next(vcpu).is_some() {
+                if (slice_over || woke) && pick_next(vcpu).is_some() {
                     switch_away(vcpu, frame, RUNNABLE);
-                } else if cpu.slice_left == 0 {
-                    cpu.slice_left = SLICE_TICKS;
+                } else if slice_over {
+                    with_cpu(vcpu, |cpu| cpu.slice_left = SLICE_TICKS);
                 }
             }
         }
@@ -432,7 +408,8 @@ extern "C" fn trap_entry(frame: &mut TrapFrame) {
     }
     // Back to a task (an interrupted idle loop looks for work itself).
     if frame.is_from_user() {
-        tick::after_trap(vcpu, &mut cpu(vcpu).tick, load(vcpu));
+        let load = load(vcpu);
+        with_cpu(vcpu, |cpu| tick::after_trap(vcpu, &mut cpu.tick, load));
     }
 }
 
@@ -451,10 +428,11 @@ fn exception_name(vector: u64) -> &'static str {
 fn system_call(vcpu: usize, frame: &mut TrapFrame) {
     // While the task is still running: the calls below may block or end it.
     account_run_time(vcpu);
-    let task = cpu(vcpu).current;
+    let task = current(vcpu);
     match frame.rax {
         SYS_EXIT => {
-            counters(vcpu).work_units += frame.rdi;
+            let units = frame.rdi;
+            count(vcpu, |c| c.work_units += units);
             leave_barrier();
             if LIVE_TASKS.fetch_sub(1, Ordering::AcqRel) == 1 {
                 finish();
@@ -485,7 +463,7 @@ fn system_call(vcpu: usize, frame: &mut TrapFrame) {
             TASKS[task].state.store(BLOCKED_IO, Ordering::Release);
             RUNNABLE_ON[vcpu].fetch_sub(1, Ordering::AcqRel);
             arch::outl(BLOCK_REQUEST_PORT, request as u64 as u32);
-            *task_frame(task) = *frame;
+            save_frame(task, frame);
             match pick_next(vcpu) {
                 Some(next) => dispatch(vcpu, next, frame),
                 None => idle(vcpu),
@@ -539,7 +517,9 @@ fn complete_io(vcpu: usize) {
         // the completion interrupt.
         let status = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*request_of(index)).status)) };
         if status != BLOCK_STATUS_PENDING {
-            task_frame(index).rax = status as u64;
+            // SAFETY: the task's frame, on its own vCPU (see PerVcpu); a field write, no
+            // reference.
+            unsafe { (*task.frame.0.get()).rax = status as u64 };
             make_runnable(task);
         }
     }
@@ -548,11 +528,11 @@ fn complete_io(vcpu: usize) {
 const ARRIVED_MASK: u64 = 0xffff_ffff;
 
 fn arrive_at_barrier(vcpu: usize, frame: &mut TrapFrame) {
-    let task = cpu(vcpu).current;
+    let task = current(vcpu);
     // Blocked first: a release racing with us must find the task waiting.
     TASKS[task].state.store(BLOCKED_BARRIER, Ordering::Release);
     RUNNABLE_ON[vcpu].fetch_sub(1, Ordering::AcqRel);
-    *task_frame(task) = *frame;
+    save_frame(task, frame);
     let now = BARRIER.fetch_add(1, Ordering::AcqRel) + 1;
     if now & ARRIVED_MASK == now >> 32 {
         release_barrier(vcpu, now);

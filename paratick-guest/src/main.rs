@@ -11,6 +11,7 @@ mod arch;
 mod console;
 mod fuzz;
 mod kernel;
+mod shared;
 mod tick;
 mod user;
 

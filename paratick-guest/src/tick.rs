@@ -31,7 +31,7 @@ use paratick_common::guest::{
 
 use crate::apic;
 use crate::arch::{outl, rdtsc};
-use crate::kernel::{boot, counters, BootExt};
+use crate::shared::{boot, count, jiffies, start_tsc, BootExt};
 
 /// Per-vCPU tick state (owned by its vCPU).
 pub struct TickState {
@@ -99,15 +99,14 @@ fn page_field(vcpu: usize, offset: u64) -> &'static AtomicU32 {
 
 /// Sets the tick up on this vCPU.
 pub fn start(vcpu: usize, state: &mut TickState) {
-    let counters = counters(vcpu);
     match boot().mode() {
         TickMode::Periodic => {
             apic::start_periodic(LAPIC_TIMER_VECTOR, apic::TIMER_COUNTS_PER_SECOND / boot().hz as u64);
-            counters.timer_writes += 3;
+            count(vcpu, |c| c.timer_writes += 3);
         }
         TickMode::Tickless | TickMode::TicklessFull => {
             apic::use_tsc_deadline(LAPIC_TIMER_VECTOR);
-            counters.timer_writes += 1;
+            count(vcpu, |c| c.timer_writes += 1);
             state.next_deadline = rdtsc() + period_tsc();
             state.stopped = true;
         }
@@ -126,11 +125,11 @@ pub fn start(vcpu: usize, state: &mut TickState) {
             if vcpu == 0 && boot().work() == Workload::BadRequests {
                 for raw in BAD_TICK_REQUESTS {
                     outl(PARATICK_REQUEST_PORT, raw);
-                    counters.tick_requests += 1;
+                    count(vcpu, |c| c.tick_requests += 1);
                 }
             }
             outl(PARATICK_REQUEST_PORT, boot().hz);
-            counters.tick_requests += 1;
+            count(vcpu, |c| c.tick_requests += 1);
         }
         TickMode::NoTimer => {}
     }
@@ -140,16 +139,15 @@ pub fn start(vcpu: usize, state: &mut TickState) {
 pub fn on_tick(vcpu: usize, state: &mut TickState, idle: bool, load: Load) {
     let now = rdtsc();
     advance_jiffies(now);
-    let counters = counters(vcpu);
-    counters.ticks += 1;
+    count(vcpu, |c| c.ticks += 1);
     if idle {
-        counters.idle_ticks += 1;
+        count(vcpu, |c| c.idle_ticks += 1);
         state.last_busy_tick = 0;
         return;
     }
     if state.last_busy_tick != 0 {
         let bin = (now - state.last_busy_tick) * TICK_INTERVAL_BINS_PER_PERIOD / period_tsc();
-        counters.tick_intervals[(bin as usize).min(TICK_INTERVAL_BINS - 1)] += 1;
+        count(vcpu, |c| c.tick_intervals[(bin as usize).min(TICK_INTERVAL_BINS - 1)] += 1);
     }
     state.last_busy_tick = now;
     match boot().mode() {
@@ -171,7 +169,7 @@ fn arm_next_tick(vcpu: usize, state: &mut TickState, now: u64, residual: bool, n
     state.residual = residual;
     state.next_deadline = next_tick_deadline(state, now, residual, next_sleeper);
     apic::set_tsc_deadline(state.next_deadline);
-    counters(vcpu).timer_writes += 1;
+    count(vcpu, |c| c.timer_writes += 1);
 }
 
 /// The deadline `arm_next_tick` would arm.
@@ -193,8 +191,8 @@ fn residual_deadline(previous: u64, now: u64, next_sleeper: Option<u64>) -> u64 
 /// Advances guest time to the TSC: jiffies are the whole tick periods since the start.
 /// Any vCPU's tick moves it; it never goes back.
 pub fn advance_jiffies(now: u64) {
-    let elapsed = now.saturating_sub(crate::kernel::start_tsc());
-    crate::kernel::jiffies().fetch_max(elapsed / period_tsc(), core::sync::atomic::Ordering::AcqRel);
+    let elapsed = now.saturating_sub(start_tsc());
+    jiffies().fetch_max(elapsed / period_tsc(), core::sync::atomic::Ordering::AcqRel);
 }
 
 /// The first tick-grid point after `now`, the grid running through `previous` (ticks
@@ -265,7 +263,6 @@ pub fn on_busy(vcpu: usize, state: &mut TickState, load: Load) {
 /// says idle, so the host sends no ticks, and the idle path arms a one-shot timer for
 /// the next event (unless the host owns the timer); no-timer arms only that.
 pub fn on_idle(vcpu: usize, state: &mut TickState, next_event: Option<u64>) {
-    let counters = counters(vcpu);
     state.last_busy_tick = 0;
     let mode = boot().mode();
     if mode == TickMode::Paratick {
@@ -276,13 +273,13 @@ pub fn on_idle(vcpu: usize, state: &mut TickState, next_event: Option<u64>) {
         (TickMode::Periodic, _) => {}
         (TickMode::Tickless | TickMode::TicklessFull, Some(event)) => {
             apic::set_tsc_deadline(event);
-            counters.timer_writes += 1;
+            count(vcpu, |c| c.timer_writes += 1);
             state.stopped = true;
         }
         (TickMode::Tickless | TickMode::TicklessFull, None) => {
             if !state.stopped {
                 apic::set_tsc_deadline(0);
-                counters.timer_writes += 1;
+                count(vcpu, |c| c.timer_writes += 1);
                 state.stopped = true;
             }
         }
@@ -297,13 +294,12 @@ fn arm_for_sleeper(vcpu: usize, state: &mut TickState, next_sleeper: Option<u64>
     if state.host_timer || state.armed_for == wake {
         return;
     }
-    let counters = counters(vcpu);
     if !state.deadline_mode {
         apic::use_tsc_deadline(LAPIC_TIMER_VECTOR);
-        counters.timer_writes += 1;
+        count(vcpu, |c| c.timer_writes += 1);
         state.deadline_mode = true;
     }
     apic::set_tsc_deadline(wake);
-    counters.timer_writes += 1;
+    count(vcpu, |c| c.timer_writes += 1);
     state.armed_for = wake;
 }
