@@ -332,7 +332,7 @@ fn vm(socket: &Path, command: VmCommand, json: bool) -> Result<ExitCode> {
                 println!(
                     "{:<16} {:<9} {:>8} {:<13} {:>5} {:>7} {:>7} {:>7.1} {:>7.1} {:>9.0} {:>10} {:>12}",
                     vm.name,
-                    vm.state.name(),
+                    vm.lifecycle.state().name(),
                     vm.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string()),
                     vm.mode,
                     vm.vcpus,
@@ -344,7 +344,7 @@ fn vm(socket: &Path, command: VmCommand, json: bool) -> Result<ExitCode> {
                     per_unit,
                     vm.exits_saved
                 );
-                if let Some(error) = vm.error {
+                if let Some(error) = vm.lifecycle.error() {
                     println!("    error: {error}");
                 }
                 if vm.restarts > 0 {

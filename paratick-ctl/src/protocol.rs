@@ -6,7 +6,7 @@
 //! that says what to do, and `code` ([`ErrorCode`]). A failed request changes nothing.
 //! `status` reports the protocol's version ([`PROTOCOL_VERSION`]).
 
-use paratick_vmm::VmState;
+use paratick_vmm::Lifecycle;
 use serde::{Deserialize, Serialize};
 
 /// Longest request line accepted.
@@ -63,10 +63,9 @@ pub struct VmInfo {
     pub name: String,
     /// The VM process's id, while it has one.
     pub pid: Option<u32>,
-    /// Where the VM is.
-    pub state: VmState,
-    /// Why it failed.
-    pub error: Option<String>,
+    /// Where the VM is, and why it failed (`state`, `error`).
+    #[serde(flatten)]
+    pub lifecycle: Lifecycle,
     /// Tick mode.
     pub mode: String,
     /// vCPUs.

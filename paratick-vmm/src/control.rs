@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Counters, VmConfig, VmState, WorkAmount};
+use crate::{Counters, Lifecycle, VmConfig, WorkAmount};
 
 /// Where VM processes keep their sockets and end records by default.
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/paratick/vms";
@@ -73,10 +73,9 @@ pub struct VmProcessStatus {
     pub name: String,
     /// The VM process's id.
     pub pid: u32,
-    /// The VM's state.
-    pub state: VmState,
-    /// Why it failed.
-    pub error: Option<String>,
+    /// The VM's state, and why it failed (`state`, `error`).
+    #[serde(flatten)]
+    pub lifecycle: Lifecycle,
     /// vCPUs halted in KVM now.
     pub halted_vcpus: u32,
     /// Seconds since the VM started.
@@ -92,10 +91,9 @@ pub struct VmEnd {
     pub name: String,
     /// The process's id.
     pub pid: u32,
-    /// `stopped`, `finished` or `failed`.
-    pub state: VmState,
-    /// Why it failed.
-    pub error: Option<String>,
+    /// Stopped, finished or failed (`state`, `error`).
+    #[serde(flatten)]
+    pub lifecycle: Lifecycle,
     /// The counters at the end, where they could be read.
     pub counters: Option<Counters>,
 }
@@ -248,7 +246,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("paratick-control-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         assert!(read_end(&dir, "a").is_none());
-        let end = VmEnd { name: "a".into(), pid: 7, state: VmState::Finished, error: None, counters: None };
+        let end = VmEnd { name: "a".into(), pid: 7, lifecycle: Lifecycle::Finished, counters: None };
         write_end(&dir, &end).unwrap();
         assert_eq!(read_end(&dir, "a").unwrap().unwrap(), end);
         std::fs::write(end_path(&dir, "a"), "{").unwrap();

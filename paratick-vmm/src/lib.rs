@@ -32,7 +32,7 @@ mod vm;
 
 pub use config::{parse_delivery, parse_tick_mode, parse_workload, ConfigError, TickDelivery, VmConfig, WorkAmount};
 pub use loader::GUEST_KERNEL;
-pub use state::VmState;
+pub use state::{InvalidTransition, Lifecycle, VmState};
 pub use vm::{Counters, RunReport, TickCounts, Vm};
 
 /// Why a VM could not start, or ended badly.

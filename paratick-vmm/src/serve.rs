@@ -20,7 +20,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use paratick_common::guest::TickMode;
 use paratick_vmm::control::{self, VmEnd, VmProcessStatus, VmReply, VmRequest, MAX_LINE_BYTES};
-use paratick_vmm::{Vm, VmState, GUEST_KERNEL};
+use paratick_vmm::{Lifecycle, Vm, GUEST_KERNEL};
 
 use crate::VmArgs;
 
@@ -88,7 +88,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         Ok(vm) => vm,
         Err(e) => {
             let error = format!("cannot start the VM: {e}");
-            record_end(&args, VmState::Failed, Some(error.clone()), None);
+            record_end(&args, Lifecycle::Failed(error.clone()), None);
             bail!(error);
         }
     };
@@ -100,7 +100,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
             log::info!("VM {}: stopping on a signal", args.name);
             break None;
         }
-        if vm.state().0.is_final() {
+        if vm.lifecycle().state().is_final() {
             break None;
         }
         if readable(&listener)? {
@@ -115,19 +115,37 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         }
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    let (state, error) = vm.state();
-    let counters = vm.counters().ok();
-    let (state, error, counters) = match state {
-        VmState::Failed => (state, error, counters),
-        // Still running: stopped on request or signal. Finished: the guest is done.
-        _ => match vm.stop() {
-            Ok(report) => {
-                (if state == VmState::Finished { state } else { VmState::Stopped }, None, Some(report.counters))
-            }
-            Err(e) => (VmState::Failed, Some(e.to_string()), counters),
-        },
+    let mut lifecycle = vm.lifecycle();
+    let move_to = |lifecycle: &mut Lifecycle, next| {
+        if let Err(e) = lifecycle.transition(next) {
+            log::error!("VM {}: {e}", args.name);
+        }
     };
-    record_end(&args, state, error.clone(), counters);
+    let counters = vm.counters().ok();
+    let counters = if lifecycle.error().is_some() {
+        counters
+    } else {
+        // Finished: the guest is done. Still running: stopped on request or signal.
+        let finished = lifecycle == Lifecycle::Finished;
+        if !finished {
+            move_to(&mut lifecycle, Lifecycle::Stopping);
+        }
+        match vm.stop() {
+            Ok(report) => {
+                if !finished {
+                    move_to(&mut lifecycle, Lifecycle::Stopped);
+                }
+                Some(report.counters)
+            }
+            Err(e) => {
+                move_to(&mut lifecycle, Lifecycle::Failed(e.to_string()));
+                counters
+            }
+        }
+    };
+    let error = lifecycle.error().map(str::to_string);
+    let state = lifecycle.state();
+    record_end(&args, lifecycle, counters);
     let _ = std::fs::remove_file(control::socket_path(&args.runtime_dir, &args.name));
     if let Some(mut client) = stop_reply {
         let _ = write_reply(&mut client, &VmReply::ok());
@@ -144,8 +162,8 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
 }
 
-fn record_end(args: &ServeArgs, state: VmState, error: Option<String>, counters: Option<paratick_vmm::Counters>) {
-    let end = VmEnd { name: args.name.clone(), pid: std::process::id(), state, error, counters };
+fn record_end(args: &ServeArgs, lifecycle: Lifecycle, counters: Option<paratick_vmm::Counters>) {
+    let end = VmEnd { name: args.name.clone(), pid: std::process::id(), lifecycle, counters };
     if let Err(e) = control::write_end(&args.runtime_dir, &end) {
         log::error!("VM {}: cannot record how it ended: {e}", args.name);
     }
@@ -226,15 +244,14 @@ fn discard_the_rest(mut client: &UnixStream) {
 }
 
 fn status(vm: &Vm, name: &str, started: Instant) -> VmReply {
-    let (state, error) = vm.state();
+    let lifecycle = vm.lifecycle();
     match vm.counters() {
         Err(e) => VmReply::error(format!("cannot read the VM's counters: {e}")),
         Ok(counters) => VmReply {
             status: Some(VmProcessStatus {
                 name: name.to_string(),
                 pid: std::process::id(),
-                state,
-                error,
+                lifecycle,
                 halted_vcpus: vm.halted_vcpus(),
                 uptime_s: started.elapsed().as_secs_f64(),
                 counters,

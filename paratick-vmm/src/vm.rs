@@ -30,7 +30,7 @@ use crate::loader::GUEST_KERNEL;
 use crate::memory::GuestMemory;
 use crate::stats::VcpuStats;
 use crate::vcpu::{install_kick_handler, kick_signal, ExitContext, Outcome, Shared, VcpuThread};
-use crate::{ConfigError, VmError, VmState};
+use crate::{ConfigError, Lifecycle, VmError};
 
 /// Per-vCPU values and their total.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,13 +354,13 @@ impl Vm {
 
     /// Where the VM is, and why it failed if it did. A VM past its deadline is failed
     /// from now on. (A stopped VM is consumed by [`Vm::stop`]: no one sees it here.)
-    pub fn state(&self) -> (VmState, Option<String>) {
+    pub fn lifecycle(&self) -> Lifecycle {
         self.end_if_past_deadline();
         match &*self.shared.outcome.lock().expect("outcome lock") {
-            None if !self.shared.gate_is_open() => (VmState::Paused, None),
-            None => (VmState::Running, None),
-            Some(Outcome::Finished) => (VmState::Finished, None),
-            Some(Outcome::Failed(e)) => (VmState::Failed, Some(self.describe_failure(e))),
+            None if !self.shared.gate_is_open() => Lifecycle::Paused,
+            None => Lifecycle::Running,
+            Some(Outcome::Finished) => Lifecycle::Finished,
+            Some(Outcome::Failed(e)) => Lifecycle::Failed(self.describe_failure(e)),
         }
     }
 
@@ -372,13 +372,13 @@ impl Vm {
     ///
     /// ```
     /// use paratick_common::guest::{TickMode, Workload};
-    /// use paratick_vmm::{Vm, VmConfig, VmState, WorkAmount, GUEST_KERNEL};
+    /// use paratick_vmm::{Lifecycle, Vm, VmConfig, WorkAmount, GUEST_KERNEL};
     ///
     /// let config = VmConfig::new("live", 1, TickMode::Tickless, 250, Workload::Io, WorkAmount::Seconds(60.0));
     /// let vm = Vm::start(config, GUEST_KERNEL)?;
     /// let before = vm.counters()?.work_units;
     /// while vm.counters()?.work_units < before + 100 {
-    ///     assert_eq!(vm.state().0, VmState::Running);
+    ///     assert_eq!(vm.lifecycle(), Lifecycle::Running);
     ///     std::thread::sleep(std::time::Duration::from_millis(10));
     /// }
     /// // The operator's rate is checked before it is taken.

@@ -583,7 +583,7 @@ fn a_vm_process_answers_bad_requests_with_an_error_and_changes_nothing() {
     assert_eq!(ask_vm_process(&socket, b"{\"cmd\":\"stop\"}\n")["ok"], true);
     assert!(child.wait().unwrap().success());
     let end = paratick_vmm::control::read_end(&dir, "bad").expect("an end record").unwrap();
-    assert_eq!(end.state, paratick_vmm::VmState::Stopped, "{end:?}");
+    assert_eq!(end.lifecycle, paratick_vmm::Lifecycle::Stopped, "{end:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -247,7 +247,7 @@ fn vm_slices(
                 let (units, started) = (vm.counters()?.work_units, Instant::now());
                 Beside::wait(&mut beside, slice)?;
                 let rate = (vm.counters()?.work_units - units) as f64 / started.elapsed().as_secs_f64();
-                if let (_, Some(error)) = vm.state() {
+                if let paratick_vmm::Lifecycle::Failed(error) = vm.lifecycle() {
                     bail!("{} ended during the measurement: {error}", config.name);
                 }
                 if with { &mut on } else { &mut off }.push(rate);

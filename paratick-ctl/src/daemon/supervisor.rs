@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use paratick_vmm::control::{self, ControlError, VmEnd, VmProcessStatus, VmReply, VmRequest};
-use paratick_vmm::{VmConfig, VmState};
+use paratick_vmm::{Lifecycle, VmConfig};
 
 use paratick_observer::procfs::process_alive;
 
@@ -174,7 +174,7 @@ impl Supervisor {
             let why = String::from_utf8_lossy(&output.stderr).trim().replace('\n', " ");
             return Err(control::read_end(&self.runtime_dir, &config.name)
                 .and_then(Result::ok)
-                .and_then(|end| end.error)
+                .and_then(|end| end.lifecycle.error().map(str::to_string))
                 .unwrap_or(format!("systemctl start {unit} failed: {why}")));
         }
         let pid = unit_property(&unit, "MainPID").and_then(|pid| pid.parse().ok()).unwrap_or(0);
@@ -244,8 +244,7 @@ impl VmProcesses for Supervisor {
                     return Some(Err(VmEnd {
                         name: name.into(),
                         pid: 0,
-                        state: VmState::Failed,
-                        error: Some(error),
+                        lifecycle: Lifecycle::Failed(error),
                         counters: None,
                     }));
                 }
@@ -278,7 +277,10 @@ impl VmProcesses for Supervisor {
             match self.probe(&config.name, &mut process) {
                 Probe::Status(status) => return Ok((process, status)),
                 Probe::Ended(end) => {
-                    return Err(end.error.unwrap_or_else(|| format!("the VM process ended at once ({})", end.state)))
+                    return Err(match end.lifecycle {
+                        Lifecycle::Failed(error) => error,
+                        ended => format!("the VM process ended at once ({})", ended.state()),
+                    })
                 }
                 Probe::Silent(why) if Instant::now() >= deadline => {
                     return Err(format!("the VM process did not answer within {START_TIMEOUT:?}: {why}"))
@@ -303,8 +305,10 @@ impl VmProcesses for Supervisor {
                         _ => VmEnd {
                             name: name.to_string(),
                             pid: process.pid,
-                            state: VmState::Failed,
-                            error: Some(format!("the VM process {} ended without saying how: {how}", process.pid)),
+                            lifecycle: Lifecycle::Failed(format!(
+                                "the VM process {} ended without saying how: {how}",
+                                process.pid
+                            )),
                             counters: None,
                         },
                     };
@@ -328,8 +332,9 @@ impl VmProcesses for Supervisor {
             }
             if Instant::now() >= deadline {
                 if process.pid == 0 {
-                    let error = Some("the VM process did not exit after a stop, and its pid is unknown".into());
-                    return VmEnd { name: name.into(), pid: 0, state: VmState::Failed, error, counters: None };
+                    let lifecycle =
+                        Lifecycle::Failed("the VM process did not exit after a stop, and its pid is unknown".into());
+                    return VmEnd { name: name.into(), pid: 0, lifecycle, counters: None };
                 }
                 log::error!("VM {name}: the process {} did not exit after a stop: killing it", process.pid);
                 let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
@@ -378,8 +383,7 @@ mod tests {
                 let status = VmProcessStatus {
                     name: "a".into(),
                     pid: 4242,
-                    state: VmState::Running,
-                    error: None,
+                    lifecycle: Lifecycle::Running,
                     halted_vcpus: 0,
                     uptime_s: 1.0,
                     counters: paratick_vmm::Counters::default(),
@@ -389,7 +393,7 @@ mod tests {
             }
         });
         let (process, status) = supervisor.adopt("a").unwrap().unwrap();
-        assert_eq!((process.pid, status.state), (4242, VmState::Running));
+        assert_eq!((process.pid, status.lifecycle), (4242, Lifecycle::Running));
         assert!(supervisor.socket("a").exists(), "a live VM's socket is kept");
         vm.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -402,10 +406,9 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(supervisor.socket("a")).unwrap());
         assert!(supervisor.adopt("a").is_none(), "no end record: not adopted, free to start");
         assert!(!supervisor.socket("a").exists());
-        let end =
-            VmEnd { name: "b".into(), pid: 7, state: VmState::Failed, error: Some("gone".into()), counters: None };
+        let end = VmEnd { name: "b".into(), pid: 7, lifecycle: Lifecycle::Failed("gone".into()), counters: None };
         control::write_end(&dir, &end).unwrap();
-        assert_eq!(supervisor.adopt("b").unwrap().unwrap_err().error.as_deref(), Some("gone"));
+        assert_eq!(supervisor.adopt("b").unwrap().unwrap_err().lifecycle.error(), Some("gone"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -11,7 +11,7 @@ use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::TickMode;
 use paratick_vmm::control::{VmEnd, VmProcessStatus, VmRequest};
 use paratick_vmm::kvm_stats::KvmExitCounts;
-use paratick_vmm::{Counters, VmConfig, VmState};
+use paratick_vmm::{Counters, Lifecycle, VmConfig, VmState};
 use tokio::sync::oneshot;
 
 use super::config::{DaemonConfig, VmEntry};
@@ -54,8 +54,8 @@ struct ManagedVm {
     entry: VmEntry,
     /// What it runs with: the file's, with the operator's tick rate.
     config: VmConfig,
-    state: VmState,
-    error: Option<String>,
+    /// Where it is, as its process last said, and why it failed.
+    lifecycle: Lifecycle,
     /// The VM's process while it has one.
     process: Option<VmProcess>,
     /// The identity of its latest process (what counted its counters).
@@ -85,8 +85,7 @@ impl ManagedVm {
         ManagedVm {
             entry: entry.clone(),
             config,
-            state: VmState::Stopped,
-            error: None,
+            lifecycle: Lifecycle::Stopped,
             process: None,
             process_id: 0,
             sample: None,
@@ -103,7 +102,10 @@ impl ManagedVm {
     /// Stops the VM's process, if it has one, and records how it ended; whether it had one.
     fn stop(&mut self, supervisor: &impl VmProcesses) -> bool {
         let Some(mut process) = self.process.take() else { return false };
-        self.state = VmState::Stopping;
+        // (A VM that ended keeps its end while its process goes.)
+        if !self.state().is_final() {
+            self.move_to(Lifecycle::Stopping);
+        }
         let end = supervisor.stop(&self.config.name, &mut process);
         self.ended(end);
         true
@@ -111,23 +113,34 @@ impl ManagedVm {
 
     fn ended(&mut self, end: VmEnd) {
         self.process = None;
-        self.state = end.state;
-        self.error = end.error;
+        self.move_to(end.lifecycle);
         if let Some(counters) = end.counters {
             self.sample = Some((Instant::now(), counters));
         }
         self.halted_vcpus = 0;
-        match &self.error {
-            Some(error) => log::error!("VM {} failed: {error}", self.config.name),
-            None => log::info!("VM {} {}", self.config.name, self.state),
+        match &self.lifecycle {
+            Lifecycle::Failed(error) => log::error!("VM {} failed: {error}", self.config.name),
+            ended => log::info!("VM {} {}", self.config.name, ended.state()),
         }
     }
 
     fn running(&mut self, process: VmProcess, status: &VmProcessStatus) {
         self.process_id = Instance::process_id(process.pid, procfs::start_ticks(process.pid));
         self.process = Some(process);
-        self.state = status.state;
-        self.error = status.error.clone();
+        self.move_to(status.lifecycle.clone());
+    }
+
+    /// Its state.
+    fn state(&self) -> VmState {
+        self.lifecycle.state()
+    }
+
+    /// Moves its life on ([`Lifecycle::transition`]); a move the state machine does not
+    /// have is logged and changes nothing.
+    fn move_to(&mut self, next: Lifecycle) {
+        if let Err(e) = self.lifecycle.transition(next) {
+            log::error!("VM {}: {e}", self.config.name);
+        }
     }
 
     fn pid(&self) -> Option<u32> {
@@ -356,7 +369,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         match request {
             Request::Status {} => {
                 self.status.uptime_s = self.started.elapsed().as_secs_f64();
-                self.status.vms_running = self.vms.iter().filter(|vm| vm.state == VmState::Running).count();
+                self.status.vms_running = self.vms.iter().filter(|vm| vm.state() == VmState::Running).count();
                 self.status.exits_model = Some(self.projection.clone());
                 Response { status: Some(self.status.clone()), ..Response::ok() }
             }
@@ -370,8 +383,8 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             },
             Request::Start { vm } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
-                Ok(index) if self.vms[index].process.is_some() && !self.vms[index].state.is_final() => {
-                    Response::error(format!("VM {vm} is already {}", self.vms[index].state))
+                Ok(index) if self.vms[index].process.is_some() && !self.vms[index].state().is_final() => {
+                    Response::error(format!("VM {vm} is already {}", self.vms[index].state()))
                 }
                 Ok(index) => {
                     // A VM that has just ended may still have its process, on its way out.
@@ -379,7 +392,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                     self.vms[index].restarts.reset();
                     self.keep_decision(&vm, |d| d.stopped = false);
                     self.start_vm(index);
-                    match &self.vms[index].error {
+                    match self.vms[index].lifecycle.error() {
                         Some(error) => Response::error(format!("VM {vm} failed to start: {error}")),
                         None => Response::ok(),
                     }
@@ -393,8 +406,8 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                     self.keep_decision(&vm, |d| d.stopped = true);
                     Response::ok()
                 }
-                Ok(index) if self.vms[index].process.is_none() || !self.vms[index].state.can_stop() => {
-                    Response::error(format!("VM {vm} is not running (it is {})", self.vms[index].state))
+                Ok(index) if self.vms[index].process.is_none() || !self.vms[index].state().can_stop() => {
+                    Response::error(format!("VM {vm} is not running (it is {})", self.vms[index].state()))
                 }
                 Ok(index) => {
                     self.stop_vm(index);
@@ -463,7 +476,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
     fn start_vm(&mut self, index: usize) {
         let managed = &mut self.vms[index];
         managed.sample = None;
-        managed.state = VmState::Starting;
+        managed.move_to(Lifecycle::Starting);
         managed.failure_seen = false;
         match self.supervisor.start(&managed.config) {
             Ok((process, status)) => {
@@ -478,8 +491,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             }
             Err(e) => {
                 log::error!("VM {} failed to start: {e}", managed.config.name);
-                managed.state = VmState::Failed;
-                managed.error = Some(e);
+                managed.move_to(Lifecycle::Failed(e));
             }
         }
     }
@@ -505,7 +517,9 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 .enumerate()
                 .filter_map(|(index, managed)| {
                     let mut process = managed.process.take()?;
-                    managed.state = VmState::Stopping;
+                    if !managed.state().is_final() {
+                        managed.move_to(Lifecycle::Stopping);
+                    }
                     let name = managed.config.name.clone();
                     Some(scope.spawn(move || (index, supervisor.stop(&name, &mut process))))
                 })
@@ -529,8 +543,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             };
             statuses.push(match self.supervisor.probe(&managed.config.name, process) {
                 Probe::Status(status) => {
-                    managed.state = status.state;
-                    managed.error = status.error.clone();
+                    managed.move_to(status.lifecycle.clone());
                     Some(status)
                 }
                 Probe::Silent(why) => {
@@ -604,7 +617,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         for index in 0..self.vms.len() {
             let managed = &mut self.vms[index];
             let name = managed.config.name.clone();
-            if managed.state == VmState::Failed && !managed.failure_seen {
+            if managed.state() == VmState::Failed && !managed.failure_seen {
                 managed.failure_seen = true;
                 match managed.restarts.failed(managed.entry.restart, managed.entry.restart_limit, now) {
                     AfterFailure::Stay => {}
@@ -760,7 +773,10 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         let (hz, vcpus) = (managed.config.hz.to_string(), managed.config.vcpus.to_string());
         metrics.vm_info.with_label_values(&[&name, managed.config.mode.name(), &hz, &vcpus]).set(1.0);
         for &state in VmState::VARIANTS {
-            metrics.vm_state.with_label_values(&[&name, state.name()]).set(f64::from(u8::from(state == managed.state)));
+            metrics
+                .vm_state
+                .with_label_values(&[&name, state.name()])
+                .set(f64::from(u8::from(state == managed.state())));
         }
         // What the daemon counts itself, what its observer counts of the VM's process, and
         // what the VM process counts.
@@ -1021,8 +1037,7 @@ fn vm_info(managed: &ManagedVm, counters: &ScrapedCounters) -> VmInfo {
     VmInfo {
         name: managed.config.name.clone(),
         pid: managed.pid(),
-        state: managed.state,
-        error: managed.error.clone(),
+        lifecycle: managed.lifecycle.clone(),
         mode: managed.config.mode.name().into(),
         vcpus: managed.config.vcpus,
         hz: managed.config.hz,

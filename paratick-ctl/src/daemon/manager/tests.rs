@@ -35,8 +35,7 @@ impl FakeProcesses {
         VmProcessStatus {
             name: name.into(),
             pid,
-            state: VmState::Running,
-            error: None,
+            lifecycle: Lifecycle::Running,
             halted_vcpus: 0,
             uptime_s: 1.0,
             counters: Counters::default(),
@@ -54,13 +53,8 @@ impl FakeProcesses {
     /// The VM process of `name` ends by itself (the guest failed).
     fn fail(&self, name: &str, error: &str) {
         let status = self.running.lock().unwrap().remove(name).unwrap();
-        let end = VmEnd {
-            name: name.into(),
-            pid: status.pid,
-            state: VmState::Failed,
-            error: Some(error.into()),
-            counters: None,
-        };
+        let end =
+            VmEnd { name: name.into(), pid: status.pid, lifecycle: Lifecycle::Failed(error.into()), counters: None };
         self.ends.lock().unwrap().insert(name.into(), end);
     }
 }
@@ -130,7 +124,7 @@ impl VmProcesses for FakeProcesses {
     fn stop(&self, name: &str, process: &mut VmProcess) -> VmEnd {
         self.ask(format!("{name}: stop"));
         self.running.lock().unwrap().remove(name);
-        let end = VmEnd { name: name.into(), pid: process.pid, state: VmState::Stopped, error: None, counters: None };
+        let end = VmEnd { name: name.into(), pid: process.pid, lifecycle: Lifecycle::Stopped, counters: None };
         self.ends.lock().unwrap().insert(name.into(), end.clone());
         end
     }
@@ -208,19 +202,19 @@ fn it_adopts_running_vms_starts_the_other_autostart_ones_and_shows_an_ended_one_
     let mut adopted = FakeProcesses::status("p", 777);
     adopted.counters.operator_hz = Some(125);
     processes.running.lock().unwrap().insert("p".into(), adopted);
-    let failed = VmEnd { name: "t".into(), pid: 9, state: VmState::Failed, error: Some("gone".into()), counters: None };
+    let failed = VmEnd { name: "t".into(), pid: 9, lifecycle: Lifecycle::Failed("gone".into()), counters: None };
     processes.ends.lock().unwrap().insert("t".into(), failed);
     let mut manager = manager(processes, Err("none".into()));
 
     assert_eq!(manager.supervisor.asked(), Vec::<String>::new(), "nothing started, nothing asked twice");
-    assert_eq!((vm(&manager, "p").state, vm(&manager, "p").pid()), (VmState::Running, Some(777)));
+    assert_eq!((vm(&manager, "p").state(), vm(&manager, "p").pid()), (VmState::Running, Some(777)));
     assert_eq!(vm(&manager, "p").config.operator_hz, Some(125), "the running VM's operator rate is kept");
-    assert_eq!((vm(&manager, "t").state, vm(&manager, "t").error.as_deref()), (VmState::Failed, Some("gone")));
-    assert_eq!((vm(&manager, "manual").state, vm(&manager, "manual").pid()), (VmState::Stopped, None));
+    assert_eq!((vm(&manager, "t").state(), vm(&manager, "t").lifecycle.error()), (VmState::Failed, Some("gone")));
+    assert_eq!((vm(&manager, "manual").state(), vm(&manager, "manual").pid()), (VmState::Stopped, None));
 
     let list = ask(&mut manager, r#"{"cmd":"list"}"#).vms.unwrap();
     assert_eq!(
-        list.iter().map(|v| (v.name.as_str(), v.state)).collect::<Vec<_>>(),
+        list.iter().map(|v| (v.name.as_str(), v.lifecycle.state())).collect::<Vec<_>>(),
         [("p", VmState::Running), ("t", VmState::Failed), ("manual", VmState::Stopped)]
     );
     let status = ask(&mut manager, r#"{"cmd":"status"}"#).status.unwrap();
@@ -271,18 +265,18 @@ fn starts_and_stops_are_checked_against_the_state_and_failures_are_shown() {
     assert_eq!(not_running.error.unwrap(), "VM manual is not running (it is stopped)");
     let broken = ask(&mut manager, r#"{"cmd":"start","vm":"manual"}"#);
     assert_eq!(broken.error.unwrap(), "VM manual failed to start: paratick-vmm exited with status 1");
-    assert_eq!(vm(&manager, "manual").state, VmState::Failed);
+    assert_eq!(vm(&manager, "manual").state(), VmState::Failed);
     assert_eq!(manager.supervisor.asked(), ["manual: start"]);
 
     assert!(ask(&mut manager, r#"{"cmd":"stop","vm":"p"}"#).ok);
     assert_eq!(manager.supervisor.asked(), ["p: stop"]);
-    assert_eq!((vm(&manager, "p").state, vm(&manager, "p").pid()), (VmState::Stopped, None));
+    assert_eq!((vm(&manager, "p").state(), vm(&manager, "p").pid()), (VmState::Stopped, None));
 
     // A VM process that ends by itself is seen at the next sample.
     manager.supervisor.fail("t", "guest panicked: oops");
     manager.update();
     assert_eq!(
-        (vm(&manager, "t").state, vm(&manager, "t").error.as_deref()),
+        (vm(&manager, "t").state(), vm(&manager, "t").lifecycle.error()),
         (VmState::Failed, Some("guest panicked: oops"))
     );
     let metrics = manager.metrics.render();
@@ -298,13 +292,13 @@ fn the_daemon_stops_its_own_vm_processes_but_leaves_systemd_units_to_systemd() {
     let mut asked = own.supervisor.asked();
     asked.sort();
     assert_eq!(asked, ["p: forget end", "p: stop", "t: forget end", "t: stop"]);
-    assert!(own.vms.iter().all(|vm| vm.process.is_none() && vm.state == VmState::Stopped));
+    assert!(own.vms.iter().all(|vm| vm.process.is_none() && vm.state() == VmState::Stopped));
 
     let mut units = manager(FakeProcesses::new(VmLauncher::Systemd), Err("none".into()));
     units.supervisor.asked();
     units.shut_down();
     assert_eq!(units.supervisor.asked(), Vec::<String>::new());
-    assert_eq!(vm(&units, "p").state, VmState::Running);
+    assert_eq!(vm(&units, "p").state(), VmState::Running);
 }
 
 #[test]
@@ -349,7 +343,7 @@ fn a_reload_starts_added_vms_stops_removed_ones_restarts_changed_ones_and_leaves
     assert_eq!(names, ["p", "t", "n"]);
     assert_eq!(vm(&manager, "p").pid(), p_pid, "p was not touched");
     assert_eq!(vm(&manager, "p").config.operator_hz, Some(100), "nor its operator's rate");
-    assert_eq!((vm(&manager, "t").config.hz, vm(&manager, "t").state), (100, VmState::Running));
+    assert_eq!((vm(&manager, "t").config.hz, vm(&manager, "t").state()), (100, VmState::Running));
     let metrics = manager.metrics.render();
     assert!(!metrics.contains("vm=\"manual\""), "the removed VM's series went: {metrics}");
     assert!(metrics.contains("paratick_vm_info{hz=\"100\",mode=\"tickless\",vcpus=\"1\",vm=\"t\"} 1"), "{metrics}");
@@ -379,7 +373,7 @@ fn operator_rates_and_stops_outlive_the_daemon() {
     let mut second = manager_of(&config(&dir, VMS), FakeProcesses::new(VmLauncher::Process), Err("none".into()));
     assert_eq!(second.supervisor.asked(), ["p: start"]);
     assert_eq!(second.supervisor.running.lock().unwrap()["p"].counters.operator_hz, Some(100));
-    assert_eq!(vm(&second, "t").state, VmState::Stopped);
+    assert_eq!(vm(&second, "t").state(), VmState::Stopped);
     assert_eq!(vm(&second, "manual").config.operator_hz, Some(300));
     // The operator's start of t ends its stop; the rate back to auto ends p's decision.
     assert!(ask(&mut second, r#"{"cmd":"start","vm":"t"}"#).ok);
@@ -409,23 +403,23 @@ fn a_failed_vm_restarts_after_its_delay_up_to_its_limit_when_its_policy_says_so(
     for restart in 1..=2u64 {
         manager.supervisor.fail("p", "guest panicked: oops");
         manager.update();
-        assert_eq!(vm(&manager, "p").state, VmState::Failed);
+        assert_eq!(vm(&manager, "p").state(), VmState::Failed);
         assert!(manager.supervisor.asked().iter().all(|a| !a.ends_with("start")), "not before its delay");
         manager.apply_restart_policies(now + Duration::from_secs(60 * restart));
         assert_eq!(manager.supervisor.asked(), ["p: start"], "restart {restart}");
         manager.update();
-        assert_eq!(vm(&manager, "p").state, VmState::Running);
+        assert_eq!(vm(&manager, "p").state(), VmState::Running);
         let metrics = manager.metrics.render();
         assert!(metrics.contains(&format!("paratick_vm_restarts_total{{vm=\"p\"}} {restart}")), "{metrics}");
         assert!(metrics.contains("paratick_vm_restarts_total{vm=\"t\"} 0"), "{metrics}");
-        assert_eq!(vm(&manager, "t").state, VmState::Failed);
+        assert_eq!(vm(&manager, "t").state(), VmState::Failed);
     }
     // The third failure within the window: it gives up.
     manager.supervisor.fail("p", "guest panicked: oops");
     manager.update();
     manager.apply_restart_policies(now + Duration::from_secs(590));
     assert!(manager.supervisor.asked().iter().all(|a| !a.ends_with("start")));
-    assert_eq!(vm(&manager, "p").state, VmState::Failed);
+    assert_eq!(vm(&manager, "p").state(), VmState::Failed);
     // The operator's start begins a new count.
     assert!(ask(&mut manager, r#"{"cmd":"start","vm":"p"}"#).ok);
     assert!(!vm(&manager, "p").restarts.pending());
