@@ -95,60 +95,44 @@ pub struct TimerModel {
 }
 
 impl TimerModel {
-    /// The built-in coefficients of a backend.
+    /// The built-in coefficients of a backend: measured on PVM; on VMX and SVM, which
+    /// trap the same timer events, one exit per event.
     pub fn default_for(backend: ModelBackend) -> TimerModel {
-        // (interrupt, write, injected tick, seconds per tick, floor, removed fraction, how known)
-        let (interrupt, write, injected, per_tick, floor, removed, note) = match backend {
-            ModelBackend::Pvm => (
-                2.0,
-                0.0,
-                2.0,
-                275e-6,
-                330.0,
-                0.97,
-                "measured on PVM hosts (HZ=250) with the paratick guest, same work with and without a timer \
-                 (docs/evaluation.md): 2 exits per tick (expiry, injection), 275 us of guest time per tick, \
-                 330 floor exits/s per busy vCPU, 94-100% of a tickless guest's timer exits removed",
-            ),
-            ModelBackend::Vmx | ModelBackend::Unknown => (
-                1.0,
-                1.0,
-                1.0,
-                5e-6,
-                250.0,
-                0.9,
-                "not measured here: one exit per expiry (EXTERNAL_INTERRUPT or PREEMPTION_TIMER), one per \
-                 TSC-deadline write (MSR_WRITE), one per kick",
-            ),
-            ModelBackend::VmxApicv => (
-                1.0,
-                1.0,
-                0.0,
-                5e-6,
-                250.0,
-                0.95,
-                "not measured here: as VMX, but an injected tick is a posted interrupt, with no exit",
-            ),
-            ModelBackend::Svm => (
-                1.0,
-                1.0,
-                1.0,
-                5e-6,
-                250.0,
-                0.9,
-                "not measured here: one exit per expiry (INTR), one per TSC-deadline write (MSR), one per kick",
-            ),
-        };
-        TimerModel {
+        let trapping = |note: &str| TimerModel {
             backend: backend.name().into(),
-            exits_per_timer_interrupt: interrupt,
-            exits_per_timer_write: write,
-            exits_per_injected_tick: injected,
-            guest_seconds_per_tick: per_tick,
-            floor_exits_per_s: floor,
-            paratick_removed_fraction: removed,
+            exits_per_timer_interrupt: 1.0,
+            exits_per_timer_write: 1.0,
+            exits_per_injected_tick: 1.0,
+            guest_seconds_per_tick: 5e-6,
+            floor_exits_per_s: 250.0,
+            paratick_removed_fraction: 0.9,
             source: "default".into(),
-            note: note.into(),
+            note: format!("not measured here: {note}"),
+        };
+        match backend {
+            ModelBackend::Pvm => TimerModel {
+                exits_per_timer_interrupt: 2.0,
+                exits_per_timer_write: 0.0,
+                exits_per_injected_tick: 2.0,
+                guest_seconds_per_tick: 275e-6,
+                floor_exits_per_s: 330.0,
+                paratick_removed_fraction: 0.97,
+                note: "measured on PVM hosts (HZ=250) with the paratick guest, same work with and without a timer \
+                       (docs/evaluation.md): 2 exits per tick (expiry, injection), 275 us of guest time per tick, \
+                       330 floor exits/s per busy vCPU, 94-100% of a tickless guest's timer exits removed"
+                    .into(),
+                ..trapping("")
+            },
+            ModelBackend::Vmx | ModelBackend::Unknown => trapping(
+                "one exit per expiry (EXTERNAL_INTERRUPT or PREEMPTION_TIMER), one per TSC-deadline write \
+                 (MSR_WRITE), one per kick",
+            ),
+            ModelBackend::VmxApicv => TimerModel {
+                exits_per_injected_tick: 0.0,
+                paratick_removed_fraction: 0.95,
+                ..trapping("as VMX, but an injected tick is a posted interrupt, with no exit")
+            },
+            ModelBackend::Svm => trapping("one exit per expiry (INTR), one per TSC-deadline write (MSR), one per kick"),
         }
     }
 

@@ -50,8 +50,11 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     /// Guest memory could not be mapped.
-    #[error("cannot map guest memory: {0}")]
-    Memory(std::io::Error),
+    #[error("cannot map guest memory: {source}")]
+    Memory {
+        /// Why (kept as the error's source).
+        source: vm_memory::mmap::FromRangesError,
+    },
     /// An access outside guest memory.
     #[error("guest address {address:#x}+{len} is outside guest memory")]
     GuestAddress {

@@ -21,7 +21,7 @@ impl GuestMemory {
     /// Maps [`GUEST_MEMORY_SIZE`] bytes and registers them as slot 0 at guest address 0.
     pub fn new(vm: &VmFd) -> Result<GuestMemory, VmError> {
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_MEMORY_SIZE as usize)])
-            .map_err(|e| VmError::Memory(std::io::Error::other(e)))?;
+            .map_err(|source| VmError::Memory { source })?;
         let region = mmap.iter().next().expect("one region");
         let region = kvm_userspace_memory_region {
             slot: 0,
