@@ -1,171 +1,23 @@
-//! `paratick-ctl`: the Paratick command line.
+//! `paratick-ctl`: the Paratick command line (its options in cli.rs).
+
+mod cli;
 
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, Result};
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, Parser};
+use cli::{BenchArgs, Cli, Command, ObserveArgs, VmCommand};
 use paratick_ctl::observe::{self, ObserveOptions};
 use paratick_ctl::protocol::Request;
 use paratick_ctl::{client, daemon};
 use paratick_observer::model::{ModelBackend, TimerModel};
 use paratick_observer::report::{render_timer_reports, ObserveReport, ObserverCost};
 use paratick_observer::{EventSource, Observer};
-
-/// Paratick: paravirtualized scheduler ticks for KVM guests.
-#[derive(Debug, Parser)]
-#[command(name = "paratick-ctl", version, about)]
-struct Cli {
-    /// The daemon's control socket [default: /run/paratick/paratick.sock, or the config's].
-    #[arg(long, global = true, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// Print JSON (every command that prints: status, vm, observe; errors stay one line
-    /// on stderr).
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Watch what KVM does for every VM on this host (eBPF on KVM tracepoints).
-    Observe(ObserveArgs),
-    /// Run the daemon: VMs, eBPF observer, Prometheus metrics, control socket.
-    Daemon(DaemonArgs),
-    /// The daemon's state.
-    Status,
-    /// The daemon's VMs.
-    #[command(subcommand)]
-    Vm(VmCommand),
-    /// Reproduce the paper's evaluation: paratick vs tickless, tickless-full and periodic on
-    /// three workloads, each against a no-timer floor; and each tick delivery method.
-    Bench(BenchArgs),
-    /// Print a shell completion script (`xtask install` installs them).
-    Completions {
-        /// bash, zsh, fish, elvish or powershell.
-        shell: clap_complete::Shell,
-    },
-    /// Print the man page (roff; `xtask install` installs it).
-    Manpage,
-}
-
-#[derive(Debug, Args)]
-struct BenchArgs {
-    /// Where results.json, results.csv, results.md and the plots go.
-    #[arg(long, default_value = "bench-out", value_name = "DIR")]
-    out: PathBuf,
-    /// Repetitions of every run.
-    #[arg(long, default_value_t = 5)]
-    reps: u32,
-    /// Length of a throughput run (and target length of an execution-time run).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    duration: Duration,
-    /// Guest tick rate, every mode.
-    #[arg(long, default_value_t = paratick_common::abi::TICK_RATE_DEFAULT_HZ)]
-    hz: u32,
-    /// vCPUs of the multithreaded and I/O workloads.
-    #[arg(long, default_value_t = 2)]
-    vcpus: u32,
-    /// One repetition of 1 s runs: the whole bench in about a minute (CI).
-    #[arg(long)]
-    quick: bool,
-    /// Where the calibrated exits model goes (what `observe` and the daemon read).
-    #[arg(long, value_name = "FILE", default_value = paratick_observer::model::DEFAULT_MODEL_FILE)]
-    model_out: PathBuf,
-    /// Directory of the kvm-unit-tests kernels: the observer's cost is then also measured
-    /// on QEMU running tscdeadline_latency.flat (a third-party VMM and guest).
-    #[arg(long, value_name = "DIR")]
-    kvm_unit_tests: Option<PathBuf>,
-    /// Measure only what the eBPF observer costs the VMs it watches (every workload, QEMU,
-    /// and the daemon beside a VM), PAIRS alternating pairs a case; prints one line a case
-    /// and writes DIR/observer-overhead.json and .md.
-    #[arg(long, value_name = "PAIRS")]
-    observer_overhead: Option<u32>,
-}
-
-#[derive(Debug, Args)]
-struct DaemonArgs {
-    /// Configuration file (TOML) [default: the embedded demo configuration].
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Serve metrics on this address instead of the configuration's.
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<std::net::SocketAddr>,
-}
-
-#[derive(Debug, Subcommand)]
-enum VmCommand {
-    /// List the VMs with their state and tick rates.
-    List,
-    /// Set a VM's tick rate, or give it back to the guest with --auto.
-    SetTickRate {
-        /// VM name.
-        name: String,
-        /// Tick rate in Hz (10-4000).
-        #[arg(required_unless_present = "auto", conflicts_with = "auto")]
-        hz: Option<u32>,
-        /// Follow the guest's own requests again.
-        #[arg(long)]
-        auto: bool,
-    },
-    /// Start a VM that is not running.
-    Start {
-        /// VM name.
-        name: String,
-    },
-    /// Stop a running VM.
-    Stop {
-        /// VM name.
-        name: String,
-    },
-}
-
-#[derive(Debug, Args)]
-struct ObserveArgs {
-    /// Refresh interval of the live table (e.g. 1s, 500ms).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    interval: Duration,
-    /// Only watch this KVM process (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
-    pids: Vec<u32>,
-    /// Stop after this long (e.g. 10s, 2m).
-    #[arg(long, value_parser = parse_duration)]
-    duration: Option<Duration>,
-    /// Write the final report to FILE instead of stdout (which the command may use).
-    #[arg(short, long, value_name = "FILE")]
-    output: Option<std::path::PathBuf>,
-    /// Print the timer-overhead report of every VM when stopping.
-    #[arg(long)]
-    report: bool,
-    /// Write an SVG per VM into DIR: its exits per second by category over time.
-    #[arg(long, value_name = "DIR")]
-    svg: Option<std::path::PathBuf>,
-    /// The exits model (calibrated by `paratick-ctl bench`); its backend's defaults
-    /// where the file is missing.
-    #[arg(long, value_name = "FILE", default_value = paratick_observer::model::DEFAULT_MODEL_FILE)]
-    model: std::path::PathBuf,
-    /// Turn the kernel's BPF run statistics on while observing, and report each of the
-    /// observer's programs' runs and run time (each run then costs two clock reads more).
-    #[arg(long)]
-    program_stats: bool,
-    /// Run COMMAND (after attaching), watch its process tree, stop when it exits.
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<String>,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 1s, 500ms, 2m)"))?;
-    if duration.is_zero() {
-        return Err("must be longer than zero".into());
-    }
-    Ok(duration)
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -174,24 +26,29 @@ fn main() -> ExitCode {
     let default_level =
         if matches!(cli.command, Command::Daemon(_)) { log::LevelFilter::Info } else { log::LevelFilter::Warn };
     paratick_vmm::logging::init(default_level);
-    let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(client::DEFAULT_SOCKET));
     let result = match cli.command {
-        Command::Observe(args) => observe(args, cli.json),
+        Command::Observe(args) => observe(args),
         Command::Daemon(args) => {
-            let overrides = daemon::Overrides { metrics_listen: args.metrics_listen, socket: cli.socket };
+            let overrides = daemon::Overrides { metrics_listen: args.metrics_listen, socket: args.socket.socket };
             daemon::run(args.config.as_deref(), overrides).map(|()| ExitCode::SUCCESS)
         }
-        Command::Status => status(&socket, cli.json),
-        Command::Vm(command) => vm(&socket, command, cli.json),
+        Command::Status { socket, json } => status(&socket.path(), json.json),
+        Command::Vm { socket, json, command } => vm(&socket.path(), command, json.json),
         Command::Bench(args) => bench(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "paratick-ctl", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Manpage => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(anyhow::Error::from),
+        Command::Manpage { out_dir: Some(dir) } => cli::write_man_pages(&dir).map(|written| {
+            for path in written {
+                println!("{}", path.display());
+            }
+            ExitCode::SUCCESS
+        }),
+        Command::Manpage { out_dir: None } => cli::man_pages().and_then(|pages| {
+            std::io::stdout().write_all(&pages[0].1)?;
+            Ok(ExitCode::SUCCESS)
+        }),
     };
     match result {
         Ok(code) => code,
@@ -374,7 +231,8 @@ fn print_ok(response: &paratick_ctl::protocol::Response, json: bool) -> Result<(
     Ok(())
 }
 
-fn observe(args: ObserveArgs, json: bool) -> Result<ExitCode> {
+fn observe(args: ObserveArgs) -> Result<ExitCode> {
+    let json = args.json.json;
     observe::check_pids(&args.pids)?;
     if let Some(path) = &args.output {
         std::fs::File::create(path).with_context(|| format!("cannot write the report to {}", path.display()))?;

@@ -89,9 +89,9 @@ impl Daemon {
             None => Command::new(&ctl),
         };
         let child = command
-            .arg("--socket")
+            .args(["daemon", "--socket"])
             .arg(&socket)
-            .args(["daemon", "--metrics-listen", "127.0.0.1:0", "--config"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--config"])
             .arg(dir.join("paratick.toml"))
             .env("NOTIFY_SOCKET", dir.join("notify.sock"))
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap())
@@ -129,8 +129,9 @@ impl Daemon {
         parse_metrics(&self.scrape_text()).expect("valid metrics")
     }
 
+    /// `paratick-ctl ARGS --socket SOCKET`.
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(workspace_binary("paratick-ctl")).arg("--socket").arg(&self.socket).args(args).output().unwrap()
+        Command::new(workspace_binary("paratick-ctl")).args(args).arg("--socket").arg(&self.socket).output().unwrap()
     }
 
     fn list(&self) -> Vec<Value> {
@@ -455,9 +456,8 @@ fn every_bad_request_gets_one_line_and_changes_nothing() {
     let output = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(workspace_binary("paratick-ctl"))
-        .arg("--socket")
+        .args(["vm", "list", "--socket"])
         .arg(&daemon.socket)
-        .args(["vm", "list"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(4), "permission denied has its own exit code");
@@ -466,7 +466,7 @@ fn every_bad_request_gets_one_line_and_changes_nothing() {
 
     // No daemon: say how to start one.
     let output = Command::new(workspace_binary("paratick-ctl"))
-        .args(["--socket", "/nonexistent/paratick.sock", "status"])
+        .args(["status", "--socket", "/nonexistent/paratick.sock"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(3), "an unreachable daemon has its own exit code");
@@ -497,9 +497,9 @@ fn bad_configurations_are_refused_in_one_line_naming_the_line_column_and_key() {
         let path = dir.join("bad.toml");
         std::fs::write(&path, config).unwrap();
         let output = Command::new(workspace_binary("paratick-ctl"))
-            .arg("--socket")
+            .args(["daemon", "--socket"])
             .arg(dir.join("never.sock"))
-            .args(["daemon", "--config"])
+            .arg("--config")
             .arg(&path)
             .output()
             .unwrap();
@@ -720,9 +720,8 @@ fn the_control_socket_admits_group_members_by_any_group_and_refuses_long_or_inva
             .args(groups)
             .arg("--")
             .arg(workspace_binary("paratick-ctl"))
-            .arg("--socket")
+            .args(["vm", "list", "--json", "--socket"])
             .arg(&daemon.socket)
-            .args(["vm", "list", "--json"])
             .output()
             .unwrap()
     };
@@ -870,9 +869,9 @@ fn a_second_daemon_on_the_same_socket_refuses_to_start_and_leaves_the_first_alon
     let _lock = one_vm_at_a_time();
     let daemon = Daemon::start("second", TWO_VMS);
     let output = Command::new(workspace_binary("paratick-ctl"))
-        .arg("--socket")
+        .args(["daemon", "--socket"])
         .arg(&daemon.socket)
-        .args(["daemon", "--metrics-listen", "127.0.0.1:0", "--config"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--config"])
         .arg(daemon.dir.join("paratick.toml"))
         .output()
         .unwrap();
@@ -1011,6 +1010,30 @@ fn the_cli_prints_shell_completions_a_man_page_and_json_for_every_change() {
     assert!(bash.status.success() && String::from_utf8_lossy(&bash.stdout).contains("set-tick-rate"), "{bash:?}");
     let man = ctl(&["manpage"]);
     assert!(man.status.success() && String::from_utf8_lossy(&man.stdout).contains(".TH paratick-ctl"), "{man:?}");
+    // A page per command, each with its exit statuses; --socket and --json only where
+    // they mean something.
+    let dir = std::env::temp_dir().join(format!("paratick-man-{}", std::process::id()));
+    let written = ctl(&["manpage", "--out-dir", dir.to_str().unwrap()]);
+    assert!(written.status.success(), "{written:?}");
+    let page = |name: &str| std::fs::read_to_string(dir.join(format!("{name}.1"))).unwrap();
+    for name in ["paratick-ctl", "paratick-ctl-observe", "paratick-ctl-daemon", "paratick-ctl-vm-set-tick-rate"] {
+        assert!(page(name).contains(".SH \"EXIT STATUS\""), "{name}: {}", page(name));
+    }
+    assert!(page("paratick-ctl-vm-list").contains("the daemon is not reachable"));
+    assert!(page("paratick-ctl-observe").contains("the command's exit status"));
+    for (name, socket, json) in [
+        ("paratick-ctl-vm-list", true, true),
+        ("paratick-ctl-status", true, true),
+        ("paratick-ctl-daemon", true, false),
+        ("paratick-ctl-observe", false, true),
+        ("paratick-ctl-bench", false, false),
+        ("paratick-ctl-completions", false, false),
+    ] {
+        assert_eq!((page(name).contains("\\-\\-socket"), page(name).contains("\\-\\-json")), (socket, json), "{name}");
+    }
+    let bench_help = String::from_utf8_lossy(&ctl(&["bench", "--help"]).stdout).to_string();
+    assert!(!bench_help.contains("--socket") && !bench_help.contains("--json "), "{bench_help}");
+    std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(ctl(&["completions", "tcsh"]).status.code(), Some(2), "an unknown shell is a usage error");
 
     let _lock = one_vm_at_a_time();
@@ -1020,7 +1043,7 @@ fn the_cli_prints_shell_completions_a_man_page_and_json_for_every_change() {
     let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(answer["ok"], true, "{answer}");
     assert!(answer["done"].as_str().unwrap().starts_with("VM c: scheduler ticks at 100 Hz from now on"), "{answer}");
-    let status: Value = serde_json::from_slice(&daemon.ctl(&["--json", "status"]).stdout).unwrap();
+    let status: Value = serde_json::from_slice(&daemon.ctl(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["protocol"], 1);
     assert_eq!(daemon.terminate().code(), Some(0));
 }

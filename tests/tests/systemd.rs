@@ -208,6 +208,8 @@ fn under_systemd_vms_survive_a_restart_and_stop_with_the_service() {
     assert!(Path::new(&root).join("etc/systemd/system/paratick-vm@.service").exists());
     let man = std::fs::read_to_string(Path::new(&root).join("usr/local/share/man/man1/paratick-ctl.1")).unwrap();
     assert!(man.starts_with(".ie") || man.contains(".TH paratick-ctl"), "a man page: {}", &man[..man.len().min(200)]);
+    let vm_list = std::fs::read_to_string(Path::new(&root).join("usr/local/share/man/man1/paratick-ctl-vm-list.1"));
+    assert!(vm_list.unwrap().contains("EXIT STATUS"), "a page per command");
     let bash =
         std::fs::read_to_string(Path::new(&root).join("usr/local/share/bash-completion/completions/paratick-ctl"));
     assert!(bash.unwrap().contains("set-tick-rate"), "bash completions know the subcommands");

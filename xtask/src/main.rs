@@ -261,13 +261,12 @@ fn install(root: &Path, binaries: Option<&Path>) -> Result<()> {
     for binary in ["paratick-ctl", "paratick-vmm"] {
         copy(binaries.join(binary), &format!("/usr/local/bin/{binary}"), 0o755)?;
     }
-    // Shell completions and the man page, from the installed binary itself.
+    // Shell completions, from the installed binary itself.
     let ctl = binaries.join("paratick-ctl");
     for (args, to) in [
         (&["completions", "bash"][..], "/usr/local/share/bash-completion/completions/paratick-ctl"),
         (&["completions", "zsh"][..], "/usr/local/share/zsh/site-functions/_paratick-ctl"),
         (&["completions", "fish"][..], "/usr/local/share/fish/vendor_completions.d/paratick-ctl.fish"),
-        (&["manpage"][..], "/usr/local/share/man/man1/paratick-ctl.1"),
     ] {
         let output = Command::new(&ctl).args(args).output().with_context(|| format!("run {}", ctl.display()))?;
         if !output.status.success() {
@@ -278,6 +277,9 @@ fn install(root: &Path, binaries: Option<&Path>) -> Result<()> {
         std::fs::write(&to, output.stdout).with_context(|| format!("write {}", to.display()))?;
         eprintln!("xtask install: {}", to.display());
     }
+    // A man page per command, written by the binary.
+    let man_dir = root.join("usr/local/share/man/man1");
+    run(Command::new(&ctl).arg("manpage").arg("--out-dir").arg(&man_dir))?;
     for unit in ["paratick.service", "paratick-vm@.service"] {
         copy(workspace.join("packaging").join(unit), &format!("/etc/systemd/system/{unit}"), 0o644)?;
     }
