@@ -5,8 +5,6 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-
 use crate::protocol::{ErrorCode, Request, Response};
 
 /// Why a request to the daemon failed, each with an exit code of its own.
@@ -21,6 +19,20 @@ pub enum ClientError {
     /// The daemon refused the request (or did not understand it).
     #[error("{0}")]
     Refused(String),
+    /// Talking to the daemon failed midway.
+    #[error("{what} {socket}")]
+    Io {
+        /// What failed.
+        what: &'static str,
+        /// The socket.
+        socket: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon's answer is not one this client understands.
+    #[error("the daemon's answer is not understood")]
+    Answer(#[source] serde_json::Error),
 }
 
 impl ClientError {
@@ -28,7 +40,7 @@ impl ClientError {
     /// clap's, for usage errors).
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Refused(_) => 1,
+            ClientError::Refused(_) | ClientError::Io { .. } | ClientError::Answer(_) => 1,
             ClientError::Unreachable(_) => 3,
             ClientError::PermissionDenied(_) => 4,
         }
@@ -40,31 +52,31 @@ pub const DEFAULT_SOCKET: &str = "/run/paratick/paratick.sock";
 
 /// Sends one request and returns the daemon's successful response; a failure is an
 /// error with the daemon's message.
-pub fn request(socket: &Path, request: &Request) -> Result<Response> {
+pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    let io = |what| move |source| ClientError::Io { what, socket: socket.display().to_string(), source };
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            anyhow::Error::new(ClientError::Unreachable(socket.display().to_string()))
+            ClientError::Unreachable(socket.display().to_string())
         }
-        std::io::ErrorKind::PermissionDenied => anyhow::Error::new(ClientError::PermissionDenied(format!(
+        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(format!(
             "permission denied on {}: run as root or as a member of the daemon's socket group",
             socket.display()
-        ))),
-        _ => anyhow::anyhow!("cannot connect to {}: {e}", socket.display()),
+        )),
+        _ => io("cannot connect to")(e),
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = serde_json::to_string(request)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("cannot set a timeout on"))?;
+    let mut line = serde_json::to_string(request).expect("a request serializes");
     line.push('\n');
-    (&stream).write_all(line.as_bytes()).context("cannot send the request")?;
+    (&stream).write_all(line.as_bytes()).map_err(io("cannot send the request to"))?;
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).context("no answer from the daemon")?;
-    let response: Response = serde_json::from_str(&answer).context("the daemon's answer is not understood")?;
+    BufReader::new(&stream).read_line(&mut answer).map_err(io("no answer from the daemon on"))?;
+    let response: Response = serde_json::from_str(&answer).map_err(ClientError::Answer)?;
     if !response.ok {
         let message = response.error.unwrap_or_else(|| "the daemon refused the request".into());
         return Err(match response.code {
             Some(ErrorCode::PermissionDenied) => ClientError::PermissionDenied(message),
             _ => ClientError::Refused(message),
-        }
-        .into());
+        });
     }
     Ok(response)
 }

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Command::Observe(args) => observe(args),
         Command::Daemon(args) => {
             let overrides = daemon::Overrides { metrics_listen: args.metrics_listen, socket: args.socket.socket };
-            daemon::run(args.config.as_deref(), overrides).map(|()| ExitCode::SUCCESS)
+            daemon::run(args.config.as_deref(), overrides).map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from)
         }
         Command::Status { socket, json } => status(&socket.path(), json.json),
         Command::Vm { socket, json, command } => vm(&socket.path(), command, json.json),

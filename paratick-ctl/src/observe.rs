@@ -12,13 +12,51 @@ use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use paratick_observer::kvm_stats::KvmStatsTracker;
 use paratick_observer::model::TimerModel;
 use paratick_observer::procfs::{self, ProcessInfo};
 use paratick_observer::report::{render_table, CommandReport, Row, TimerReport, VmReport};
 use paratick_observer::{per_process, plot, EventSource, PidFilter, ProcessCounts, Snapshot};
 use paratick_vmm::kvm_stats::KvmExitCounts;
+
+/// Why watching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    /// A pid to watch names no process.
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    /// A pid to watch is not a KVM process.
+    #[error(
+        "pid {pid} ({name}) is not a KVM process (it has no KVM VM file descriptor); run `paratick-ctl observe` to list KVM processes"
+    )]
+    NotKvm {
+        /// The pid.
+        pid: u32,
+        /// Its process name.
+        name: String,
+    },
+    /// The observer failed to read its maps.
+    #[error(transparent)]
+    Observer(#[from] paratick_observer::ObserverError),
+    /// A file, the command or the terminal failed.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The result of what observes.
+pub type Result<T, E = ObserveError> = std::result::Result<T, E>;
+
+/// Adds what failed to an I/O error.
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ObserveError {
+    let what = what.into();
+    move |source| ObserveError::Io { what, source }
+}
 
 /// How often the session reads the maps and /proc, so that short-lived VMs are still
 /// named.
@@ -61,13 +99,13 @@ pub struct Observation {
 impl Observation {
     /// Writes an SVG per VM into `dir`: its exits per second by category over time.
     pub fn write_svgs(&self, dir: &Path) -> Result<Vec<PathBuf>> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
         let mut written = Vec::new();
         for (pid, samples) in &self.series {
             let name = self.known.get(pid).map_or("?", |i| i.vm.name.as_str());
             let path = dir.join(format!("vm-{pid}.svg"));
             std::fs::write(&path, plot::exits_over_time(&format!("{name} (pid {pid}): exits per second"), samples))
-                .with_context(|| format!("cannot write {}", path.display()))?;
+                .map_err(io(format!("cannot write {}", path.display())))?;
             written.push(path);
         }
         Ok(written)
@@ -89,11 +127,8 @@ impl Observation {
 pub fn check_pids(pids: &[u32]) -> Result<()> {
     for &pid in pids {
         match procfs::process_info(pid) {
-            None => bail!("no process with pid {pid}"),
-            Some(info) if !info.is_kvm() => bail!(
-                "pid {pid} ({}) is not a KVM process (it has no KVM VM file descriptor); run `paratick-ctl observe` to list KVM processes",
-                info.name
-            ),
+            None => return Err(ObserveError::NoSuchProcess(pid)),
+            Some(info) if !info.is_kvm() => return Err(ObserveError::NotKvm { pid, name: info.name }),
             Some(_) => {}
         }
     }
@@ -177,9 +212,9 @@ pub fn observe<O: EventSource>(
         next_kvm_sample: started,
     };
     let mut child = match options.command.split_first() {
-        Some((program, rest)) => Some(
-            std::process::Command::new(program).args(rest).spawn().with_context(|| format!("cannot run {program}"))?,
-        ),
+        Some((program, rest)) => {
+            Some(std::process::Command::new(program).args(rest).spawn().map_err(io(format!("cannot run {program}")))?)
+        }
         None => None,
     };
     loop {
@@ -198,7 +233,7 @@ pub fn observe<O: EventSource>(
     let duration_s = started.elapsed().as_secs_f64();
     let command = match child.as_mut() {
         Some(child) => {
-            let status = child.wait().context("cannot wait for the command")?;
+            let status = child.wait().map_err(io("cannot wait for the command"))?;
             Some(CommandReport {
                 argv: options.command.clone(),
                 pid: child.id(),
@@ -251,8 +286,14 @@ impl<O: EventSource> Session<'_, O> {
 
     /// Draws the live table (and samples the SVG series) when an interval is over.
     fn table(&mut self, now: Instant, out: &mut dyn Write) -> Result<()> {
+        self.sample_table(now)?
+            .map_or(Ok(()), |text| out.write_all(text.as_bytes()).map_err(io("cannot print the table")))
+    }
+
+    /// The live table's text when an interval is over (the SVG series sampled too).
+    fn sample_table(&mut self, now: Instant) -> Result<Option<String>> {
         if !(self.options.live_table || self.options.svg) || now < self.next_table {
-            return Ok(());
+            return Ok(None);
         }
         let snapshot = self.observer.snapshot()?;
         let per_pid = per_process(&snapshot);
@@ -294,16 +335,16 @@ impl<O: EventSource> Session<'_, O> {
         }
         self.previous = Some((now, per_pid, kvm_now));
         self.next_table = now + self.options.interval;
-        if self.options.live_table {
-            if self.options.clear_screen {
-                write!(out, "\x1b[H\x1b[2J")?;
-            }
-            let backend = self.observer.backend().name();
-            writeln!(out, "paratick-ctl observe: {} VM process(es), backend {backend}", rows.len())?;
-            out.write_all(render_table(&rows).as_bytes())?;
-            writeln!(out)?;
+        if !self.options.live_table {
+            return Ok(None);
         }
-        Ok(())
+        let clear = if self.options.clear_screen { "\x1b[H\x1b[2J" } else { "" };
+        let backend = self.observer.backend().name();
+        Ok(Some(format!(
+            "{clear}paratick-ctl observe: {} VM process(es), backend {backend}\n{}\n",
+            rows.len(),
+            render_table(&rows)
+        )))
     }
 
     /// The last sample, and every VM's report over the session.
@@ -368,7 +409,7 @@ fn exited_without_reaping(child: &Child) -> Result<bool> {
     use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-    let status = waitid(Id::Pid(pid), flags).context("waitid on the command")?;
+    let status = waitid(Id::Pid(pid), flags).map_err(|e| io("waitid on the command")(e.into()))?;
     Ok(status != WaitStatus::StillAlive)
 }
 

@@ -20,7 +20,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 use strum::VariantArray;
 
-use anyhow::{bail, Context, Result};
 use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::{TickMode, Workload};
 use paratick_vmm::{RunReport, TickDelivery, Vm, VmConfig, WorkAmount, GUEST_KERNEL};
@@ -29,6 +28,55 @@ use paratick_observer::model::{ModelBackend, TimerModel};
 use paratick_observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts};
 use report::{DeliverySummary, Kind, Record};
 use stats::Spread;
+
+/// Why the bench stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// An option out of its range.
+    #[error("{0}")]
+    Option(String),
+    /// One of the bench's VMs failed.
+    #[error("{what} {vm}")]
+    Vm {
+        /// What it was doing.
+        what: &'static str,
+        /// The VM.
+        vm: String,
+        /// Why.
+        #[source]
+        source: paratick_vmm::VmError,
+    },
+    /// The eBPF observer failed (to load, or to read its maps).
+    #[error("the bench needs the eBPF observer")]
+    Observer(#[from] paratick_observer::ObserverError),
+    /// A file, a directory or another process.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A measurement could not be made (it says why).
+    #[error("{0}")]
+    Measurement(String),
+}
+
+/// The result of what the bench does.
+pub type Result<T, E = BenchError> = std::result::Result<T, E>;
+
+/// Adds what failed to an I/O error.
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+/// Adds what the VM was doing to its error.
+fn vm_error(what: &'static str, vm: &str) -> impl FnOnce(paratick_vmm::VmError) -> BenchError {
+    let vm = vm.to_string();
+    move |source| BenchError::Vm { what, vm, source }
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -55,28 +103,34 @@ impl BenchOptions {
     /// Checks the options.
     pub fn validate(&self) -> Result<()> {
         if !(1..=100).contains(&self.reps) {
-            bail!("--reps must be 1 to 100, not {}", self.reps);
+            return Err(BenchError::Option(format!("--reps must be 1 to 100, not {}", self.reps)));
         }
         if !(Duration::from_millis(500)..=Duration::from_secs(600)).contains(&self.duration) {
-            bail!("--duration must be 500ms to 10m");
+            return Err(BenchError::Option("--duration must be 500ms to 10m".into()));
         }
         if !(1..=100).contains(&self.overhead_pairs) {
-            bail!("--observer-overhead must be 1 to 100 pairs, not {}", self.overhead_pairs);
+            return Err(BenchError::Option(format!(
+                "--observer-overhead must be 1 to 100 pairs, not {}",
+                self.overhead_pairs
+            )));
         }
         if let Some(kernel) = self.kvm_unit_tests.as_deref().map(overhead::third_party_kernel) {
             if !kernel.is_file() {
-                bail!(
+                return Err(BenchError::Option(format!(
                     "--kvm-unit-tests: {} does not exist (the directory of the kvm-unit-tests kernels)",
                     kernel.display()
-                );
+                )));
             }
         }
         if !(2..=8).contains(&self.vcpus) {
-            bail!("--vcpus must be 2 to 8 (the multithreaded and I/O workloads need two or more), not {}", self.vcpus);
+            return Err(BenchError::Option(format!(
+                "--vcpus must be 2 to 8 (the multithreaded and I/O workloads need two or more), not {}",
+                self.vcpus
+            )));
         }
         VmConfig::new("check", 1, TickMode::Paratick, self.hz, Workload::Sequential, WorkAmount::Seconds(1.0))
             .validate()
-            .map_err(|e| anyhow::anyhow!("--hz: {e}"))
+            .map_err(|e| BenchError::Option(format!("--hz: {e}")))
     }
 
     fn vcpus_for(&self, workload: Workload) -> u32 {
@@ -126,13 +180,13 @@ impl Bench<'_> {
         config.start_paused = true;
         let owner = SYNTHETIC_OWNER_BASE + self.next_owner;
         self.next_owner += 1;
-        let vm = Vm::start(config.clone(), GUEST_KERNEL).with_context(|| format!("starting {}", config.name))?;
+        let vm = Vm::start(config.clone(), GUEST_KERNEL).map_err(vm_error("starting", &config.name))?;
         let threads = vm.thread_ids();
         if let Some(observer) = &mut self.observer {
             observer.attribute_threads(owner, &threads)?;
         }
         vm.resume();
-        let report = vm.wait().with_context(|| format!("running {}", config.name))?;
+        let report = vm.wait().map_err(vm_error("running", &config.name))?;
         let observed = match &mut self.observer {
             Some(observer) => {
                 let counts = per_process(&observer.snapshot()?).remove(&owner).unwrap_or_default();
@@ -174,7 +228,7 @@ impl Bench<'_> {
     ) -> Result<Record> {
         let config = self.config(workload, mode, self.options.hz, amount);
         let (report, observed) = self.run_vm(config)?;
-        let observed = observed.context("the observer is not attached")?;
+        let observed = observed.ok_or_else(|| BenchError::Measurement("the observer is not attached".into()))?;
         let record = Record::new(workload, mode, kind, rep, &report, &observed, &self.model);
         self.progress(&format!(
             "{} {} {} rep {}: {:.0} units/s",
@@ -203,8 +257,8 @@ pub fn observer_overhead(options: &BenchOptions) -> Result<overhead::ObserverOve
 /// plots to `options.out`.
 pub fn run(options: &BenchOptions) -> Result<report::Results> {
     options.validate()?;
-    std::fs::create_dir_all(&options.out).with_context(|| format!("cannot create {}", options.out.display()))?;
-    let observer = Observer::start_attributing_threads(&PidFilter::All).context("the bench needs the eBPF observer")?;
+    std::fs::create_dir_all(&options.out).map_err(io(format!("cannot create {}", options.out.display())))?;
+    let observer = Observer::start_attributing_threads(&PidFilter::All)?;
     let workloads = Workload::EVALUATED;
     let modes = TickMode::VARIANTS;
     let main_runs = workloads.len() * modes.len() * options.reps as usize * 2;

@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use paratick_common::guest::{TickMode, Workload};
 use paratick_vmm::{Vm, VmConfig, WorkAmount, GUEST_KERNEL};
 use serde::Serialize;
 
 use super::stats::Spread;
 use super::Bench;
+use super::{io, vm_error, BenchError, Result};
 use crate::daemon::SAMPLE_INTERVAL;
 use paratick_observer::{EventSource, Observer, PidFilter};
 
@@ -205,8 +205,8 @@ impl Beside {
                     next_sample += SAMPLE_INTERVAL;
                 }
                 Some(Beside::Daemon(daemon)) => {
-                    if let Some(status) = daemon.child.try_wait()? {
-                        bail!("the daemon beside the VM ended: {status}");
+                    if let Some(status) = daemon.child.try_wait().map_err(io("cannot wait for the daemon"))? {
+                        return Err(BenchError::Measurement(format!("the daemon beside the VM ended: {status}")));
                     }
                 }
                 _ => {}
@@ -236,7 +236,7 @@ fn vm_slices(
     let most = pairs as f64 * 2.0 * (slice + SETTLE + Duration::from_secs(30)).as_secs_f64();
     config.amount = WorkAmount::Seconds(most);
     config.deadline = Duration::from_secs_f64(most + 60.0);
-    let vm = Vm::start(config.clone(), GUEST_KERNEL).with_context(|| format!("starting {}", config.name))?;
+    let vm = Vm::start(config.clone(), GUEST_KERNEL).map_err(vm_error("starting", &config.name))?;
     let measured = (|| {
         let (mut off, mut on) = (Vec::new(), Vec::new());
         for pair in 0..pairs {
@@ -244,11 +244,16 @@ fn vm_slices(
             for with in arms {
                 let mut beside = if with { Some(start_beside()?) } else { None };
                 Beside::wait(&mut beside, SETTLE)?;
-                let (units, started) = (vm.counters()?.work_units, Instant::now());
+                let (units, started) =
+                    (vm.counters().map_err(vm_error("reading", &config.name))?.work_units, Instant::now());
                 Beside::wait(&mut beside, slice)?;
-                let rate = (vm.counters()?.work_units - units) as f64 / started.elapsed().as_secs_f64();
+                let now = vm.counters().map_err(vm_error("reading", &config.name))?.work_units;
+                let rate = (now - units) as f64 / started.elapsed().as_secs_f64();
                 if let paratick_vmm::Lifecycle::Failed(error) = vm.lifecycle() {
-                    bail!("{} ended during the measurement: {error}", config.name);
+                    return Err(BenchError::Measurement(format!(
+                        "{} ended during the measurement: {error}",
+                        config.name
+                    )));
                 }
                 if with { &mut on } else { &mut off }.push(rate);
             }
@@ -256,7 +261,7 @@ fn vm_slices(
         }
         Ok((off, on))
     })();
-    let stopped = vm.stop().with_context(|| format!("stopping {}", config.name));
+    let stopped = vm.stop().map_err(vm_error("stopping", &config.name));
     let measured = measured?;
     stopped?;
     Ok(measured)
@@ -279,12 +284,18 @@ fn qemu_run_time(kernel: &Path, mut beside: Option<Beside>) -> Result<f64> {
                 .output()
         });
         Beside::watch(&mut beside, || qemu.is_finished())?;
-        anyhow::Ok(qemu.join().expect("the measured run does not panic"))
+        Ok::<_, BenchError>(qemu.join().expect("the measured run does not panic"))
     })?
-    .context("cannot run qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    .map_err(io("cannot run qemu-system-x86_64 (apt-get install qemu-system-x86)"))?;
     // isa-debug-exit: (0 << 1) | 1 when every test passed.
     if status.status.code() != Some(1) {
-        bail!("QEMU with {}: {} {}", kernel.display(), status.status, String::from_utf8_lossy(&status.stderr).trim());
+        let stderr = String::from_utf8_lossy(&status.stderr);
+        return Err(BenchError::Measurement(format!(
+            "QEMU with {}: {} {}",
+            kernel.display(),
+            status.status,
+            stderr.trim()
+        )));
     }
     Ok(started.elapsed().as_secs_f64())
 }
@@ -298,9 +309,12 @@ struct BesideDaemon {
 impl BesideDaemon {
     fn start() -> Result<BesideDaemon> {
         let dir = std::env::temp_dir().join(format!("paratick-bench-daemon-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
         let socket = dir.join("paratick.sock");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map_err(io("cannot find a free port"))?
+            .port();
         let config = dir.join("paratick.toml");
         std::fs::write(
             &config,
@@ -308,8 +322,10 @@ impl BesideDaemon {
                 "metrics_listen = \"127.0.0.1:{port}\"\nsocket = \"{}\"\nvm_launcher = \"process\"\n",
                 socket.display()
             ),
-        )?;
-        let child = Command::new(std::env::current_exe()?)
+        )
+        .map_err(io(format!("cannot write {}", config.display())))?;
+        let program = std::env::current_exe().map_err(io("cannot find paratick-ctl"))?;
+        let child = Command::new(program)
             .arg("daemon")
             .arg("--config")
             .arg(&config)
@@ -317,17 +333,19 @@ impl BesideDaemon {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("cannot start paratick-ctl daemon")?;
+            .map_err(io("cannot start paratick-ctl daemon"))?;
         let mut daemon = BesideDaemon { child, dir };
         // Ready once its observer is up: loading the programs takes a CPU second or so
         // here, which must not fall into the measured run.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !observer_up(port) {
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!("the daemon beside the VM ended at start: {status}");
+            if let Some(status) = daemon.child.try_wait().map_err(io("cannot wait for the daemon"))? {
+                return Err(BenchError::Measurement(format!("the daemon beside the VM ended at start: {status}")));
             }
             if Instant::now() > deadline {
-                bail!("the daemon beside the VM had no observer up within 30 s (metrics on port {port})");
+                return Err(BenchError::Measurement(format!(
+                    "the daemon beside the VM had no observer up within 30 s (metrics on port {port})"
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -6,12 +6,11 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
-
 use paratick_common::guest::TICK_INTERVAL_BINS_PER_PERIOD;
 
 use super::report::{Record, Results, HISTOGRAM_BINS};
 use super::stats::Spread;
+use super::{io, Result};
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 360.0;
@@ -245,7 +244,7 @@ pub fn write_all(results: &Results, dir: &Path) -> Result<()> {
         ("tick_intervals.svg", histograms(results)),
     ];
     for (name, svg) in files {
-        std::fs::write(dir.join(name), svg).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+        std::fs::write(dir.join(name), svg).map_err(io(format!("cannot write {}", dir.join(name).display())))?;
     }
     Ok(())
 }

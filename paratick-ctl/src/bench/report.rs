@@ -11,7 +11,6 @@
 use std::path::Path;
 use strum::VariantArray;
 
-use anyhow::{Context, Result};
 use paratick_common::guest::{TickMode, Workload, TICK_INTERVAL_BINS, TICK_INTERVAL_BINS_PER_PERIOD};
 use paratick_vmm::RunReport;
 use serde::Serialize;
@@ -20,6 +19,7 @@ use super::calibration::calibrated_model;
 use super::overhead::ObserverOverhead;
 use super::stats::{pct, ExecutionRuns, Spread};
 use super::BenchOptions;
+use super::{io, Result};
 use paratick_observer::model::TimerModel;
 use paratick_observer::ProcessCounts;
 
@@ -437,19 +437,19 @@ impl Results {
     /// Writes results.json, results.csv and results.md.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let write = |name: &str, text: String| {
-            std::fs::write(dir.join(name), text).with_context(|| format!("cannot write {}", dir.join(name).display()))
+            std::fs::write(dir.join(name), text).map_err(io(format!("cannot write {}", dir.join(name).display())))
         };
-        write("results.json", serde_json::to_string_pretty(self)? + "\n")?;
-        write("results.csv", self.csv()?)?;
+        write("results.json", serde_json::to_string_pretty(self).expect("the results serialize") + "\n")?;
+        write("results.csv", self.csv())?;
         write("results.md", self.markdown())
     }
 
     /// One row per run; the columns are [`Record`]'s fields, in their declared order.
-    fn csv(&self) -> Result<String> {
+    fn csv(&self) -> String {
         let mut out = csv::Writer::from_writer(Vec::new());
         for run in &self.runs {
-            out.serialize(run)?;
+            out.serialize(run).expect("a record serializes to a row");
         }
-        Ok(String::from_utf8(out.into_inner()?)?)
+        String::from_utf8(out.into_inner().expect("writing to memory")).expect("UTF-8 rows")
     }
 }

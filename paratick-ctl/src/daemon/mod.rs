@@ -17,7 +17,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -37,6 +36,46 @@ pub struct Overrides {
     pub socket: Option<PathBuf>,
 }
 
+/// Why the daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The configuration file (or the embedded one) is not valid.
+    #[error("invalid configuration {}", path.as_ref().map_or("(embedded)".into(), |p| p.display().to_string()))]
+    Config {
+        /// The file (none: the embedded configuration).
+        path: Option<PathBuf>,
+        /// What is wrong with it.
+        #[source]
+        source: config::ConfigError,
+    },
+    /// `socket_group` names no group, or the lookup failed.
+    #[error("socket_group: {0}")]
+    Group(String),
+    /// Another daemon answers on the control socket.
+    #[error("another daemon is listening on {}: stop it first or use --socket", .0.display())]
+    SocketInUse(PathBuf),
+    /// A system call the daemon needs failed.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manager thread ended or panicked.
+    #[error("the manager {0} (see the log above)")]
+    Manager(&'static str),
+}
+
+/// Adds what failed to an I/O error.
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+type Result<T, E = DaemonError> = std::result::Result<T, E>;
+
 /// How long the daemon takes at most to stop after SIGTERM: below the unit's
 /// `TimeoutStopSec=30s`, so that systemd never has to kill it.
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
@@ -44,8 +83,10 @@ const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20
 /// The configuration in `config_file` (else the embedded default), with the overrides.
 fn load_config(config_file: Option<&Path>, overrides: &Overrides) -> Result<DaemonConfig> {
     let mut config = match config_file {
-        Some(path) => DaemonConfig::load(path).with_context(|| format!("invalid configuration {}", path.display()))?,
-        None => DaemonConfig::parse(DEFAULT_CONFIG).context("invalid embedded configuration")?,
+        Some(path) => {
+            DaemonConfig::load(path).map_err(|source| DaemonError::Config { path: Some(path.to_path_buf()), source })?
+        }
+        None => DaemonConfig::parse(DEFAULT_CONFIG).map_err(|source| DaemonError::Config { path: None, source })?,
     };
     if let Some(listen) = overrides.metrics_listen {
         config.metrics_listen = listen;
@@ -66,7 +107,7 @@ pub fn run(config_file: Option<&Path>, overrides: Overrides) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+        .map_err(io("cannot start the async runtime"))?;
     runtime.block_on(serve(config, config_file, overrides))
 }
 
@@ -79,7 +120,7 @@ async fn reload(config_file: Option<&Path>, overrides: &Overrides, inbox: &mpsc:
     };
     notify_systemd(&[sd_notify::NotifyState::Reloading]);
     match load_config(Some(path), overrides) {
-        Err(e) => log::error!("SIGHUP: reload refused, the configuration in force stays: {e:#}"),
+        Err(e) => log::error!("SIGHUP: reload refused, the configuration in force stays: {:#}", anyhow::Error::new(e)),
         Ok(config) => {
             let (reply, summary) = oneshot::channel();
             if inbox.send(Command::Reload(Box::new(config), reply)).is_ok() {
@@ -96,13 +137,14 @@ async fn serve(config: DaemonConfig, config_file: Option<&Path>, overrides: Over
     // Before anything else: from here on a signal is handled, never the default action
     // (which for SIGHUP would end the daemon and leave its socket behind).
     use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
+    let handled = |kind| signal(kind).map_err(io("cannot install the signal handlers"));
+    let mut terminate = handled(SignalKind::terminate())?;
+    let mut interrupt = handled(SignalKind::interrupt())?;
+    let mut hangup = handled(SignalKind::hangup())?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
-        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
-    let metrics_addr = metrics_listener.local_addr()?;
+        .map_err(io(format!("cannot listen for metrics on {}", config.metrics_listen)))?;
+    let metrics_addr = metrics_listener.local_addr().map_err(io("cannot read the metrics address"))?;
     let group = config.socket_group.as_deref().map(group_id).transpose()?;
     let control_listener = bind_control_socket(&config.socket, group)?;
     let metrics_url = format!("http://{metrics_addr}/metrics");
@@ -119,13 +161,13 @@ async fn serve(config: DaemonConfig, config_file: Option<&Path>, overrides: Over
             manager.start_autostart_vms();
             manager.run(commands)
         })
-        .context("cannot start the manager thread")?;
+        .map_err(io("cannot start the manager thread"))?;
     // Ready once the observer is loaded (or its failure known) and running VMs are
     // adopted; the VMs to start are started right after (VM units wait for this
     // readiness). Loading the observer takes a CPU second or more, longer on a busy host:
     // requests no longer wait for it behind a readiness already given.
     if manager_ready.await.is_err() {
-        bail!("the manager ended while starting (see the log above)");
+        return Err(DaemonError::Manager("ended while starting"));
     }
 
     tokio::spawn(serve_metrics(metrics_listener, inbox.clone()));
@@ -151,13 +193,16 @@ async fn serve(config: DaemonConfig, config_file: Option<&Path>, overrides: Over
             log::error!("not stopped within {SHUTDOWN_DEADLINE:?} of SIGTERM: exiting now");
             std::process::exit(1);
         })
-        .context("cannot start the stop-deadline thread")?;
+        .map_err(io("cannot start the stop-deadline thread"))?;
     let (done, stopped) = oneshot::channel();
     if inbox.send(Command::Shutdown(done)).is_ok() {
         let _ = stopped.await;
     }
     drop(inbox);
-    tokio::task::spawn_blocking(move || manager.join()).await?.map_err(|_| anyhow::anyhow!("the manager panicked"))?;
+    let joined = tokio::task::spawn_blocking(move || manager.join().is_ok()).await;
+    if !joined.unwrap_or(false) {
+        return Err(DaemonError::Manager("panicked"));
+    }
     let _ = std::fs::remove_file(&config.socket);
     log::info!("paratick daemon stopped");
     Ok(())
@@ -166,27 +211,28 @@ async fn serve(config: DaemonConfig, config_file: Option<&Path>, overrides: Over
 fn group_id(name: &str) -> Result<u32> {
     match nix::unistd::Group::from_name(name) {
         Ok(Some(group)) => Ok(group.gid.as_raw()),
-        Ok(None) => bail!("socket_group: no group named {name:?}"),
-        Err(e) => bail!("socket_group: cannot look up group {name:?}: {e}"),
+        Ok(None) => Err(DaemonError::Group(format!("no group named {name:?}"))),
+        Err(e) => Err(DaemonError::Group(format!("cannot look up group {name:?}: {e}"))),
     }
 }
 
 /// Binds the control socket (mode 0660, group `group`), replacing a stale one.
 fn bind_control_socket(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another daemon is listening on {}: stop it first or use --socket", path.display());
+            return Err(DaemonError::SocketInUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(io(format!("cannot remove the stale socket {}", path.display())))?;
     }
     let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot create the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        UnixListener::bind(path).map_err(io(format!("cannot create the control socket {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io(format!("cannot set the mode of {}", path.display())))?;
     if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| format!("cannot chown {}", path.display()))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io(format!("cannot chown {}", path.display())))?;
     }
     Ok(listener)
 }
