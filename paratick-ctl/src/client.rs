@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::protocol::{ErrorCode, Request, Response};
+use crate::protocol::{DaemonAnswer, ErrorCode, Request, Response};
 
 /// Why a request to the daemon failed, each with an exit code of its own.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +52,7 @@ pub const DEFAULT_SOCKET: &str = "/run/paratick/paratick.sock";
 
 /// Sends one request and returns the daemon's successful response; a failure is an
 /// error with the daemon's message.
-pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+pub fn request(socket: &Path, request: &Request) -> Result<DaemonAnswer, ClientError> {
     let io = |what| move |source| ClientError::Io { what, socket: socket.display().to_string(), source };
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -71,12 +71,9 @@ pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).map_err(io("no answer from the daemon on"))?;
     let response: Response = serde_json::from_str(&answer).map_err(ClientError::Answer)?;
-    if !response.ok {
-        let message = response.error.unwrap_or_else(|| "the daemon refused the request".into());
-        return Err(match response.code {
-            Some(ErrorCode::PermissionDenied) => ClientError::PermissionDenied(message),
-            _ => ClientError::Refused(message),
-        });
+    match response {
+        Response::Refused { code: ErrorCode::PermissionDenied, error } => Err(ClientError::PermissionDenied(error)),
+        Response::Refused { error, .. } => Err(ClientError::Refused(error)),
+        Response::Done(answer) => Ok(answer),
     }
-    Ok(response)
 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use cli::{BenchArgs, Cli, Command, ObserveArgs, VmCommand};
 use paratick_ctl::observe::{self, ObserveOptions};
-use paratick_ctl::protocol::Request;
+use paratick_ctl::protocol::{DaemonAnswer, Request, Response};
 use paratick_ctl::{client, daemon};
 use paratick_observer::model::{ModelBackend, TimerModel};
 use paratick_observer::report::{render_timer_reports, ObserveReport, ObserverCost};
@@ -212,20 +212,20 @@ fn vm(socket: &Path, command: VmCommand, json: bool) -> Result<ExitCode> {
         VmCommand::SetTickRate { name, hz, auto } => {
             let response =
                 client::request(socket, &Request::SetTickRate { vm: name, hz: if auto { None } else { hz } })?;
-            print_ok(&response, json)?;
+            print_ok(response, json)?;
         }
-        VmCommand::Start { name } => print_ok(&client::request(socket, &Request::Start { vm: name })?, json)?,
-        VmCommand::Stop { name } => print_ok(&client::request(socket, &Request::Stop { vm: name })?, json)?,
+        VmCommand::Start { name } => print_ok(client::request(socket, &Request::Start { vm: name })?, json)?,
+        VmCommand::Stop { name } => print_ok(client::request(socket, &Request::Stop { vm: name })?, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// A command that changes something prints what the daemon says it did (nothing when it
 /// says nothing), or the daemon's answer with `--json`.
-fn print_ok(response: &paratick_ctl::protocol::Response, json: bool) -> Result<()> {
+fn print_ok(answer: DaemonAnswer, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(response)?);
-    } else if let Some(done) = &response.done {
+        println!("{}", serde_json::to_string(&Response::Done(answer))?);
+    } else if let Some(done) = &answer.done {
         println!("{done}");
     }
     Ok(())

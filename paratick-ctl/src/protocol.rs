@@ -15,19 +15,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// The protocol's version, in `status`; a change that breaks clients bumps it.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Why a request failed, for programs (the `error` text is for people).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// Not a request: malformed JSON, unknown command or field, wrong type, too long.
-    BadRequest,
-    /// The peer may not use the socket (not root, not in `socket_group`).
-    PermissionDenied,
-    /// A valid request the daemon refused: unknown VM, value out of range, wrong state.
-    Refused,
-    /// The daemon is shutting down.
-    Stopping,
-}
+pub use paratick_vmm::control::{ErrorCode, Reply};
 
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,17 +118,9 @@ pub struct DaemonStatus {
     pub vms_total: usize,
 }
 
-/// A response.
+/// What the daemon's reply returns (each field for the request that returns it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct Response {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// Why not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Why not, for programs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<ErrorCode>,
+pub struct DaemonAnswer {
     /// For `list`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms: Option<Vec<VmInfo>>,
@@ -152,25 +132,13 @@ pub struct Response {
     pub done: Option<String>,
 }
 
-impl Response {
-    /// A success with nothing to return.
-    pub fn ok() -> Response {
-        Response { ok: true, ..Response::default() }
-    }
+/// The daemon's reply: the same envelope as a VM process's ([`Reply`]).
+pub type Response = Reply<DaemonAnswer>;
 
-    /// A success that says what it did.
-    pub fn done(what: impl Into<String>) -> Response {
-        Response { ok: true, done: Some(what.into()), ..Response::default() }
-    }
-
-    /// A refused request.
-    pub fn error(message: impl Into<String>) -> Response {
-        Response::failure(ErrorCode::Refused, message)
-    }
-
-    /// A failure of a kind.
-    pub fn failure(code: ErrorCode, message: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(message.into()), code: Some(code), ..Response::default() }
+impl DaemonAnswer {
+    /// A change done, said in words.
+    pub fn said(what: impl Into<String>) -> Response {
+        Reply::Done(DaemonAnswer { done: Some(what.into()), ..DaemonAnswer::default() })
     }
 }
 
@@ -192,5 +160,14 @@ mod tests {
             serde_json::to_string(&Response::failure(ErrorCode::PermissionDenied, "no")).unwrap(),
             r#"{"ok":false,"error":"no","code":"permission_denied"}"#
         );
+        // Never both, never neither.
+        for bad in [r#"{"ok":true,"error":"no"}"#, r#"{"ok":false}"#] {
+            let error = serde_json::from_str::<Response>(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("a reply both ok and with an error") || error.contains("a refusal without its error")
+            );
+        }
+        let said: Response = serde_json::from_str(r#"{"ok":true,"done":"VM a: 100 Hz"}"#).unwrap();
+        assert_eq!(said, DaemonAnswer::said("VM a: 100 Hz"));
     }
 }

@@ -41,30 +41,132 @@ pub enum VmRequest {
     Stop {},
 }
 
-/// A VM process's answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct VmReply {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// Why not (one line).
+/// Why a request was refused, for programs (the `error` text is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not a request: malformed JSON, unknown command or field, wrong type, too long.
+    BadRequest,
+    /// The peer may not use the socket (not root, not in `socket_group`).
+    PermissionDenied,
+    /// A valid request that was refused: unknown VM, value out of range, wrong state.
+    Refused,
+    /// The server is shutting down.
+    Stopping,
+}
+
+/// The answer on a control socket, a VM process's and the daemon's alike: what the
+/// request returns, or why it was refused, never both. On the wire
+/// `{"ok": true, …what it returns}` or `{"ok": false, "error": "…", "code": "…"}`; a
+/// line that says both, or a refusal without its error, is not a reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "ReplyWire<T>", try_from = "ReplyWire<T>")]
+#[serde(bound(serialize = "T: Serialize + Clone + Default", deserialize = "T: Deserialize<'de> + Default"))]
+pub enum Reply<T> {
+    /// Done, with what it returns (`T::default()`: nothing).
+    Done(T),
+    /// Refused.
+    Refused {
+        /// Why, for programs.
+        code: ErrorCode,
+        /// Why, in one line.
+        error: String,
+    },
+}
+
+impl<T: Default> Reply<T> {
+    /// Done, returning nothing.
+    pub fn ok() -> Reply<T> {
+        Reply::Done(T::default())
+    }
+
+    /// A request refused (a valid one: [`ErrorCode::Refused`]).
+    pub fn error(message: impl Into<String>) -> Reply<T> {
+        Reply::failure(ErrorCode::Refused, message)
+    }
+
+    /// A request that failed for `code`.
+    pub fn failure(code: ErrorCode, message: impl Into<String>) -> Reply<T> {
+        Reply::Refused { code, error: message.into() }
+    }
+
+    /// Whether the request was done.
+    pub fn is_done(&self) -> bool {
+        matches!(self, Reply::Done(_))
+    }
+
+    /// Why it was refused, if it was.
+    pub fn refusal(&self) -> Option<&str> {
+        match self {
+            Reply::Done(_) => None,
+            Reply::Refused { error, .. } => Some(error),
+        }
+    }
+
+    /// What it returns, if it was done.
+    pub fn answer(&self) -> Option<&T> {
+        match self {
+            Reply::Done(answer) => Some(answer),
+            Reply::Refused { .. } => None,
+        }
+    }
+
+    /// What it returns, or why it was refused.
+    pub fn into_result(self) -> Result<T, (ErrorCode, String)> {
+        match self {
+            Reply::Done(answer) => Ok(answer),
+            Reply::Refused { code, error } => Err((code, error)),
+        }
+    }
+}
+
+/// How [`Reply`] crosses the wire.
+#[derive(Serialize, Deserialize)]
+struct ReplyWire<T> {
+    ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
+    #[serde(flatten)]
+    answer: T,
+}
+
+impl<T: Default> From<Reply<T>> for ReplyWire<T> {
+    fn from(reply: Reply<T>) -> ReplyWire<T> {
+        match reply {
+            Reply::Done(answer) => ReplyWire { ok: true, error: None, code: None, answer },
+            Reply::Refused { code, error } => {
+                ReplyWire { ok: false, error: Some(error), code: Some(code), answer: T::default() }
+            }
+        }
+    }
+}
+
+impl<T> TryFrom<ReplyWire<T>> for Reply<T> {
+    type Error = &'static str;
+
+    fn try_from(wire: ReplyWire<T>) -> Result<Reply<T>, &'static str> {
+        match (wire.ok, wire.error) {
+            (true, None) => Ok(Reply::Done(wire.answer)),
+            (true, Some(_)) => Err("a reply both ok and with an error"),
+            // (A VM process of before the codes sends none: refused.)
+            (false, Some(error)) => Ok(Reply::Refused { code: wire.code.unwrap_or(ErrorCode::Refused), error }),
+            (false, None) => Err("a refusal without its error"),
+        }
+    }
+}
+
+/// What a VM process's reply returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct VmAnswer {
     /// For `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<VmProcessStatus>,
 }
 
-impl VmReply {
-    /// A success with nothing to return.
-    pub fn ok() -> VmReply {
-        VmReply { ok: true, ..VmReply::default() }
-    }
-
-    /// A failure.
-    pub fn error(message: impl Into<String>) -> VmReply {
-        VmReply { ok: false, error: Some(message.into()), ..VmReply::default() }
-    }
-}
+/// A VM process's answer.
+pub type VmReply = Reply<VmAnswer>;
 
 /// A running VM process as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +341,27 @@ mod tests {
         assert_eq!(serde_json::from_str::<VmRequest>(r#"{"cmd":"stop"}"#).unwrap(), VmRequest::Stop {});
         assert!(serde_json::from_str::<VmRequest>(r#"{"cmd":"stop","now":1}"#).is_err());
         assert_eq!(serde_json::to_string(&VmReply::ok()).unwrap(), r#"{"ok":true}"#);
+    }
+
+    #[test]
+    fn a_reply_is_an_answer_or_a_refusal_never_both() {
+        let refused = VmReply::failure(ErrorCode::BadRequest, "bad request: x");
+        let wire = serde_json::to_string(&refused).unwrap();
+        assert_eq!(wire, r#"{"ok":false,"error":"bad request: x","code":"bad_request"}"#);
+        assert_eq!(serde_json::from_str::<VmReply>(&wire).unwrap(), refused);
+        assert_eq!(refused.refusal(), Some("bad request: x"));
+        assert!(!refused.is_done() && refused.answer().is_none());
+        // A VM process of before the codes: refused.
+        let old: VmReply = serde_json::from_str(r#"{"ok":false,"error":"no"}"#).unwrap();
+        assert_eq!(old.into_result().unwrap_err(), (ErrorCode::Refused, "no".to_string()));
+        for (bad, why) in [
+            (r#"{"ok":true,"error":"no"}"#, "a reply both ok and with an error"),
+            (r#"{"ok":false}"#, "a refusal without its error"),
+            (r#"{"error":"no"}"#, "missing field `ok`"),
+        ] {
+            let error = serde_json::from_str::<VmReply>(bad).unwrap_err().to_string();
+            assert!(error.contains(why), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use paratick_common::guest::TickMode;
-use paratick_vmm::control::{self, VmEnd, VmProcessStatus, VmReply, VmRequest, MAX_LINE_BYTES};
+use paratick_vmm::control::{self, ErrorCode, VmAnswer, VmEnd, VmProcessStatus, VmReply, VmRequest, MAX_LINE_BYTES};
 use paratick_vmm::{Lifecycle, Vm, GUEST_KERNEL};
 
 use crate::VmArgs;
@@ -201,12 +201,12 @@ fn answer(stream: UnixStream, vm: &Vm, mode: TickMode, name: &str, started: Inst
     let read = BufReader::new(&client).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut line);
     let reply = match read {
         Ok(0) => return None,
-        Err(e) => VmReply::error(format!("bad request: {e}")),
+        Err(e) => VmReply::failure(ErrorCode::BadRequest, format!("bad request: {e}")),
         Ok(_) if line.len() > MAX_LINE_BYTES => {
-            VmReply::error(format!("bad request: longer than {MAX_LINE_BYTES} bytes"))
+            VmReply::failure(ErrorCode::BadRequest, format!("bad request: longer than {MAX_LINE_BYTES} bytes"))
         }
         Ok(_) => match serde_json::from_slice::<VmRequest>(&line) {
-            Err(e) => VmReply::error(format!("bad request: {e}")),
+            Err(e) => VmReply::failure(ErrorCode::BadRequest, format!("bad request: {e}")),
             Ok(VmRequest::Stop {}) => return Some(client),
             Ok(VmRequest::Status {}) => status(vm, name, started),
             Ok(VmRequest::SetTickRate { .. }) if mode != TickMode::Paratick => VmReply::error(format!(
@@ -247,7 +247,7 @@ fn status(vm: &Vm, name: &str, started: Instant) -> VmReply {
     let lifecycle = vm.lifecycle();
     match vm.counters() {
         Err(e) => VmReply::error(format!("cannot read the VM's counters: {e}")),
-        Ok(counters) => VmReply {
+        Ok(counters) => VmReply::Done(VmAnswer {
             status: Some(VmProcessStatus {
                 name: name.to_string(),
                 pid: std::process::id(),
@@ -256,8 +256,7 @@ fn status(vm: &Vm, name: &str, started: Instant) -> VmReply {
                 uptime_s: started.elapsed().as_secs_f64(),
                 counters,
             }),
-            ..VmReply::ok()
-        },
+        }),
     }
 }
 

@@ -592,7 +592,7 @@ fn vm_guest_ticks(dir: &Path, name: &str) -> u64 {
     let reply =
         paratick_vmm::control::request(&socket, &paratick_vmm::control::VmRequest::Status {}, Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("VM {name} does not answer: {e}"));
-    reply.status.expect("a status").counters.guest_ticks.total
+    reply.into_result().expect("an answer").status.expect("a status").counters.guest_ticks.total
 }
 
 fn pid_of(daemon: &Daemon, name: &str) -> u64 {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use paratick_vmm::control::{self, ControlError, VmEnd, VmProcessStatus, VmReply, VmRequest};
+use paratick_vmm::control::{self, ControlError, Reply, VmAnswer, VmEnd, VmProcessStatus, VmReply, VmRequest};
 use paratick_vmm::{Lifecycle, VmConfig};
 
 use paratick_observer::procfs::process_alive;
@@ -219,7 +219,7 @@ impl VmProcesses for Supervisor {
         let mut said_slow = false;
         loop {
             match self.request(name, &VmRequest::Status {}) {
-                Ok(VmReply { status: Some(status), .. }) => {
+                Ok(Reply::Done(VmAnswer { status: Some(status) })) => {
                     return Some(Ok((VmProcess::found(status.pid), Box::new(status))))
                 }
                 // Nothing listens: a socket left by a killed process is stale.
@@ -292,11 +292,11 @@ impl VmProcesses for Supervisor {
 
     fn probe(&self, name: &str, process: &mut VmProcess) -> Probe {
         match self.request(name, &VmRequest::Status {}) {
-            Ok(VmReply { status: Some(status), .. }) => {
+            Ok(Reply::Done(VmAnswer { status: Some(status) })) => {
                 process.pid = status.pid;
                 Probe::Status(Box::new(status))
             }
-            Ok(reply) => Probe::Silent(reply.error.unwrap_or_else(|| "an empty reply".into())),
+            Ok(reply) => Probe::Silent(reply.refusal().unwrap_or("a reply without a status").to_string()),
             Err(e) => match self.exit_status(name, process) {
                 None => Probe::Silent(e.to_string()),
                 Some(how) => {
@@ -388,7 +388,7 @@ mod tests {
                     uptime_s: 1.0,
                     counters: paratick_vmm::Counters::default(),
                 };
-                let reply = VmReply { status: Some(status), ..VmReply::ok() };
+                let reply = VmReply::Done(VmAnswer { status: Some(status) });
                 let _ = writeln!(&stream, "{}", serde_json::to_string(&reply).unwrap());
             }
         });

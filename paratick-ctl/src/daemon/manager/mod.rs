@@ -20,7 +20,7 @@ use super::metrics::{CounterFamily, Metrics, ScrapedCounters};
 use super::restart::{AfterFailure, Restarts, WINDOW as RESTART_WINDOW};
 use super::state::{OperatorState, VmDecisions};
 use super::supervisor::{Probe, Supervisor, VmLauncher, VmProcess, VmProcesses};
-use crate::protocol::{DaemonStatus, Request, Response, VmInfo};
+use crate::protocol::{DaemonAnswer, DaemonStatus, Request, Response, VmInfo};
 use paratick_observer::backend::Backend;
 use paratick_observer::model::{ModelBackend, TimerModel};
 use paratick_observer::procfs::{self, process_alive};
@@ -371,12 +371,12 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 self.status.uptime_s = self.started.elapsed().as_secs_f64();
                 self.status.vms_running = self.vms.iter().filter(|vm| vm.state() == VmState::Running).count();
                 self.status.exits_model = Some(self.projection.clone());
-                Response { status: Some(self.status.clone()), ..Response::ok() }
+                Response::Done(DaemonAnswer { status: Some(self.status.clone()), ..DaemonAnswer::default() })
             }
-            Request::List {} => Response {
+            Request::List {} => Response::Done(DaemonAnswer {
                 vms: Some(self.vms.iter().map(|vm| vm_info(vm, &self.metrics.counters)).collect()),
-                ..Response::ok()
-            },
+                ..DaemonAnswer::default()
+            }),
             Request::SetTickRate { vm, hz } => match self.find(&vm) {
                 Err(unknown) => Response::error(unknown),
                 Ok(index) => self.set_tick_rate(index, hz),
@@ -456,7 +456,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                     None => format!("VM {name}: ticks at the rate its guest asks for {when}"),
                 };
                 match self.keep_decision(&name, |d| d.operator_hz = hz) {
-                    None => Response::done(done),
+                    None => DaemonAnswer::said(done),
                     Some(problem) => Response::error(format!("{done}, but not kept across restarts: {problem}")),
                 }
             }
@@ -467,8 +467,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
     fn send_tick_rate(&self, index: usize, hz: Option<u32>) -> Result<(), String> {
         let name = &self.vms[index].config.name;
         match self.supervisor.request(name, &VmRequest::SetTickRate { hz }) {
-            Ok(reply) if reply.ok => Ok(()),
-            Ok(reply) => Err(reply.error.unwrap_or_else(|| "refused".into())),
+            Ok(reply) => reply.into_result().map(|_| ()).map_err(|(_, error)| error),
             Err(e) => Err(format!("VM {name} did not take the rate: {e}")),
         }
     }

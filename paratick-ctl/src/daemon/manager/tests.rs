@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
-use paratick_vmm::control::{ControlError, VmReply};
+use paratick_vmm::control::{ControlError, VmAnswer, VmReply};
 
 use super::*;
 use crate::fake_events::FakeEvents;
@@ -72,7 +72,7 @@ impl VmProcesses for FakeProcesses {
             return Err(ControlError::Connect { path: format!("/fake/{name}.sock").into(), source });
         };
         Ok(match request {
-            VmRequest::Status {} => VmReply { status: Some(status.clone()), ..VmReply::ok() },
+            VmRequest::Status {} => VmReply::Done(VmAnswer { status: Some(status.clone()) }),
             VmRequest::SetTickRate { hz: Some(hz) } if !(10..=4000).contains(hz) => {
                 VmReply::error(format!("the tick rate must be 10 to 4000 Hz, not {hz}"))
             }
@@ -212,12 +212,12 @@ fn it_adopts_running_vms_starts_the_other_autostart_ones_and_shows_an_ended_one_
     assert_eq!((vm(&manager, "t").state(), vm(&manager, "t").lifecycle.error()), (VmState::Failed, Some("gone")));
     assert_eq!((vm(&manager, "manual").state(), vm(&manager, "manual").pid()), (VmState::Stopped, None));
 
-    let list = ask(&mut manager, r#"{"cmd":"list"}"#).vms.unwrap();
+    let list = ask(&mut manager, r#"{"cmd":"list"}"#).into_result().unwrap().vms.unwrap();
     assert_eq!(
         list.iter().map(|v| (v.name.as_str(), v.lifecycle.state())).collect::<Vec<_>>(),
         [("p", VmState::Running), ("t", VmState::Failed), ("manual", VmState::Stopped)]
     );
-    let status = ask(&mut manager, r#"{"cmd":"status"}"#).status.unwrap();
+    let status = ask(&mut manager, r#"{"cmd":"status"}"#).into_result().unwrap().status.unwrap();
     assert_eq!((status.vms_running, status.vms_total, status.vm_launcher.as_str()), (1, 3, "process"));
     assert!(status.observer.contains("none"), "the observer's problem is shown: {}", status.observer);
     assert!(manager.metrics.render().contains("paratick_observer_up 0"));
@@ -229,15 +229,15 @@ fn tick_rates_go_to_paratick_vm_processes_only_and_a_refused_rate_changes_nothin
     assert_eq!(manager.supervisor.asked(), ["p: start", "t: start"]);
 
     let refused = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"t","hz":100}"#);
-    assert!(refused.error.unwrap().contains("runs a tickless guest"));
+    assert!(refused.refusal().unwrap().contains("runs a tickless guest"));
     let unknown = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"x","hz":100}"#);
-    assert_eq!(unknown.error.unwrap(), "unknown VM \"x\"; known VMs: p, t, manual");
+    assert_eq!(unknown.refusal().unwrap(), "unknown VM \"x\"; known VMs: p, t, manual");
     assert_eq!(manager.supervisor.asked(), Vec::<String>::new(), "neither reached a VM process");
 
     let out_of_range = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":5}"#);
-    assert_eq!(out_of_range.error.unwrap(), "the tick rate must be 10 to 4000 Hz, not 5");
+    assert_eq!(out_of_range.refusal().unwrap(), "the tick rate must be 10 to 4000 Hz, not 5");
     assert_eq!(vm(&manager, "p").config.operator_hz, None, "a refused rate is not kept");
-    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#).ok);
+    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#).is_done());
     assert_eq!(
         manager.supervisor.asked(),
         [r#"p: {"cmd":"set_tick_rate","hz":5}"#, r#"p: {"cmd":"set_tick_rate","hz":100}"#]
@@ -246,9 +246,9 @@ fn tick_rates_go_to_paratick_vm_processes_only_and_a_refused_rate_changes_nothin
 
     // A VM without a process: checked here, kept for its start, which passes it on.
     let stopped = ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"manual","hz":5000}"#);
-    assert_eq!(stopped.error.unwrap(), "the tick rate must be 10 to 4000 Hz, not 5000");
-    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"manual","hz":200}"#).ok);
-    assert!(ask(&mut manager, r#"{"cmd":"start","vm":"manual"}"#).ok);
+    assert_eq!(stopped.refusal().unwrap(), "the tick rate must be 10 to 4000 Hz, not 5000");
+    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"manual","hz":200}"#).is_done());
+    assert!(ask(&mut manager, r#"{"cmd":"start","vm":"manual"}"#).is_done());
     assert_eq!(manager.supervisor.running.lock().unwrap()["manual"].counters.operator_hz, Some(200));
 }
 
@@ -260,15 +260,15 @@ fn starts_and_stops_are_checked_against_the_state_and_failures_are_shown() {
     manager.supervisor.asked();
 
     let again = ask(&mut manager, r#"{"cmd":"start","vm":"p"}"#);
-    assert_eq!(again.error.unwrap(), "VM p is already running");
+    assert_eq!(again.refusal().unwrap(), "VM p is already running");
     let not_running = ask(&mut manager, r#"{"cmd":"stop","vm":"manual"}"#);
-    assert_eq!(not_running.error.unwrap(), "VM manual is not running (it is stopped)");
+    assert_eq!(not_running.refusal().unwrap(), "VM manual is not running (it is stopped)");
     let broken = ask(&mut manager, r#"{"cmd":"start","vm":"manual"}"#);
-    assert_eq!(broken.error.unwrap(), "VM manual failed to start: paratick-vmm exited with status 1");
+    assert_eq!(broken.refusal().unwrap(), "VM manual failed to start: paratick-vmm exited with status 1");
     assert_eq!(vm(&manager, "manual").state(), VmState::Failed);
     assert_eq!(manager.supervisor.asked(), ["manual: start"]);
 
-    assert!(ask(&mut manager, r#"{"cmd":"stop","vm":"p"}"#).ok);
+    assert!(ask(&mut manager, r#"{"cmd":"stop","vm":"p"}"#).is_done());
     assert_eq!(manager.supervisor.asked(), ["p: stop"]);
     assert_eq!((vm(&manager, "p").state(), vm(&manager, "p").pid()), (VmState::Stopped, None));
 
@@ -326,7 +326,7 @@ fn another_kvm_process_gets_exit_series_until_it_exits() {
 fn a_reload_starts_added_vms_stops_removed_ones_restarts_changed_ones_and_leaves_the_rest() {
     let dir = state_dir();
     let mut manager = manager_of(&config(&dir, VMS), FakeProcesses::new(VmLauncher::Process), Err("none".into()));
-    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#).ok);
+    assert!(ask(&mut manager, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#).is_done());
     let p_pid = vm(&manager, "p").pid();
     manager.supervisor.asked();
     let metrics = manager.metrics.render();
@@ -363,9 +363,9 @@ fn operator_rates_and_stops_outlive_the_daemon() {
     let dir = state_dir();
     let mut first = manager_of(&config(&dir, VMS), FakeProcesses::new(VmLauncher::Process), Err("none".into()));
     let set = ask(&mut first, r#"{"cmd":"set_tick_rate","vm":"p","hz":100}"#);
-    assert!(set.done.unwrap().starts_with("VM p: scheduler ticks at 100 Hz from now on"));
-    assert!(ask(&mut first, r#"{"cmd":"stop","vm":"t"}"#).ok);
-    assert!(ask(&mut first, r#"{"cmd":"set_tick_rate","vm":"manual","hz":300}"#).ok);
+    assert!(set.into_result().unwrap().done.unwrap().starts_with("VM p: scheduler ticks at 100 Hz from now on"));
+    assert!(ask(&mut first, r#"{"cmd":"stop","vm":"t"}"#).is_done());
+    assert!(ask(&mut first, r#"{"cmd":"set_tick_rate","vm":"manual","hz":300}"#).is_done());
     drop(first);
 
     // A new daemon; the VM processes are gone (a reboot): p starts with the rate, t stays
@@ -376,8 +376,8 @@ fn operator_rates_and_stops_outlive_the_daemon() {
     assert_eq!(vm(&second, "t").state(), VmState::Stopped);
     assert_eq!(vm(&second, "manual").config.operator_hz, Some(300));
     // The operator's start of t ends its stop; the rate back to auto ends p's decision.
-    assert!(ask(&mut second, r#"{"cmd":"start","vm":"t"}"#).ok);
-    assert!(ask(&mut second, r#"{"cmd":"set_tick_rate","vm":"p","hz":null}"#).ok);
+    assert!(ask(&mut second, r#"{"cmd":"start","vm":"t"}"#).is_done());
+    assert!(ask(&mut second, r#"{"cmd":"set_tick_rate","vm":"p","hz":null}"#).is_done());
     drop(second);
 
     // A VM process that runs on without the rate (started again by hand) is given it.
@@ -421,7 +421,7 @@ fn a_failed_vm_restarts_after_its_delay_up_to_its_limit_when_its_policy_says_so(
     assert!(manager.supervisor.asked().iter().all(|a| !a.ends_with("start")));
     assert_eq!(vm(&manager, "p").state(), VmState::Failed);
     // The operator's start begins a new count.
-    assert!(ask(&mut manager, r#"{"cmd":"start","vm":"p"}"#).ok);
+    assert!(ask(&mut manager, r#"{"cmd":"start","vm":"p"}"#).is_done());
     assert!(!vm(&manager, "p").restarts.pending());
     assert_eq!(vm(&manager, "p").restarts.total, 2);
 }
@@ -588,7 +588,7 @@ proptest::proptest! {
                 let after = now.get(series).copied();
                 prop_assert!(after.is_some_and(|a| a >= *value), "{series}: {value} then {after:?} after {life:?}");
             }
-            let list = ask(&mut manager, r#"{"cmd":"list"}"#).vms.unwrap();
+            let list = ask(&mut manager, r#"{"cmd":"list"}"#).into_result().unwrap().vms.unwrap();
             for (index, info) in list.iter().enumerate() {
                 let series = |name: &str| now.get(&format!("{name}{{vm=\"{}\"}}", info.name)).copied().unwrap_or(0.0);
                 prop_assert_eq!(info.exits_saved as f64, series("paratick_vm_exits_saved_projected_total"));
