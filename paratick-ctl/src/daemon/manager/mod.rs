@@ -1,13 +1,17 @@
 //! The daemon's manager: one thread owns the VM supervision, the observer and the
 //! metrics, so no state is shared between tasks. The async side sends it [`Command`]s;
 //! every second it asks the VM processes and the observer and updates the metrics.
+//!
+//! Here: its VMs' lifecycle, requests, reloads and restarts, and their metrics. The rates
+//! it shows are worked out in `rates` (pure), other VMMs' VMs are `observed`, the
+//! exits model's arithmetic is `paratick_observer::model`, and the counters'
+//! bookkeeping is `daemon::counters`.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use strum::VariantArray;
 
-use paratick_common::event::SYNTHETIC_OWNER_BASE;
 use paratick_common::guest::TickMode;
 use paratick_vmm::control::{VmEnd, VmProcessStatus, VmRequest};
 use paratick_vmm::kvm_stats::KvmExitCounts;
@@ -25,17 +29,10 @@ use paratick_observer::backend::Backend;
 use paratick_observer::model::{ModelBackend, TimerModel};
 use paratick_observer::procfs::{self, process_alive};
 use paratick_observer::{per_process, EventSource, Observer, PidFilter, ProcessCounts, TracepointState};
+use rates::{BusyTickRate, BusyTicks};
 
 /// How often VMs and the observer are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
-/// The families of other VMMs' VMs: by `pid` and `vm`, the top N and the rest as `other`.
-const OBSERVED_FAMILIES: [CounterFamily; 5] = [
-    CounterFamily::ObservedExits,
-    CounterFamily::ObservedTimerInterrupts,
-    CounterFamily::ObservedTimerWrites,
-    CounterFamily::ObservedTimerExits,
-    CounterFamily::ObservedExitsSaved,
-];
 
 /// What the async side asks of the manager.
 pub enum Command {
@@ -64,10 +61,9 @@ struct ManagedVm {
     sample: Option<(Instant, Counters)>,
     halted_vcpus: u32,
     effective_hz: f64,
-    /// Timer interrupts per second of busy vCPU time, and the sample it is measured
-    /// from (timer interrupts, busy seconds).
+    /// Timer interrupts per second of busy vCPU time, as the host sees them.
     observed_hz: f64,
-    observed_sample: Option<(u64, f64)>,
+    tick_rate: BusyTickRate,
     exits_per_s: f64,
     /// Restarts by its restart policy.
     restarts: Restarts,
@@ -92,7 +88,7 @@ impl ManagedVm {
             halted_vcpus: 0,
             effective_hz: 0.0,
             observed_hz: 0.0,
-            observed_sample: None,
+            tick_rate: BusyTickRate::default(),
             exits_per_s: 0.0,
             restarts: Restarts::default(),
             failure_seen: false,
@@ -162,9 +158,8 @@ pub struct Manager<P = Supervisor, O = Observer> {
     metrics: Metrics,
     /// The observer's programs' runs as the kernel last counted them, all summed.
     observer_runs: u64,
-    /// Other VMMs' VMs: the last sample of their timer interrupts and halted time, and
-    /// their tick rate over the interval before it (see [`busy_tick_rate`]).
-    observed_ticks: BTreeMap<u32, ObservedTicks>,
+    /// Other VMMs' VMs: when the daemon first saw each, and its tick rate.
+    observed_ticks: BTreeMap<u32, observed::ObservedVm>,
     /// The operators' decisions, kept on disk.
     state: OperatorState,
     /// Where the counters are kept for the next daemon, and whether the last write failed
@@ -791,7 +786,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 }
                 managed.effective_hz = 0.0;
                 managed.observed_hz = 0.0;
-                managed.observed_sample = None;
+                managed.tick_rate = BusyTickRate::default();
                 managed.exits_per_s = 0.0;
             }
             return;
@@ -802,29 +797,18 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         // Timer interrupts as the host sees them per second of vCPU time not halted (the
         // observer's halts), as `observe` reports them; without the observer, the ticks
         // the guest counted per second its tasks ran.
-        let (timer_interrupts, busy_s) = match observed {
-            Some(o) => {
-                (o.timer_interrupts, status.uptime_s * f64::from(managed.config.vcpus) - o.halted_ns as f64 / 1e9)
-            }
-            None => (counters.guest_ticks.total, counters.guest_busy_s.iter().sum()),
+        let busy = match observed {
+            Some(o) => BusyTicks {
+                interrupts: o.timer_interrupts,
+                busy_s: status.uptime_s * f64::from(managed.config.vcpus) - o.halted_ns as f64 / 1e9,
+            },
+            None => BusyTicks { interrupts: counters.guest_ticks.total, busy_s: counters.guest_busy_s.iter().sum() },
         };
-        if let Some((interrupts_before, busy_before)) = managed.observed_sample {
-            let busy = busy_s - busy_before;
-            if busy > 0.05 {
-                managed.observed_hz = timer_interrupts.saturating_sub(interrupts_before) as f64 / busy;
-                managed.observed_sample = Some((timer_interrupts, busy_s));
-            }
-        } else {
-            managed.observed_sample = Some((timer_interrupts, busy_s));
-        }
+        managed.observed_hz = managed.tick_rate.sample(busy).unwrap_or(0.0);
         metrics.tick_rate.with_label_values(&[&name, "observed"]).set(managed.observed_hz);
         if let Some((then, previous)) = &managed.sample {
-            let seconds = now.duration_since(*then).as_secs_f64().max(1e-3);
-            let ticking = counters.effective_hz.iter().filter(|&&hz| hz > 0).count().max(1) as f64;
-            managed.effective_hz =
-                counters.ticks_injected.saturating_sub(previous.ticks_injected) as f64 / seconds / ticking;
-            let exits = |c: &Counters| c.kvm_stats.exits;
-            managed.exits_per_s = exits(&counters).saturating_sub(exits(previous)) as f64 / seconds;
+            let seconds = now.duration_since(*then).as_secs_f64();
+            (managed.effective_hz, managed.exits_per_s) = rates::interval_rates(previous, &counters, seconds);
         }
         let requested = counters.requested_hz.iter().copied().max().unwrap_or(0);
         metrics.tick_rate.with_label_values(&[&name, "requested"]).set(requested as f64);
@@ -875,156 +859,6 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         }
         managed.sample = Some((now, counters));
     }
-
-    fn update_observer_metrics(
-        &mut self,
-        snapshot: Option<&paratick_observer::Snapshot>,
-        per_process: &BTreeMap<u32, ProcessCounts>,
-        kvm_counters: &BTreeMap<u32, KvmExitCounts>,
-        exits_traced: bool,
-    ) {
-        let metrics = &mut self.metrics;
-        let Ok(observer) = &self.observer else {
-            metrics.observer_up.set(0);
-            return;
-        };
-        metrics.observer_up.set(1);
-        // The programs, and what they count, are this daemon run's.
-        let daemon = Instance { process: 0, run: self.run };
-        for (tracepoint, state) in observer.tracepoints() {
-            let attached = f64::from(u8::from(*state == TracepointState::Attached));
-            metrics.tracepoint_attached.with_label_values(&[tracepoint]).set(attached);
-        }
-        // The kernel counts runs while kernel.bpf_stats_enabled is 1 or while any process
-        // holds the statistics on (BPF_ENABLE_STATS, which the sysctl does not show):
-        // either way the runs grow. Nothing is reported of programs that never ran so.
-        let run_stats = observer.program_run_stats();
-        let runs: u64 = run_stats.values().map(|s| s.runs).sum();
-        let counting = paratick_observer::bpf_stats_enabled() || runs > self.observer_runs;
-        self.observer_runs = runs;
-        metrics.bpf_stats_enabled.set(i64::from(counting));
-        for (program, stats) in run_stats.into_iter().filter(|(_, s)| s.runs > 0) {
-            metrics.counters.report_own(CounterFamily::ObserverProgramRuns, &[program], daemon, stats.runs);
-            metrics.counters.report_own(CounterFamily::ObserverProgramRunSeconds, &[program], daemon, stats.run_ns);
-        }
-        let Some(snapshot) = snapshot else { return };
-        for (reason, count) in snapshot.drops_by_name() {
-            metrics.counters.report_own(CounterFamily::ObserverDrops, &[reason], daemon, count);
-        }
-        for (program, &count) in &snapshot.program_events {
-            metrics.counters.report_own(CounterFamily::ObserverProgramEvents, &[program], daemon, count);
-        }
-        // Other KVM processes: their exits by reason where kvm_exit fires; else KVM's own
-        // counters by category (the observer's copies); else what fires for every exit
-        // that reaches userspace.
-        let own = std::process::id();
-        let ours: Vec<u32> = self.vms.iter().filter_map(ManagedVm::pid).collect();
-        // With the run that counted them: KVM's counters are the process's own; what the
-        // observer counts starts from zero with this daemon.
-        let run = self.run;
-        let exits_of = |pid: u32, counts: &ProcessCounts| -> (BTreeMap<String, u64>, u64) {
-            if exits_traced {
-                return (counts.exit_reasons.clone(), run);
-            }
-            if let Some(kvm) = kvm_counters.get(&pid) {
-                return (kvm.by_category().iter().map(|(name, n)| (name.to_string(), *n)).collect(), 0);
-            }
-            let userspace = counts.userspace_exit_reasons.iter();
-            (userspace.map(|(r, n)| (format!("userspace_{}", r.to_lowercase()), *n)).collect(), run)
-        };
-        // Their timer overhead as `observe --report` computes it (one computation): timer
-        // interrupts and writes counted, timer exits counted where kvm_exit fires and
-        // modelled elsewhere, and what paratick would save of them.
-        let timer_of = |pid: u32, counts: &ProcessCounts| {
-            let exits = kvm_counters.get(&pid).map(|kvm| kvm.exits);
-            paratick_observer::report::TimerReport::new(counts, exits, 0.0, &self.projection)
-        };
-        type Other = (u32, (BTreeMap<String, u64>, u64), paratick_observer::report::TimerReport);
-        let mut others: Vec<Other> = per_process
-            .iter()
-            .filter(|(pid, _)| **pid != own && !ours.contains(pid) && **pid < SYNTHETIC_OWNER_BASE)
-            .filter(|(pid, _)| process_alive(**pid))
-            .map(|(pid, counts)| (*pid, exits_of(*pid, counts), timer_of(*pid, counts)))
-            .collect();
-
-        others.sort_by_key(|(pid, (exits, _), _)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
-        // The series of processes that are gone, or fell out of the top N, go; so do
-        // the sources of processes that are gone (what they counted stays counted).
-        let named: std::collections::BTreeSet<String> =
-            others.iter().take(self.config.observed_vms_max).map(|(pid, _, _)| pid.to_string()).collect();
-        let alive: std::collections::BTreeSet<String> = others.iter().map(|(pid, _, _)| pid.to_string()).collect();
-        let counters = &metrics.counters;
-        for family in OBSERVED_FAMILIES {
-            counters.retain_series(family, |labels| labels[0] == "other" || named.contains(&labels[0]));
-            counters
-                .retain_sources(family, |source| source.split_once('/').is_some_and(|(pid, _)| alive.contains(pid)));
-        }
-        metrics.observed_vm_info.reset();
-        metrics.observed_tick_rate.reset();
-        self.observed_ticks.retain(|pid, _| alive.contains(&pid.to_string()));
-        for (rank, (pid, (exits, exits_run), timer)) in others.into_iter().enumerate() {
-            let process_id = Instance::process_id(pid, procfs::start_ticks(pid));
-            // Each process's own count is the source, so a process moving in or out of
-            // the "other" group adds to it only what it counted while in it.
-            let (pid_label, name) = if rank < self.config.observed_vms_max {
-                let info = procfs::process_info(pid);
-                let vcpus = info.as_ref().map_or(1, |p| p.vcpus.max(1));
-                let vm = info.map(|p| p.vm);
-                let name = vm.as_ref().map_or_else(|| format!("?:{pid}"), |vm| vm.name.clone());
-                let (vmm, uuid) =
-                    vm.map_or_else(|| ("?".to_string(), String::new()), |vm| (vm.vmm, vm.uuid.unwrap_or_default()));
-                metrics.observed_vm_info.with_label_values(&[&name, &pid.to_string(), &vmm, &uuid]).set(1.0);
-                let halted_ns = per_process.get(&pid).map_or(0, |c| c.halted_ns);
-                let now = ObservedTicks { at: Instant::now(), interrupts: timer.timer_interrupts, halted_ns, hz: None };
-                let hz = match self.observed_ticks.get(&pid) {
-                    Some(before) => busy_tick_rate(before, &now, vcpus).or(before.hz),
-                    None => None,
-                };
-                self.observed_ticks.insert(pid, ObservedTicks { hz, ..now });
-                if let Some(hz) = hz {
-                    metrics.observed_tick_rate.with_label_values(&[&name, &pid.to_string()]).set(hz);
-                }
-                (pid.to_string(), name)
-            } else {
-                ("other".to_string(), "other".to_string())
-            };
-            for (reason, count) in exits {
-                let source = format!("{pid}/{reason}");
-                let instance = Instance { process: process_id, run: exits_run };
-                counters.report(CounterFamily::ObservedExits, &[&pid_label, &name, &reason], &source, instance, count);
-            }
-            for (family, count) in [
-                (CounterFamily::ObservedTimerInterrupts, timer.timer_interrupts),
-                (CounterFamily::ObservedTimerWrites, timer.timer_writes),
-                (CounterFamily::ObservedTimerExits, timer.timer_exits),
-                (CounterFamily::ObservedExitsSaved, timer.projected_exits_saved),
-            ] {
-                let instance = Instance { process: process_id, run };
-                counters.report(family, &[&pid_label, &name], &format!("{pid}/timer"), instance, count);
-            }
-        }
-    }
-}
-
-/// One sample of another VMM's VM for its tick rate.
-#[derive(Debug, Clone, Copy)]
-struct ObservedTicks {
-    at: Instant,
-    /// Timer interrupts so far (the observer's).
-    interrupts: u64,
-    /// Time its vCPUs spent halted so far (the observer's).
-    halted_ns: u64,
-    /// The rate over the interval that ended at this sample.
-    hz: Option<f64>,
-}
-
-/// Timer interrupts per second of vCPU time not halted between two samples, as the
-/// daemon's `observed` rate of its own VMs: `None` when the vCPUs ran less than 50 ms.
-fn busy_tick_rate(before: &ObservedTicks, now: &ObservedTicks, vcpus: u32) -> Option<f64> {
-    let seconds = now.at.duration_since(before.at).as_secs_f64();
-    let halted = now.halted_ns.saturating_sub(before.halted_ns) as f64 / 1e9;
-    let busy = seconds * f64::from(vcpus) - halted;
-    (busy > 0.05).then(|| now.interrupts.saturating_sub(before.interrupts) as f64 / busy)
 }
 
 /// What `vm list` shows of a VM: its counters as /metrics has them (`counters`),
@@ -1053,5 +887,7 @@ fn vm_info(managed: &ManagedVm, counters: &ScrapedCounters) -> VmInfo {
     }
 }
 
+mod observed;
+mod rates;
 #[cfg(test)]
 mod tests;

@@ -442,18 +442,6 @@ fn other_vms_beyond_the_configured_cap_are_summed_as_other() {
     other.wait().unwrap();
 }
 
-#[test]
-fn another_vms_tick_rate_is_its_timer_interrupts_per_busy_vcpu_second() {
-    let at = Instant::now();
-    let before = ObservedTicks { at, interrupts: 1000, halted_ns: 5_000_000_000, hz: None };
-    // 2 vCPUs for 1 s, 1.5 s of it halted: 0.5 busy vCPU seconds, 125 interrupts.
-    let now = ObservedTicks { at: at + Duration::from_secs(1), interrupts: 1125, halted_ns: 6_500_000_000, hz: None };
-    assert_eq!(busy_tick_rate(&before, &now, 2), Some(250.0));
-    // Halted all along: no rate rather than a division by almost nothing.
-    let idle = ObservedTicks { halted_ns: 6_990_000_000, ..now };
-    assert_eq!(busy_tick_rate(&before, &idle, 2), None);
-}
-
 /// One thing that happens to the daemon's VMs.
 #[derive(Debug, Clone)]
 enum Life {
