@@ -6,5 +6,6 @@ pub mod client;
 pub mod daemon;
 #[cfg(test)]
 mod fake_events;
+pub mod io_error;
 pub mod observe;
 pub mod protocol;

@@ -4,6 +4,7 @@
 //! what it learnt of each VM process, draws the live table and builds the per-VM
 //! reports; the binary parses the options, loads the observer and prints.
 
+use crate::io_error::io;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -38,25 +39,13 @@ pub enum ObserveError {
     /// The observer failed to read its maps.
     #[error(transparent)]
     Observer(#[from] paratick_observer::ObserverError),
-    /// A file, the command or the terminal failed.
-    #[error("{what}")]
-    Io {
-        /// What failed.
-        what: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file, a socket, a thread or another process (what was being done, and why).
+    #[error(transparent)]
+    Io(#[from] crate::io_error::IoError),
 }
 
 /// The result of what observes.
 pub type Result<T, E = ObserveError> = std::result::Result<T, E>;
-
-/// Adds what failed to an I/O error.
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ObserveError {
-    let what = what.into();
-    move |source| ObserveError::Io { what, source }
-}
 
 /// How often the session reads the maps and /proc, so that short-lived VMs are still
 /// named.
@@ -286,8 +275,10 @@ impl<O: EventSource> Session<'_, O> {
 
     /// Draws the live table (and samples the SVG series) when an interval is over.
     fn table(&mut self, now: Instant, out: &mut dyn Write) -> Result<()> {
-        self.sample_table(now)?
-            .map_or(Ok(()), |text| out.write_all(text.as_bytes()).map_err(io("cannot print the table")))
+        if let Some(text) = self.sample_table(now)? {
+            out.write_all(text.as_bytes()).map_err(io("cannot print the table"))?;
+        }
+        Ok(())
     }
 
     /// The live table's text when an interval is over (the SVG series sampled too).

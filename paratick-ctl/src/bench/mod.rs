@@ -15,6 +15,7 @@ mod render;
 pub mod report;
 pub mod stats;
 
+use crate::io_error::io;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,15 +50,9 @@ pub enum BenchError {
     /// The eBPF observer failed (to load, or to read its maps).
     #[error("the bench needs the eBPF observer")]
     Observer(#[from] paratick_observer::ObserverError),
-    /// A file, a directory or another process.
-    #[error("{what}")]
-    Io {
-        /// What failed.
-        what: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file, a socket, a thread or another process (what was being done, and why).
+    #[error(transparent)]
+    Io(#[from] crate::io_error::IoError),
     /// A measurement could not be made (it says why).
     #[error("{0}")]
     Measurement(String),
@@ -65,12 +60,6 @@ pub enum BenchError {
 
 /// The result of what the bench does.
 pub type Result<T, E = BenchError> = std::result::Result<T, E>;
-
-/// Adds what failed to an I/O error.
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
-    let what = what.into();
-    move |source| BenchError::Io { what, source }
-}
 
 /// Adds what the VM was doing to its error.
 fn vm_error(what: &'static str, vm: &str) -> impl FnOnce(paratick_vmm::VmError) -> BenchError {

@@ -27,8 +27,9 @@ use serde::Serialize;
 
 use super::stats::Spread;
 use super::Bench;
-use super::{io, vm_error, BenchError, Result};
+use super::{vm_error, BenchError, Result};
 use crate::daemon::SAMPLE_INTERVAL;
+use crate::io_error::io;
 use paratick_observer::{EventSource, Observer, PidFilter};
 
 /// Fewest pairs a case of the full bench runs, whatever `--reps` says: a median of fewer

@@ -10,7 +10,8 @@ use paratick_common::guest::TICK_INTERVAL_BINS_PER_PERIOD;
 
 use super::report::{Record, Results, HISTOGRAM_BINS};
 use super::stats::Spread;
-use super::{io, Result};
+use super::Result;
+use crate::io_error::io;
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 360.0;

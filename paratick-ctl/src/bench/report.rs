@@ -19,7 +19,8 @@ use super::calibration::calibrated_model;
 use super::overhead::ObserverOverhead;
 use super::stats::{pct, ExecutionRuns, Spread};
 use super::BenchOptions;
-use super::{io, Result};
+use super::Result;
+use crate::io_error::io;
 use paratick_observer::model::TimerModel;
 use paratick_observer::ProcessCounts;
 
@@ -441,7 +442,7 @@ impl Results {
         };
         write("results.json", serde_json::to_string_pretty(self).expect("the results serialize") + "\n")?;
         write("results.csv", self.csv())?;
-        write("results.md", self.markdown())
+        Ok(write("results.md", self.markdown())?)
     }
 
     /// One row per run; the columns are [`Record`]'s fields, in their declared order.

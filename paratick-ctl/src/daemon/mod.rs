@@ -12,6 +12,7 @@ mod restart;
 mod state;
 mod supervisor;
 
+use crate::io_error::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -54,24 +55,12 @@ pub enum DaemonError {
     /// Another daemon answers on the control socket.
     #[error("another daemon is listening on {}: stop it first or use --socket", .0.display())]
     SocketInUse(PathBuf),
-    /// A system call the daemon needs failed.
-    #[error("{what}")]
-    Io {
-        /// What failed.
-        what: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file, a socket, a thread or another process (what was being done, and why).
+    #[error(transparent)]
+    Io(#[from] crate::io_error::IoError),
     /// The manager thread ended or panicked.
     #[error("the manager {0} (see the log above)")]
     Manager(&'static str),
-}
-
-/// Adds what failed to an I/O error.
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
-    let what = what.into();
-    move |source| DaemonError::Io { what, source }
 }
 
 type Result<T, E = DaemonError> = std::result::Result<T, E>;
