@@ -121,7 +121,10 @@ impl ManagedVm {
     }
 
     fn running(&mut self, process: VmProcess, status: &VmProcessStatus) {
-        self.process_id = Instance::process_id(process.pid, procfs::start_ticks(process.pid));
+        // The process's own word for its pid where the launcher did not learn it (a
+        // unit whose MainPID systemd did not say).
+        let pid = if process.pid != 0 { process.pid } else { status.pid };
+        self.process_id = Instance::process_id(pid, procfs::start_ticks(pid));
         self.process = Some(process);
         self.move_to(status.lifecycle.clone());
     }
