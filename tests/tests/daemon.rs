@@ -100,7 +100,15 @@ impl Daemon {
         // Owned from here: a failed check below ends the daemon and its VMs.
         let mut daemon = Daemon { child, owns_dir: true, dir, socket, metrics: String::new() };
         let mut message = [0u8; 1024];
-        let len = notify.recv(&mut message).unwrap_or_else(|e| {
+        // A call with a receive timeout fails with EINTR when the process was stopped and
+        // continued meanwhile (signal(7)), as a loaded host may do: asked again.
+        let received = loop {
+            match notify.recv(&mut message) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                received => break received,
+            }
+        };
+        let len = received.unwrap_or_else(|e| {
             panic!(
                 "no readiness notification ({e}): {}",
                 std::fs::read_to_string(daemon.dir.join("daemon.log")).unwrap()
