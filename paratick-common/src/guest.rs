@@ -173,7 +173,8 @@ pub enum Workload {
     SleepBeside = 8,
     /// Test workload: vCPU 0's kernel sends the VMM random input, seeded by the work
     /// amount: [`FUZZ_OPERATIONS`] random writes of random widths to the VMM's paratick
-    /// and block ports (tick requests, tick page and block request addresses), then one
+    /// and block ports (tick requests, tick page addresses, and block requests: random
+    /// requests in the I/O area, or addresses outside guest memory), then one
     /// random port write or read, MMIO write or MSR write, which the VMM has no device
     /// for (or which faults). The VMM must end such a VM with a one-line error.
     #[cfg_attr(feature = "clap", value(hide = true))]
