@@ -83,13 +83,28 @@ fn proc_dir(pid: u32) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}"))
 }
 
+/// What one read of `/proc/PID/stat` says of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// It has exited and waits to be reaped.
+    pub zombie: bool,
+    /// When it started, in clock ticks since boot (field 22).
+    pub start_ticks: u64,
+}
+
+/// A process's state and start time; `None` if it does not exist (any more).
+pub fn stat(pid: u32) -> Option<ProcStat> {
+    let stat = fs::read_to_string(proc_dir(pid).join("stat")).ok()?;
+    // The fields after the command name (which may contain spaces) in parentheses:
+    // state is field 3, so starttime (22) is the 20th.
+    let fields = stat.rsplit_once(") ")?.1;
+    let start_ticks = fields.split_whitespace().nth(19)?.parse().ok()?;
+    Some(ProcStat { zombie: fields.starts_with('Z'), start_ticks })
+}
+
 /// Whether a process lives (and is not a zombie).
 pub fn process_alive(pid: u32) -> bool {
-    match fs::read_to_string(proc_dir(pid).join("stat")) {
-        // The state follows the command name in parentheses.
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
+    stat(pid).is_some_and(|stat| !stat.zombie)
 }
 
 /// Reads a process's info; `None` if it does not exist (any more).
@@ -123,10 +138,7 @@ pub fn process_info(pid: u32) -> Option<ProcessInfo> {
 
 /// When process `pid` started, in clock ticks since boot (`/proc/PID/stat` field 22).
 pub fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(proc_dir(pid).join("stat")).ok()?;
-    // The fields after the command name (which may contain spaces) in parentheses:
-    // state is field 3, so starttime (22) is the 20th.
-    stat.rsplit_once(") ")?.1.split_whitespace().nth(19)?.parse().ok()
+    stat(pid).map(|stat| stat.start_ticks)
 }
 
 /// All processes that own a KVM VM right now.
@@ -187,8 +199,12 @@ mod tests {
             std::thread::yield_now();
         }
         assert!(!process_alive(pid));
+        // A zombie still says when it started: the same as while it ran, after ours.
+        let zombie = stat(pid).unwrap();
+        assert!(zombie.zombie && zombie.start_ticks >= start_ticks(std::process::id()).unwrap());
         child.wait().unwrap();
         assert!(!process_alive(pid));
+        assert_eq!((stat(pid), start_ticks(pid)), (None, None));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use paratick_common::event::SYNTHETIC_OWNER_BASE;
-use paratick_observer::procfs::{self, process_alive};
+use paratick_observer::procfs;
 use paratick_observer::report::TimerReport;
 use paratick_observer::{EventSource, ProcessCounts, Snapshot, TracepointState};
 use paratick_vmm::kvm_stats::KvmExitCounts;
@@ -101,20 +101,24 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
             let exits = kvm_counters.get(&pid).map(|kvm| kvm.exits);
             TimerReport::new(counts, exits, 0.0, &self.projection)
         };
-        type Other = (u32, (BTreeMap<String, u64>, u64), TimerReport);
+        // The live ones, each with its identity (one read of /proc/PID/stat says both).
+        type Other = (u32, u64, (BTreeMap<String, u64>, u64), TimerReport);
         let mut others: Vec<Other> = per_process
             .iter()
             .filter(|(pid, _)| **pid != own && !ours.contains(pid) && **pid < SYNTHETIC_OWNER_BASE)
-            .filter(|(pid, _)| process_alive(**pid))
-            .map(|(pid, counts)| (*pid, exits_of(*pid, counts), timer_of(*pid, counts)))
+            .filter_map(|(&pid, counts)| {
+                let stat = procfs::stat(pid).filter(|stat| !stat.zombie)?;
+                let process_id = Instance::process_id(pid, Some(stat.start_ticks));
+                Some((pid, process_id, exits_of(pid, counts), timer_of(pid, counts)))
+            })
             .collect();
 
-        others.sort_by_key(|(pid, (exits, _), _)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
+        others.sort_by_key(|(pid, _, (exits, _), _)| (std::cmp::Reverse(exits.values().sum::<u64>()), *pid));
         // The series of processes that are gone, or fell out of the top N, go; so do
         // the sources of processes that are gone (what they counted stays counted).
         let named: BTreeSet<String> =
-            others.iter().take(self.config.observed_vms_max).map(|(pid, _, _)| pid.to_string()).collect();
-        let alive: BTreeSet<String> = others.iter().map(|(pid, _, _)| pid.to_string()).collect();
+            others.iter().take(self.config.observed_vms_max).map(|(pid, ..)| pid.to_string()).collect();
+        let alive: BTreeSet<String> = others.iter().map(|(pid, ..)| pid.to_string()).collect();
         let counters = &metrics.counters;
         for family in OBSERVED_FAMILIES {
             counters.retain_series(family, |labels| labels[0] == "other" || named.contains(&labels[0]));
@@ -124,8 +128,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
         metrics.observed_vm_info.reset();
         metrics.observed_tick_rate.reset();
         self.observed_ticks.retain(|pid, _| alive.contains(&pid.to_string()));
-        for (rank, (pid, (exits, exits_run), timer)) in others.into_iter().enumerate() {
-            let process_id = Instance::process_id(pid, procfs::start_ticks(pid));
+        for (rank, (pid, process_id, (exits, exits_run), timer)) in others.into_iter().enumerate() {
             // Each process's own count is the source, so a process moving in or out of
             // the "other" group adds to it only what it counted while in it.
             let (pid_label, name) = if rank < self.config.observed_vms_max {
