@@ -98,10 +98,7 @@ impl ManagedVm {
     /// Stops the VM's process, if it has one, and records how it ended; whether it had one.
     fn stop(&mut self, supervisor: &impl VmProcesses) -> bool {
         let Some(mut process) = self.process.take() else { return false };
-        // (A VM that ended keeps its end while its process goes.)
-        if !self.state().is_final() {
-            self.move_to(Lifecycle::Stopping);
-        }
+        self.stopping();
         let end = supervisor.stop(&self.config.name, &mut process);
         self.ended(end);
         true
@@ -127,6 +124,14 @@ impl ManagedVm {
         self.process_id = Instance::process_id(pid, procfs::start_ticks(pid));
         self.process = Some(process);
         self.move_to(status.lifecycle.clone());
+    }
+
+    /// Its process is being stopped: it is stopping, unless it ended already (it keeps
+    /// its end while its process goes).
+    fn stopping(&mut self) {
+        if !self.state().is_final() {
+            self.move_to(Lifecycle::Stopping);
+        }
     }
 
     /// Its state.
@@ -514,9 +519,7 @@ impl<P: VmProcesses, O: EventSource> Manager<P, O> {
                 .enumerate()
                 .filter_map(|(index, managed)| {
                     let mut process = managed.process.take()?;
-                    if !managed.state().is_final() {
-                        managed.move_to(Lifecycle::Stopping);
-                    }
+                    managed.stopping();
                     let name = managed.config.name.clone();
                     Some(scope.spawn(move || (index, supervisor.stop(&name, &mut process))))
                 })
