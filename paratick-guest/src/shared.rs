@@ -80,6 +80,7 @@ pub fn jiffies() -> &'static AtomicU64 {
 /// Updates this vCPU's counters in the results block. The reference lives only for
 /// `update`, which must not count again itself (every caller's is a few additions), so
 /// no two references to a vCPU's counters ever exist at once.
+#[inline(always)]
 pub fn count(vcpu: usize, update: impl FnOnce(&mut VcpuCounters)) {
     // SAFETY: entry `vcpu` of the results block is only written by vCPU `vcpu`, with
     // interrupts off (in the kernel), and no other reference to it outlives its `count`.
