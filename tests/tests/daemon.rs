@@ -1039,6 +1039,14 @@ fn the_cli_prints_shell_completions_a_man_page_and_json_for_every_change() {
     ] {
         assert_eq!((page(name).contains("\\-\\-socket"), page(name).contains("\\-\\-json")), (socket, json), "{name}");
     }
+    // A directory that cannot be made: one line, a failing status, nothing written.
+    let refused = ctl(&["manpage", "--out-dir", "/proc/paratick-man"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr),
+        "paratick-ctl: cannot create /proc/paratick-man: No such file or directory (os error 2)\n"
+    );
+    assert!(refused.stdout.is_empty());
     let bench_help = String::from_utf8_lossy(&ctl(&["bench", "--help"]).stdout).to_string();
     assert!(!bench_help.contains("--socket") && !bench_help.contains("--json "), "{bench_help}");
     std::fs::remove_dir_all(&dir).unwrap();
